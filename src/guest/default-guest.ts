@@ -1,0 +1,76 @@
+/**
+ * The default guest (guest/build.sh): a small Linux kernel and a busybox initrd built from
+ * Debian packages and cached under ~/.cache/tskvm, keyed by a hash of the build's inputs.
+ */
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
+
+export interface GuestManifest {
+  /** Compressed bzImage. */
+  kernel: string;
+  /** Uncompressed ELF vmlinux (PVH entry): boots much faster on an emulating KVM. */
+  vmlinux: string;
+  initrd: string;
+  /** Private SSH key whose public half the initrd authorises for root. */
+  sshKey?: string;
+  hash: string;
+  /** The command line the guest build recommends. */
+  cmdline?: string;
+}
+
+export class GuestBuildError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "GuestBuildError";
+  }
+}
+
+/** guest/build.sh in this package (dist/src/guest -> package root). */
+export function guestBuildScript(): string {
+  return resolve(__dirname, "..", "..", "..", "guest", "build.sh");
+}
+
+function parseManifest(stdout: string): GuestManifest {
+  const last = stdout.trim().split("\n").pop() ?? "";
+  const m = JSON.parse(last) as GuestManifest;
+  for (const key of ["kernel", "vmlinux", "initrd"] as const) {
+    if (typeof m[key] !== "string" || !existsSync(m[key])) {
+      throw new GuestBuildError(`guest build manifest names a missing ${key}: ${String(m[key])}`);
+    }
+  }
+  return m;
+}
+
+/** The cached default guest, or undefined when it has not been built for these inputs. */
+export function findDefaultGuest(): GuestManifest | undefined {
+  const script = guestBuildScript();
+  if (!existsSync(script)) return undefined;
+  const r = spawnSync("bash", [script, "--print"], { encoding: "utf8" });
+  if (r.status !== 0) return undefined;
+  try {
+    return parseManifest(r.stdout);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Build (or find) the default guest; build progress goes to our stderr. */
+export function buildDefaultGuest(): GuestManifest {
+  const script = guestBuildScript();
+  if (!existsSync(script)) {
+    throw new GuestBuildError(`the guest build script ${script} is missing; give a kernel with -k`);
+  }
+  const r = spawnSync("bash", [script], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
+  if (r.status !== 0) {
+    throw new GuestBuildError(
+      `building the default guest failed (bash ${script} exited ${r.status ?? r.signal}); see its output above, or give a kernel with -k`,
+    );
+  }
+  return parseManifest(r.stdout);
+}
+
+export function defaultGuestCacheDir(): string {
+  const base = process.env.XDG_CACHE_HOME ?? join(process.env.HOME ?? "/root", ".cache");
+  return join(base, "tskvm", "guest");
+}

@@ -1,0 +1,191 @@
+/**
+ * The CPUID a vCPU sees: KVM's supported set, made per-vCPU (APIC ids, topology, the
+ * hypervisor bit) and filtered through a template that can hide features.
+ *
+ * Why hide features: an emulating host KVM (kvm-pvm) interprets guest kernel code and lacks
+ * some instructions (cmpxchg16b, xsave/xrstor, popcnt, clac/stac...). A kernel that does not
+ * see the CPUID bit does not use the instruction. On hardware KVM nothing needs hiding.
+ */
+
+export interface CpuidEntry {
+  function: number;
+  index: number;
+  flags: number;
+  eax: number;
+  ebx: number;
+  ecx: number;
+  edx: number;
+}
+
+type Reg = "eax" | "ebx" | "ecx" | "edx";
+
+export interface CpuFeature {
+  /** Linux's name for the feature (as in /proc/cpuinfo). */
+  readonly name: string;
+  readonly leaf: number;
+  readonly subleaf: number;
+  readonly reg: Reg;
+  readonly bit: number;
+}
+
+/** Features a template may hide. Leaf 1 ECX, leaf 7.0 EBX/ECX, extended leaf 0x80000001. */
+export const CPU_FEATURES: readonly CpuFeature[] = [
+  { name: "pclmulqdq", leaf: 1, subleaf: 0, reg: "ecx", bit: 1 },
+  { name: "monitor", leaf: 1, subleaf: 0, reg: "ecx", bit: 3 },
+  { name: "vmx", leaf: 1, subleaf: 0, reg: "ecx", bit: 5 },
+  { name: "fma", leaf: 1, subleaf: 0, reg: "ecx", bit: 12 },
+  { name: "cx16", leaf: 1, subleaf: 0, reg: "ecx", bit: 13 },
+  { name: "pcid", leaf: 1, subleaf: 0, reg: "ecx", bit: 17 },
+  { name: "movbe", leaf: 1, subleaf: 0, reg: "ecx", bit: 22 },
+  { name: "popcnt", leaf: 1, subleaf: 0, reg: "ecx", bit: 23 },
+  { name: "aes", leaf: 1, subleaf: 0, reg: "ecx", bit: 25 },
+  { name: "xsave", leaf: 1, subleaf: 0, reg: "ecx", bit: 26 },
+  { name: "osxsave", leaf: 1, subleaf: 0, reg: "ecx", bit: 27 },
+  { name: "avx", leaf: 1, subleaf: 0, reg: "ecx", bit: 28 },
+  { name: "f16c", leaf: 1, subleaf: 0, reg: "ecx", bit: 29 },
+  { name: "rdrand", leaf: 1, subleaf: 0, reg: "ecx", bit: 30 },
+  { name: "fsgsbase", leaf: 7, subleaf: 0, reg: "ebx", bit: 0 },
+  { name: "bmi1", leaf: 7, subleaf: 0, reg: "ebx", bit: 3 },
+  { name: "avx2", leaf: 7, subleaf: 0, reg: "ebx", bit: 5 },
+  { name: "smep", leaf: 7, subleaf: 0, reg: "ebx", bit: 7 },
+  { name: "bmi2", leaf: 7, subleaf: 0, reg: "ebx", bit: 8 },
+  { name: "erms", leaf: 7, subleaf: 0, reg: "ebx", bit: 9 },
+  { name: "invpcid", leaf: 7, subleaf: 0, reg: "ebx", bit: 10 },
+  { name: "avx512f", leaf: 7, subleaf: 0, reg: "ebx", bit: 16 },
+  { name: "rdseed", leaf: 7, subleaf: 0, reg: "ebx", bit: 18 },
+  { name: "adx", leaf: 7, subleaf: 0, reg: "ebx", bit: 19 },
+  { name: "smap", leaf: 7, subleaf: 0, reg: "ebx", bit: 20 },
+  { name: "clflushopt", leaf: 7, subleaf: 0, reg: "ebx", bit: 23 },
+  { name: "clwb", leaf: 7, subleaf: 0, reg: "ebx", bit: 24 },
+  { name: "sha_ni", leaf: 7, subleaf: 0, reg: "ebx", bit: 29 },
+  { name: "umip", leaf: 7, subleaf: 0, reg: "ecx", bit: 2 },
+  { name: "pku", leaf: 7, subleaf: 0, reg: "ecx", bit: 3 },
+  { name: "vaes", leaf: 7, subleaf: 0, reg: "ecx", bit: 9 },
+  { name: "rdpid", leaf: 7, subleaf: 0, reg: "ecx", bit: 22 },
+  { name: "la57", leaf: 7, subleaf: 0, reg: "ecx", bit: 16 },
+  { name: "lahf_lm", leaf: 0x80000001, subleaf: 0, reg: "ecx", bit: 0 },
+  { name: "abm", leaf: 0x80000001, subleaf: 0, reg: "ecx", bit: 5 },
+  { name: "rdtscp", leaf: 0x80000001, subleaf: 0, reg: "edx", bit: 27 },
+  { name: "pdpe1gb", leaf: 0x80000001, subleaf: 0, reg: "edx", bit: 26 },
+];
+
+/** Features that only make sense with another one present. */
+const DEPENDENTS: Record<string, readonly string[]> = {
+  xsave: ["osxsave", "avx", "avx2", "fma", "f16c", "avx512f", "vaes"],
+  avx: ["avx2", "fma", "f16c", "avx512f", "vaes"],
+  popcnt: ["abm"],
+};
+
+export interface CpuTemplate {
+  readonly name: string;
+  readonly description: string;
+  readonly hide: readonly string[];
+}
+
+export const CPU_TEMPLATES: Record<string, CpuTemplate> = {
+  host: {
+    name: "host",
+    description: "everything KVM supports (the choice on hardware KVM)",
+    hide: [],
+  },
+  emulated: {
+    name: "emulated",
+    description:
+      "hides what an emulating KVM (kvm-pvm) cannot execute in guest kernel mode: cx16, xsave/avx*, popcnt, smap, and the bits guest.md lists",
+    hide: [
+      "cx16", "xsave", "popcnt", "smap", "pcid", "rdrand", "fsgsbase", "smep",
+      "invpcid", "rdseed", "clflushopt", "clwb", "umip", "pku", "la57", "movbe",
+    ],
+  },
+};
+
+export class CpuidError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "CpuidError";
+  }
+}
+
+/** Expand a list of feature names with their dependents; unknown names are an error. */
+export function resolveHiddenFeatures(names: readonly string[]): CpuFeature[] {
+  const wanted = new Set<string>();
+  const add = (n: string) => {
+    if (wanted.has(n)) return;
+    wanted.add(n);
+    for (const d of DEPENDENTS[n] ?? []) add(d);
+  };
+  for (const raw of names) {
+    const n = raw.trim().toLowerCase();
+    if (n === "") continue;
+    if (!CPU_FEATURES.some((f) => f.name === n)) {
+      throw new CpuidError(
+        `unknown CPU feature '${raw}': known ones are ${CPU_FEATURES.map((f) => f.name).join(", ")}`,
+      );
+    }
+    add(n);
+  }
+  return CPU_FEATURES.filter((f) => wanted.has(f.name));
+}
+
+export interface VcpuCpuidOptions {
+  /** This vCPU's initial APIC id. */
+  apicId: number;
+  /** How many vCPUs the VM has (the logical processor count in leaf 1 and leaf 0xB). */
+  vcpuCount: number;
+  hidden: readonly CpuFeature[];
+}
+
+/**
+ * The CPUID table for one vCPU. Pure: takes KVM's supported entries and returns new ones.
+ */
+export function vcpuCpuid(supported: readonly CpuidEntry[], opts: VcpuCpuidOptions): CpuidEntry[] {
+  const entries = supported.map((e) => ({ ...e }));
+  const hiddenXsave = opts.hidden.some((f) => f.name === "xsave");
+  const out: CpuidEntry[] = [];
+  for (const e of entries) {
+    for (const f of opts.hidden) {
+      if (f.leaf === e.function && f.subleaf === e.index) e[f.reg] = (e[f.reg] & ~(1 << f.bit)) >>> 0;
+    }
+    switch (e.function) {
+      case 1:
+        // EBX[31:24] initial APIC id, EBX[23:16] logical processors per package.
+        e.ebx = ((e.ebx & 0x0000ffff) | ((opts.vcpuCount & 0xff) << 16) | ((opts.apicId & 0xff) << 24)) >>> 0;
+        // ECX[31]: running under a hypervisor. EDX[28] HTT: the count above is meaningful.
+        e.ecx = (e.ecx | 0x8000_0000) >>> 0;
+        if (opts.vcpuCount > 1) e.edx = (e.edx | (1 << 28)) >>> 0;
+        break;
+      case 0xb:
+      case 0x1f:
+        // Extended topology: EDX is the x2APIC id of the executing vCPU.
+        e.edx = opts.apicId >>> 0;
+        break;
+      case 0xd:
+        // XSAVE state enumeration is meaningless with XSAVE hidden: drop the leaf.
+        if (hiddenXsave) continue;
+        break;
+      default:
+        break;
+    }
+    out.push(e);
+  }
+  return out;
+}
+
+/** The bit of a named feature in a CPUID table, for tests and `tskvm probe`. */
+export function hasFeature(entries: readonly CpuidEntry[], name: string): boolean {
+  const f = CPU_FEATURES.find((x) => x.name === name);
+  if (f === undefined) throw new CpuidError(`unknown CPU feature '${name}'`);
+  const e = entries.find((x) => x.function === f.leaf && x.index === f.subleaf);
+  return e !== undefined && (e[f.reg] & (1 << f.bit)) !== 0;
+}
+
+/** The vendor string of leaf 0 (e.g. "GenuineIntel"). */
+export function vendorString(entries: readonly CpuidEntry[]): string {
+  const e = entries.find((x) => x.function === 0);
+  if (e === undefined) return "unknown";
+  const b = Buffer.alloc(12);
+  b.writeUInt32LE(e.ebx, 0);
+  b.writeUInt32LE(e.edx, 4);
+  b.writeUInt32LE(e.ecx, 8);
+  return b.toString("latin1");
+}

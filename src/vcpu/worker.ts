@@ -1,0 +1,41 @@
+/**
+ * Entry point of a vCPU worker thread. It builds its own views of guest RAM and of the
+ * shared device state, reports its pthread id (so the main thread can kick it out of
+ * KVM_RUN with a signal), runs the exit loop synchronously and reports why it stopped.
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import { pthreadSelf } from "../sys/libc";
+import { Vcpu } from "../kvm/vcpu";
+import { GuestMemory } from "../memory/guest-memory";
+import { ExitLoop, VcpuStop } from "./exit-loop";
+import { instantiateDevices } from "../vmm/devices";
+import type { VcpuWorkerInit, VcpuWorkerMessage } from "./vcpu-thread";
+
+function post(msg: VcpuWorkerMessage): void {
+  parentPort!.postMessage(msg);
+}
+
+function main(init: VcpuWorkerInit): void {
+  const vcpu = Vcpu.attach(init.vcpu);
+  const memory = GuestMemory.attach(init.memory);
+  let loop: ExitLoop | undefined;
+  const devices = instantiateDevices(init.devices, {
+    vmFd: init.vmFd,
+    consoleFd: init.consoleFd,
+    memory,
+    control: {
+      requestReset: (reason) => loop?.requestReset(reason),
+    },
+  });
+  loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control);
+  post({ type: "started", id: vcpu.id, thread: pthreadSelf() });
+  let stop: VcpuStop;
+  try {
+    stop = loop.run();
+  } catch (e) {
+    stop = { kind: "error", reason: `vCPU ${vcpu.id}: ${(e as Error).stack ?? String(e)}` };
+  }
+  post({ type: "stopped", id: vcpu.id, stop, counters: loop.counters });
+}
+
+main(workerData as VcpuWorkerInit);

@@ -1,0 +1,294 @@
+/**
+ * A virtual machine: KVM VM, guest RAM, boot state, devices and one worker thread per vCPU,
+ * wired together. The main thread keeps the control plane (input, stop, lifecycle); vCPU
+ * workers run KVM_RUN and handle exits over shared device state.
+ */
+import {
+  KVM_IDENTITY_MAP_ADDR,
+  KVM_TSS_ADDR,
+  MIN_GUEST_MEMORY,
+} from "../arch/x86/layout";
+import type { BootCpuState } from "../arch/x86/cpu-state";
+import { Kvm, KvmUnavailableError, Vm } from "../kvm/kvm";
+import { Vcpu } from "../kvm/vcpu";
+import { resolveHiddenFeatures, vcpuCpuid, CPU_TEMPLATES, CpuidEntry } from "../kvm/cpuid";
+import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
+import { GuestMemory } from "../memory/guest-memory";
+import { ConfigError } from "./errors";
+import { createDeviceSetSpec, instantiateDevices, DeviceSet, DeviceSetSpec } from "./devices";
+import { createRunControl, RunControlCell, ExitCounters, VcpuStop } from "../vcpu/exit-loop";
+import { VcpuThread, VcpuThreadResult, holdKickHandler } from "../vcpu/vcpu-thread";
+import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
+import { prepareBoot, BootSource, BootSummary } from "./boot-source";
+
+export interface MachineConfig {
+  /** Guest RAM in bytes. */
+  memoryBytes: number;
+  cpus: number;
+  boot: BootSource;
+  /** Where the serial console's output goes (a file descriptor). */
+  consoleFd: number;
+  /** "host", "emulated", or undefined for the host's default. */
+  cpuTemplate?: string;
+  /** Extra CPU features to hide (names as in /proc/cpuinfo). */
+  hideFeatures?: readonly string[];
+  /** In-kernel irqchip and PIT (default true). Tiny test guests turn it off to see HLT exits. */
+  irqchip?: boolean;
+  kvmPath?: string;
+}
+
+/** How a run ended, with the per-vCPU details. */
+export interface MachineResult {
+  /** The first stop reported (what ended the VM). */
+  stop: VcpuStop;
+  /** Set when the VMM itself ended the run (signal, Ctrl-A x, API call). */
+  requestedBy: string | undefined;
+  vcpus: VcpuThreadResult[];
+  counters: ExitCounters;
+}
+
+export class Machine {
+  private threads: VcpuThread[] = [];
+  private readonly control = createRunControl();
+  private firstStop: VcpuStop | undefined;
+  private requestedBy: string | undefined;
+  private inputQueue: Uint8Array[] = [];
+  private inputTimer: NodeJS.Timeout | undefined;
+  private destroyed = false;
+  private running: Promise<MachineResult> | undefined;
+  readonly devices: DeviceSet;
+
+  private constructor(
+    private readonly kvm: Kvm,
+    private readonly vm: Vm,
+    readonly memory: GuestMemory,
+    private readonly vcpus: Vcpu[],
+    private readonly deviceSpec: DeviceSetSpec,
+    readonly boot: BootSummary,
+    private readonly consoleFd: number,
+    readonly cpuTemplate: string,
+  ) {
+    // The main thread's own view of the devices: it feeds serial input.
+    this.devices = instantiateDevices(deviceSpec, {
+      vmFd: vm.fd,
+      consoleFd,
+      memory,
+      control: { requestReset: (reason) => this.stop(reason) },
+    });
+  }
+
+  /** Build the whole machine; nothing runs until run(). Cleans up after itself on failure. */
+  static create(config: MachineConfig): Machine {
+    const cleanups: (() => void)[] = [];
+    try {
+      return Machine.build(config, cleanups);
+    } catch (e) {
+      for (const undo of cleanups.reverse()) {
+        try {
+          undo();
+        } catch {
+          // Keep undoing the rest; the first error is the one to report.
+        }
+      }
+      throw e;
+    }
+  }
+
+  private static build(config: MachineConfig, cleanups: (() => void)[]): Machine {
+    if (config.memoryBytes < MIN_GUEST_MEMORY) {
+      throw new ConfigError(`guest memory ${formatBytes(config.memoryBytes)} is too small: give at least ${formatBytes(MIN_GUEST_MEMORY)} (-m)`);
+    }
+    const kvm = Kvm.open(config.kvmPath);
+    cleanups.push(() => kvm.close());
+    const irqchip = config.irqchip ?? true;
+    kvm.requireCapabilities();
+    const limits = kvm.vcpuLimits();
+    if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > limits.max) {
+      throw new ConfigError(`cannot give the guest ${config.cpus} vCPUs: this host's KVM allows 1 to ${limits.max} (-c)`);
+    }
+    const host = detectHostKvm();
+    const templateName = config.cpuTemplate ?? defaultCpuTemplate(host.kind);
+    const template = CPU_TEMPLATES[templateName];
+    if (template === undefined) {
+      throw new ConfigError(`unknown CPU template '${templateName}': use ${Object.keys(CPU_TEMPLATES).join(" or ")}`);
+    }
+    const hidden = resolveHiddenFeatures([...template.hide, ...(config.hideFeatures ?? [])]);
+
+    const vm = kvm.createVm();
+    cleanups.push(() => vm.close());
+    vm.setIdentityMapAddress(KVM_IDENTITY_MAP_ADDR);
+    vm.setTssAddress(KVM_TSS_ADDR);
+    if (irqchip) {
+      vm.createIrqchip();
+      vm.createPit();
+    }
+
+    const memory = allocateMemory(config.memoryBytes);
+    cleanups.push(() => memory.free());
+    memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
+
+    const boot = prepareBoot(memory, config.boot, config.cpus);
+    const deviceSpec = createDeviceSetSpec({ memory, cpus: config.cpus });
+
+    const supported = kvm.supportedCpuid();
+    const runSize = kvm.vcpuMmapSize();
+    const vcpus: Vcpu[] = [];
+    for (let id = 0; id < config.cpus; id++) {
+      const vcpu = Vcpu.map(id, vm.createVcpu(id), runSize);
+      vcpus.push(vcpu);
+      cleanups.push(() => vcpu.destroy());
+      vcpu.setCpuid(vcpuCpuid(supported, { apicId: id, vcpuCount: config.cpus, hidden }));
+      applyBootMsrs(vcpu);
+      if (irqchip) configureLapicForBoot(vcpu);
+      // Application processors wait for INIT/SIPI in the in-kernel LAPIC; only the BSP
+      // gets the boot state.
+      if (id === 0) applyBootState(vcpu, boot.cpu);
+    }
+    return new Machine(kvm, vm, memory, vcpus, deviceSpec, boot, config.consoleFd, templateName);
+  }
+
+  /** Start every vCPU thread; resolves once all have stopped. */
+  run(): Promise<MachineResult> {
+    if (this.running !== undefined) return this.running;
+    const releaseKick = holdKickHandler();
+    this.threads = this.vcpus.map(
+      (vcpu) =>
+        new VcpuThread(vcpu, {
+          vcpu: vcpu.handle,
+          memory: this.memory.describe(),
+          devices: this.deviceSpec,
+          control: this.control,
+          vmFd: this.vm.fd,
+          consoleFd: this.consoleFd,
+        }),
+    );
+    for (const t of this.threads) {
+      t.onStop = (r) => this.onVcpuStop(r);
+      t.start();
+    }
+    this.running = Promise.all(this.threads.map((t) => t.done)).then((results) => {
+      releaseKick();
+      this.stopInput();
+      const counters: ExitCounters = { io: 0, mmio: 0, unclaimedIo: 0, unclaimedMmio: 0, other: 0 };
+      for (const r of results) {
+        if (r.counters === undefined) continue;
+        for (const k of Object.keys(counters) as (keyof ExitCounters)[]) counters[k] += r.counters[k];
+      }
+      const stop = this.firstStop ?? results[0]?.stop ?? { kind: "stopped" as const };
+      return { stop, requestedBy: this.requestedBy, vcpus: results, counters };
+    });
+    return this.running;
+  }
+
+  /** End the VM from the host side (signal, Ctrl-A x, API). Idempotent. */
+  stop(reason: string): void {
+    this.requestedBy ??= reason;
+    this.firstStop ??= { kind: "stopped" };
+    this.stopAll();
+  }
+
+  private onVcpuStop(r: VcpuThreadResult): void {
+    this.firstStop ??= r.stop;
+    this.stopAll();
+  }
+
+  private stopAll(): void {
+    Atomics.store(this.control, RunControlCell.STOP, 1);
+    for (const t of this.threads) t.kick();
+  }
+
+  /**
+   * Bytes typed on the host for the guest's serial console. The UART's receive FIFO is
+   * finite; what does not fit waits here and is retried as the guest drains it.
+   */
+  sendInput(bytes: Uint8Array): void {
+    if (bytes.byteLength === 0) return;
+    this.inputQueue.push(bytes);
+    this.pumpInput();
+  }
+
+  private pumpInput(): void {
+    while (this.inputQueue.length > 0) {
+      const head = this.inputQueue[0]!;
+      const taken = this.devices.serial.receive(head);
+      if (taken === head.byteLength) {
+        this.inputQueue.shift();
+        continue;
+      }
+      if (taken > 0) this.inputQueue[0] = head.subarray(taken);
+      break;
+    }
+    if (this.inputQueue.length > 0 && this.inputTimer === undefined && Atomics.load(this.control, RunControlCell.STOP) === 0) {
+      this.inputTimer = setTimeout(() => {
+        this.inputTimer = undefined;
+        this.pumpInput();
+      }, 5);
+    }
+  }
+
+  private stopInput(): void {
+    if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
+    this.inputTimer = undefined;
+    this.inputQueue = [];
+  }
+
+  /** Release every KVM object and guest RAM. Only after run() has resolved (or never ran). */
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    this.stopInput();
+    for (const v of this.vcpus) v.destroy();
+    this.memory.free();
+    this.vm.close();
+    this.kvm.close();
+  }
+}
+
+function allocateMemory(bytes: number): GuestMemory {
+  try {
+    return GuestMemory.allocate(bytes);
+  } catch (e) {
+    throw new ConfigError(`cannot reserve ${formatBytes(bytes)} of guest memory on this host (${(e as Error).message}): use a smaller -m`);
+  }
+}
+
+function applyBootState(vcpu: Vcpu, cpu: BootCpuState): void {
+  vcpu.updateSpecialRegisters((s) => {
+    s.cs = cpu.sregs.cs;
+    s.ds = cpu.sregs.ds;
+    s.es = cpu.sregs.es;
+    s.fs = cpu.sregs.fs;
+    s.gs = cpu.sregs.gs;
+    s.ss = cpu.sregs.ss;
+    s.gdt = cpu.sregs.gdt;
+    s.idt = cpu.sregs.idt;
+    s.cr0 = BigInt(cpu.sregs.cr0);
+    s.cr3 = BigInt(cpu.sregs.cr3);
+    s.cr4 = BigInt(cpu.sregs.cr4);
+    s.efer = BigInt(cpu.sregs.efer);
+  });
+  vcpu.setRegisters({
+    rip: cpu.regs.rip,
+    rsp: cpu.regs.rsp,
+    rbp: cpu.regs.rbp,
+    rsi: cpu.regs.rsi,
+    rbx: cpu.regs.rbx,
+    rflags: cpu.regs.rflags,
+  });
+}
+
+export function formatBytes(n: number): string {
+  const units: [number, string][] = [
+    [1024 ** 3, "GiB"],
+    [1024 ** 2, "MiB"],
+    [1024, "KiB"],
+  ];
+  for (const [size, unit] of units) {
+    if (n >= size && n % size === 0) return `${n / size} ${unit}`;
+  }
+  for (const [size, unit] of units) if (n >= size) return `${(n / size).toFixed(1)} ${unit}`;
+  return `${n} bytes`;
+}
+
+export { KvmUnavailableError };
+export type { CpuidEntry };
