@@ -82,9 +82,10 @@ compute_inputs() {
 	local f p
 	(
 		cd "$HERE"
-		find . -type f ! -name '*~' ! -name '*.swp' | LC_ALL=C sort | while read -r f; do
-			echo "file ${f#./} $(sha256sum <"$f" | cut -d' ' -f1)"
-		done
+		find build.sh deps.sh kernel initrd -type f ! -name '*~' ! -name '.*.swp' |
+			LC_ALL=C sort | while read -r f; do
+				echo "file $f $(sha256sum <"$f" | cut -d' ' -f1)"
+			done
 	)
 	for p in $PKGS; do
 		echo "pkg $p=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null || echo missing)"
@@ -133,24 +134,30 @@ extract_source() { # src
 	mv -T "$tmp/$KSRC_TOPDIR" "$src"
 }
 
-# Bring the tree's applied patch set in line with guest/kernel/patches:
-# reverse the old set (recorded in .tskvm-patches/), apply the new one.
+# Bring the tree's applied patch set in line with guest/kernel/patches.
+# The applied set is recorded in .tskvm-patches/ (copies, in order). Patches
+# after the first one that differs are reversed (newest first) and the new
+# ones applied, so only the files they touch get rebuilt.
 sync_patches() { # src; returns 1 if the tree must be re-extracted
-	local src=$1 applied="$1/.tskvm-patches" p i olds
-	if diff -r -q "$applied" "$HERE/kernel/patches" >/dev/null 2>&1; then
-		return 0
-	fi
-	touch "$src/.tskvm-dirty"
+	local src=$1 applied="$1/.tskvm-patches" p i keep olds news
 	olds=("$applied"/*.patch)
-	for ((i = ${#olds[@]} - 1; i >= 0; i--)); do
+	news=("$HERE"/kernel/patches/*.patch)
+	keep=0
+	while [ $keep -lt ${#olds[@]} ] && [ $keep -lt ${#news[@]} ] &&
+		[ "$(basename "${olds[keep]}")" = "$(basename "${news[keep]}")" ] &&
+		cmp -s "${olds[keep]}" "${news[keep]}"; do
+		keep=$((keep + 1))
+	done
+	[ $keep -eq ${#olds[@]} ] && [ $keep -eq ${#news[@]} ] && return 0
+	touch "$src/.tskvm-dirty"
+	for ((i = ${#olds[@]} - 1; i >= keep; i--)); do
 		p=${olds[i]}
 		log "reversing $(basename "$p")"
 		patch -d "$src" -p1 -R -s -f --no-backup-if-mismatch <"$p" >&2 || return 1
 		rm -f -- "$p"
 	done
-	rm -rf -- "$applied"
-	mkdir -p "$applied"
-	for p in "$HERE"/kernel/patches/*.patch; do
+	for ((i = keep; i < ${#news[@]}; i++)); do
+		p=${news[i]}
 		log "applying $(basename "$p")"
 		patch -d "$src" -p1 -s -f --no-backup-if-mismatch <"$p" >&2 || return 1
 		cp -- "$p" "$applied/"
@@ -261,8 +268,6 @@ build_initrd() { # outdir
 	# cpio list for gen_init_cpio: everything owned by root, plus device nodes
 	list="$out/.initramfs.list"
 	{
-		echo "nod /dev/console 0600 0 0 c 5 1"
-		echo "nod /dev/null 0666 0 0 c 1 3"
 		(cd "$root" && find . -mindepth 1 | LC_ALL=C sort) | while read -r f; do
 			f=${f#.}
 			if [ -L "$root$f" ]; then
@@ -273,6 +278,8 @@ build_initrd() { # outdir
 				echo "file $f $root$f $(stat -c %a "$root$f") 0 0"
 			fi
 		done
+		echo "nod /dev/console 0600 0 0 c 5 1"
+		echo "nod /dev/null 0666 0 0 c 1 3"
 	} >"$list"
 	log "packing initrd.img ($(wc -l <"$list") entries)"
 	"$out/.gen_init_cpio" -t 0 "$list" | gzip -9 -n >"$out/initrd.img"

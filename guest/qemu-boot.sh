@@ -8,6 +8,7 @@
 #     -s N            vCPUs (default 1)
 #     -m MiB          memory (default 128)
 #     -k vmlinux|bzImage   kernel image from the manifest (default vmlinux)
+#     -i FILE         initrd to use instead of the manifest's
 #     -c CPU          QEMU -cpu value (default: host minus the features the
 #                     kvm-pvm emulator lacks; "host" = unfiltered)
 #     -a ARGS         extra kernel command-line arguments
@@ -23,19 +24,20 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 machine=pc smp=1 mem=128 kimg=vmlinux net=0 disk=0 timeout=300 extra= cmdline= log=
 cpu="host,-cx16,-xsave,-popcnt,-smap,-pcid,-rdrand,-fsgsbase,-smep,-invpcid,-rdseed,-clflushopt,-clwb"
-while getopts "M:s:m:k:c:a:A:ndt:l:h" o; do
+initrd=
+while getopts "M:s:m:k:i:c:a:A:ndt:l:h" o; do
 	case $o in
 	M) machine=$OPTARG ;; s) smp=$OPTARG ;; m) mem=$OPTARG ;; k) kimg=$OPTARG ;;
-	c) cpu=$OPTARG ;; a) extra=$OPTARG ;; A) cmdline=$OPTARG ;; n) net=1 ;; d) disk=1 ;;
+	i) initrd=$OPTARG ;; c) cpu=$OPTARG ;; a) extra=$OPTARG ;; A) cmdline=$OPTARG ;; n) net=1 ;; d) disk=1 ;;
 	t) timeout=$OPTARG ;; l) log=$OPTARG ;;
-	*) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+	*) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 	esac
 done
 
 manifest=$(bash "$HERE/build.sh" --print) || { echo "guest not built: npm run guest" >&2; exit 1; }
 field() { printf '%s' "$manifest" | sed -n "s/.*\"$1\": \"\([^\"]*\)\".*/\1/p"; }
 case $kimg in vmlinux) kernel=$(field vmlinux) ;; bzImage) kernel=$(field kernel) ;; *) echo "bad -k" >&2; exit 2 ;; esac
-initrd=$(field initrd)
+[ -n "$initrd" ] || initrd=$(field initrd)
 key=$(field sshKey)
 [ -n "$cmdline" ] || cmdline=$(field cmdline)
 

@@ -1,7 +1,7 @@
 /*
  * abi_check.c - print the KVM user-space ABI as the host's C headers define it.
  *
- * test/unit/abi.test.ts compiles this file (via test/helpers/native.ts), runs it and
+ * test/unit/abi.test.ts compiles this file (via scripts/lib/native.ts), runs it and
  * compares every line with the value src/kvm/abi.ts exports. Output: one entry per line,
  * "name value", value in decimal. Names follow the TypeScript export paths mechanically:
  *

@@ -171,6 +171,42 @@ export function vcpuCpuid(supported: readonly CpuidEntry[], opts: VcpuCpuidOptio
   return out;
 }
 
+/**
+ * Linux numbers its CPU feature flags as 32 * word + bit, one word per CPUID register
+ * (arch/x86/include/asm/cpufeatures.h); `clearcpuid=` takes those numbers.
+ */
+const LINUX_FEATURE_WORDS: readonly { leaf: number; subleaf: number; reg: Reg; word: number }[] = [
+  { leaf: 1, subleaf: 0, reg: "edx", word: 0 },
+  { leaf: 0x80000001, subleaf: 0, reg: "edx", word: 1 },
+  { leaf: 1, subleaf: 0, reg: "ecx", word: 4 },
+  { leaf: 0x80000001, subleaf: 0, reg: "ecx", word: 6 },
+  { leaf: 7, subleaf: 0, reg: "ebx", word: 9 },
+  { leaf: 7, subleaf: 0, reg: "ecx", word: 16 },
+];
+
+/**
+ * Kernel command-line arguments that hide the same features inside a Linux guest.
+ *
+ * Why both: an emulating host KVM (kvm-pvm) does not intercept CPUID in guest kernel mode
+ * (measured: the guest sees the host's leaf 1, XSAVE included, whatever KVM_SET_CPUID2
+ * said), so on such a host only the kernel's own `noxsave` / `clearcpuid=` keep it away
+ * from the instructions the host cannot emulate. On hardware KVM they are redundant.
+ */
+export function linuxHidingArgs(hidden: readonly CpuFeature[]): string[] {
+  if (hidden.length === 0) return [];
+  const bits = hidden
+    .map((f) => {
+      const w = LINUX_FEATURE_WORDS.find((x) => x.leaf === f.leaf && x.subleaf === f.subleaf && x.reg === f.reg);
+      return w === undefined ? undefined : w.word * 32 + f.bit;
+    })
+    .filter((n): n is number => n !== undefined)
+    .sort((a, b) => a - b);
+  const args: string[] = [];
+  if (hidden.some((f) => f.name === "xsave")) args.push("noxsave");
+  if (bits.length > 0) args.push(`clearcpuid=${bits.join(",")}`);
+  return args;
+}
+
 /** The bit of a named feature in a CPUID table, for tests and `tskvm probe`. */
 export function hasFeature(entries: readonly CpuidEntry[], name: string): boolean {
   const f = CPU_FEATURES.find((x) => x.name === name);

@@ -64,7 +64,11 @@ export class Vcpu {
   readonly run: Uint8Array;
   readonly runView: DataView;
 
+  /** KVM_RUN, bound once: called for every exit. */
+  readonly runOnce: () => number;
+
   private constructor(readonly handle: VcpuHandle) {
+    this.runOnce = sys.ioctlNoArg(handle.fd, Ioctl.RUN);
     this.run = new Uint8Array(sys.view(handle.runAddress, handle.runSize));
     this.runView = new DataView(this.run.buffer, this.run.byteOffset, this.run.byteLength);
   }
@@ -92,11 +96,6 @@ export class Vcpu {
   destroy(): void {
     sys.munmap(this.handle.runAddress, this.handle.runSize);
     sys.close(this.handle.fd);
-  }
-
-  /** KVM_RUN. Returns 0, or a negative errno (EINTR when a signal or immediate_exit stopped it). */
-  runOnce(): number {
-    return sys.ioctlRaw(this.handle.fd, Ioctl.RUN, null);
   }
 
   get exitReason(): number {

@@ -119,6 +119,19 @@ export function ioctlRaw(fd: number, request: number, arg: Bytes | null): number
   return r < 0 ? -koffi.errno() : r;
 }
 
+/**
+ * The hot-path form for ioctls without an argument (KVM_RUN): returns a function bound once
+ * per thread, so each call is a single FFI transition with integer arguments only.
+ */
+export function ioctlNoArg(fd: number, request: number): () => number {
+  const fn = libc().ioctlInt;
+  const errno = koffi.errno;
+  return () => {
+    const r = fn(fd, request, 0) as number;
+    return r < 0 ? -errno() : r;
+  };
+}
+
 export function mmap(length: number, prot: number, flags: number, fd = -1, offset = 0): Pointer {
   const p = libc().mmap(null, length, prot, flags, fd, offset) as bigint | null;
   // MAP_FAILED is (void *)-1.

@@ -125,7 +125,8 @@ export class ExitLoop implements VmControl {
     const size = dv.getUint8(KvmRun.io.size);
     const port = dv.getUint16(KvmRun.io.port, true);
     const count = dv.getUint32(KvmRun.io.count, true);
-    const offset = Number(dv.getBigUint64(KvmRun.io.data_offset, true));
+    // data_offset is a u64 but always inside the kvm_run mapping: the low half is enough.
+    const offset = dv.getUint32(KvmRun.io.data_offset, true);
     for (let i = 0; i < count; i++) {
       const data = this.pioWindow(offset + i * size, size);
       const claimed = direction === IoDirection.OUT ? this.pio.write(port, data) : this.pio.read(port, data);
@@ -149,7 +150,7 @@ export class ExitLoop implements VmControl {
 
   private handleMmio(): void {
     const dv = this.vcpu.runView;
-    const address = Number(dv.getBigUint64(KvmRun.mmio.phys_addr, true));
+    const address = dv.getUint32(KvmRun.mmio.phys_addr, true) + dv.getUint32(KvmRun.mmio.phys_addr + 4, true) * 0x1_0000_0000;
     const len = Math.min(dv.getUint32(KvmRun.mmio.len, true), 8);
     const isWrite = dv.getUint8(KvmRun.mmio.is_write) !== 0;
     const data = this.vcpu.run.subarray(KvmRun.mmio.data, KvmRun.mmio.data + len);

@@ -51,6 +51,9 @@ export class VcpuThread {
   private thread: bigint | undefined;
   readonly done: Promise<VcpuThreadResult>;
   private resolveDone!: (r: VcpuThreadResult) => void;
+  /** Resolves when the worker is about to enter KVM_RUN for the first time. */
+  readonly started: Promise<void>;
+  private resolveStarted!: () => void;
   private finished = false;
   /** Called with the first stop this vCPU reports (the machine then stops the others). */
   onStop: ((r: VcpuThreadResult) => void) | undefined;
@@ -58,6 +61,9 @@ export class VcpuThread {
   constructor(readonly vcpu: Vcpu, private readonly init: VcpuWorkerInit) {
     this.done = new Promise((resolve) => {
       this.resolveDone = resolve;
+    });
+    this.started = new Promise((resolve) => {
+      this.resolveStarted = resolve;
     });
   }
 
@@ -67,6 +73,7 @@ export class VcpuThread {
     worker.on("message", (msg: VcpuWorkerMessage) => {
       if (msg.type === "started") {
         this.thread = msg.thread;
+        this.resolveStarted();
         // A stop may have been requested before the thread id was known.
         if (Atomics.load(this.init.control, RunControlCell.STOP) !== 0) this.kick();
       } else {
@@ -80,6 +87,7 @@ export class VcpuThread {
     });
     worker.on("exit", (code) => {
       this.finished = true;
+      this.resolveStarted();
       this.resolveDone(
         result ?? { id: this.vcpu.id, stop: { kind: "error", reason: `vCPU ${this.vcpu.id} thread exited (${code}) without reporting` }, counters: undefined },
       );

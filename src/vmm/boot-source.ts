@@ -8,6 +8,7 @@ import { setupLongMode } from "../arch/x86/boot-tables";
 import { BOOT_STACK_POINTER } from "../arch/x86/layout";
 import type { GuestMemory } from "../memory/guest-memory";
 import { loadKernel } from "../boot";
+import { writeMpTable } from "../arch/x86/mptable";
 
 export type BootSource =
   | {
@@ -30,21 +31,40 @@ export interface BootSummary {
   /** One line for the console banner, e.g. "bzImage, 64-bit entry at 0x100200". */
   description: string;
   cpu: BootCpuState;
+  /** The kernel command line as passed (Linux boots only). */
+  cmdline?: string;
 }
 
-export function prepareBoot(memory: GuestMemory, source: BootSource, _cpus: number): BootSummary {
+export interface BootContext {
+  cpus: number;
+  /** Arguments the machine adds to a Linux command line (the CPU template's hiding args). */
+  extraCmdline: readonly string[];
+}
+
+export function prepareBoot(memory: GuestMemory, source: BootSource, ctx: BootContext): BootSummary {
   if (source.kind === "raw") return prepareRaw(memory, source);
+  const cmdline = withExtraArgs(source.cmdline, ctx.extraCmdline);
   const plan = loadKernel(memory, {
     kernel: source.kernel,
     ...(source.initrd !== undefined ? { initrd: source.initrd } : {}),
-    cmdline: source.cmdline,
+    cmdline,
     ...(source.prefer !== undefined ? { prefer: source.prefer } : {}),
   });
+  // Without ACPI, Linux learns the CPUs, the IOAPIC and interrupt routing from these.
+  writeMpTable(memory, { cpus: ctx.cpus });
   const initrd = plan.initrd === undefined ? "" : `, initrd at 0x${plan.initrd.address.toString(16)}`;
   return {
     description: `${plan.format}, ${plan.entry} entry at 0x${plan.cpu.regs.rip.toString(16)}${initrd}`,
     cpu: plan.cpu,
+    cmdline,
   };
+}
+
+/** Append the machine's arguments, leaving out any the user already gave by name. */
+export function withExtraArgs(cmdline: string, extra: readonly string[]): string {
+  const given = new Set(cmdline.split(/\s+/).filter(Boolean).map((a) => a.split("=")[0]));
+  const add = extra.filter((a) => !given.has(a.split("=")[0]));
+  return [cmdline.trim(), ...add].filter(Boolean).join(" ");
 }
 
 function prepareRaw(memory: GuestMemory, source: Extract<BootSource, { kind: "raw" }>): BootSummary {

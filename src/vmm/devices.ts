@@ -62,7 +62,7 @@ export function fdSink(fd: number): ByteSink {
 }
 
 export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceSet {
-  const pio = new Bus("port I/O");
+  const pio = new Bus("port I/O", 0x10000);
   const mmio = new Bus("MMIO");
   const serial = new Serial(spec.serial.state, fdSink(env.consoleFd), kvmIrqLine(env.vmFd, spec.serial.irq));
   pio.register(spec.serial.base, SERIAL_PORT_COUNT, serial, "COM1 (16550A)");

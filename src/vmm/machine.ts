@@ -11,7 +11,8 @@ import {
 import type { BootCpuState } from "../arch/x86/cpu-state";
 import { Kvm, KvmUnavailableError, Vm } from "../kvm/kvm";
 import { Vcpu } from "../kvm/vcpu";
-import { resolveHiddenFeatures, vcpuCpuid, CPU_TEMPLATES, CpuidEntry } from "../kvm/cpuid";
+import { linuxHidingArgs, resolveHiddenFeatures, vcpuCpuid, CPU_TEMPLATES, CpuidEntry } from "../kvm/cpuid";
+import { MAX_MPTABLE_CPUS } from "../arch/x86/mptable";
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
 import { GuestMemory } from "../memory/guest-memory";
 import { ConfigError } from "./errors";
@@ -103,8 +104,10 @@ export class Machine {
     const irqchip = config.irqchip ?? true;
     kvm.requireCapabilities();
     const limits = kvm.vcpuLimits();
-    if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > limits.max) {
-      throw new ConfigError(`cannot give the guest ${config.cpus} vCPUs: this host's KVM allows 1 to ${limits.max} (-c)`);
+    const maxCpus = Math.min(limits.max, MAX_MPTABLE_CPUS);
+    if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > maxCpus) {
+      const why = maxCpus === limits.max ? "this host's KVM allows" : "tskvm's MP table holds";
+      throw new ConfigError(`cannot give the guest ${config.cpus} vCPUs: ${why} 1 to ${maxCpus} (-c)`);
     }
     const host = detectHostKvm();
     const templateName = config.cpuTemplate ?? defaultCpuTemplate(host.kind);
@@ -127,7 +130,7 @@ export class Machine {
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
-    const boot = prepareBoot(memory, config.boot, config.cpus);
+    const boot = prepareBoot(memory, config.boot, { cpus: config.cpus, extraCmdline: linuxHidingArgs(hidden) });
     const deviceSpec = createDeviceSetSpec({ memory, cpus: config.cpus });
 
     const supported = kvm.supportedCpuid();
@@ -178,6 +181,11 @@ export class Machine {
       return { stop, requestedBy: this.requestedBy, vcpus: results, counters };
     });
     return this.running;
+  }
+
+  /** Resolves once every vCPU thread is up and about to enter KVM_RUN (after run()). */
+  allStarted(): Promise<void> {
+    return Promise.all(this.threads.map((t) => t.started)).then(() => undefined);
   }
 
   /** End the VM from the host side (signal, Ctrl-A x, API). Idempotent. */

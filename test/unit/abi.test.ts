@@ -16,7 +16,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import * as abi from "../../src/kvm/abi";
-import { buildNative } from "../helpers/native";
+import { buildNative } from "../../scripts/lib/native";
 
 /** Exports that carry no ABI value of their own. */
 const NOT_DATA: Record<string, string> = {

@@ -12,6 +12,7 @@ import { parseBzImage } from "../../src/boot/bzimage";
 interface Manifest {
   kernel: string;
   vmlinux: string;
+  initrd?: string;
 }
 
 /** The guest kernel `npm run guest` builds, if any: its manifest names the files. */
@@ -26,7 +27,8 @@ function findGuestKernel(): { dir: string; manifest: Manifest } | undefined {
     const dir = path.dirname(file);
     const resolve = (p: string) => path.resolve(dir, p);
     if (fs.existsSync(resolve(manifest.kernel)) && fs.existsSync(resolve(manifest.vmlinux))) {
-      return { dir, manifest: { kernel: resolve(manifest.kernel), vmlinux: resolve(manifest.vmlinux) } };
+      const initrd = manifest.initrd === undefined ? {} : { initrd: resolve(manifest.initrd) };
+      return { dir, manifest: { kernel: resolve(manifest.kernel), vmlinux: resolve(manifest.vmlinux), ...initrd } };
     }
   }
   return undefined;
@@ -35,19 +37,27 @@ function findGuestKernel(): { dir: string; manifest: Manifest } | undefined {
 const guest = findGuestKernel();
 const SKIP = "no built guest kernel: run npm run guest";
 
+/** The built initrd when there is one, else a stand-in page. */
+function guestInitrd(manifest: Manifest): Uint8Array {
+  if (manifest.initrd !== undefined && fs.existsSync(manifest.initrd)) return new Uint8Array(fs.readFileSync(manifest.initrd));
+  return new Uint8Array(4096).fill(1);
+}
+
 test("loads the built guest bzImage", (t) => {
   if (guest === undefined) return t.skip(SKIP);
   const image = new Uint8Array(fs.readFileSync(guest.manifest.kernel));
+  const initrd = guestInitrd(guest.manifest);
   const bz = parseBzImage(image);
   assert.ok(bz.version >= 0x020c, `protocol 0x${bz.version.toString(16)}`);
   const mem = GuestMemory.forTest(256 * MiB);
-  const plan = loadKernel(mem, { kernel: image, cmdline: "console=ttyS0", initrd: new Uint8Array(4096).fill(1) });
+  const plan = loadKernel(mem, { kernel: image, cmdline: "console=ttyS0", initrd });
   assert.equal(plan.format, "bzImage");
   assert.equal(plan.entry, "linux64");
   assert.equal(plan.cpu.regs.rip, KERNEL_LOAD_ADDR + 0x200);
   assert.equal(plan.cpu.regs.rsi, ZERO_PAGE_ADDR);
   assert.ok(plan.kernelEnd > KERNEL_LOAD_ADDR + bz.protectedMode.byteLength - 1);
   assert.ok(plan.initrd!.address >= plan.kernelEnd);
+  assert.equal(plan.initrd!.size, initrd.byteLength);
   assert.deepEqual(mem.slice(KERNEL_LOAD_ADDR, 512), image.subarray(bz.setupBytes, bz.setupBytes + 512));
 });
 
@@ -55,8 +65,9 @@ test("loads the built guest vmlinux, through PVH when it has the note", (t) => {
   if (guest === undefined) return t.skip(SKIP);
   const image = new Uint8Array(fs.readFileSync(guest.manifest.vmlinux));
   const mem = GuestMemory.forTest(256 * MiB);
-  const plan = loadKernel(mem, { kernel: image, cmdline: "console=ttyS0" });
+  const plan = loadKernel(mem, { kernel: image, cmdline: "console=ttyS0", initrd: guestInitrd(guest.manifest) });
   assert.equal(plan.format, "elf");
+  assert.ok(plan.initrd!.address >= plan.kernelEnd);
   assert.ok(plan.cpu.regs.rip >= plan.kernelStart && plan.cpu.regs.rip < plan.kernelEnd);
   if (plan.entry === "pvh") {
     assert.equal(plan.cpu.regs.rbx, PVH_INFO_ADDR);
