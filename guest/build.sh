@@ -110,7 +110,7 @@ json_str() { # JSON string literal
 
 is_complete() { # dir
 	local d=$1 f
-	for f in manifest.json bzImage vmlinux initrd.img id_ed25519; do
+	for f in manifest.json bzImage vmlinux initrd.img initrd.cpio id_ed25519; do
 		[ -s "$d/$f" ] || return 1
 	done
 }
@@ -281,10 +281,12 @@ build_initrd() { # outdir
 		echo "nod /dev/console 0600 0 0 c 5 1"
 		echo "nod /dev/null 0666 0 0 c 1 3"
 	} >"$list"
-	log "packing initrd.img ($(wc -l <"$list") entries)"
-	"$out/.gen_init_cpio" -t 0 "$list" | gzip -9 -n >"$out/initrd.img"
+	log "packing initrd.img and initrd.cpio ($(wc -l <"$list") entries)"
+	"$out/.gen_init_cpio" -t 0 "$list" >"$out/initrd.cpio"
+	gzip -9 -n <"$out/initrd.cpio" >"$out/initrd.img"
 	rm -rf -- "$root" "$list" "$out/.gen_init_cpio"
-	log "initrd done: $(stat -c %s "$out/initrd.img") bytes"
+	log "initrd done: initrd.img $(stat -c %s "$out/initrd.img") bytes (gzip)," \
+		"initrd.cpio $(stat -c %s "$out/initrd.cpio") bytes (same content, uncompressed)"
 }
 
 # ------------------------------------------------------------------ main ---
@@ -335,6 +337,7 @@ build_initrd "$TMP"
 	printf '{"kernel": %s, ' "$(json_str "$FINAL/bzImage")"
 	printf '"vmlinux": %s, ' "$(json_str "$FINAL/vmlinux")"
 	printf '"initrd": %s, ' "$(json_str "$FINAL/initrd.img")"
+	printf '"initrdUncompressed": %s, ' "$(json_str "$FINAL/initrd.cpio")"
 	printf '"sshKey": %s, ' "$(json_str "$FINAL/id_ed25519")"
 	printf '"sshKeyDropbear": %s, ' "$(json_str "$FINAL/id_ed25519.dropbear")"
 	printf '"hostKey": %s, ' "$(json_str "$FINAL/host_ed25519.pub")"

@@ -8,7 +8,8 @@
 #     -s N            vCPUs (default 1)
 #     -m MiB          memory (default 128)
 #     -k vmlinux|bzImage   kernel image from the manifest (default vmlinux)
-#     -i FILE         initrd to use instead of the manifest's
+#     -i gz|raw|FILE  initrd: the manifest's gzip initrd.img (default), its
+#                     uncompressed initrd.cpio, or a file
 #     -c CPU          QEMU -cpu value (default: host minus the features the
 #                     kvm-pvm emulator lacks; "host" = unfiltered)
 #     -a ARGS         extra kernel command-line arguments
@@ -30,14 +31,17 @@ while getopts "M:s:m:k:i:c:a:A:ndt:l:h" o; do
 	M) machine=$OPTARG ;; s) smp=$OPTARG ;; m) mem=$OPTARG ;; k) kimg=$OPTARG ;;
 	i) initrd=$OPTARG ;; c) cpu=$OPTARG ;; a) extra=$OPTARG ;; A) cmdline=$OPTARG ;; n) net=1 ;; d) disk=1 ;;
 	t) timeout=$OPTARG ;; l) log=$OPTARG ;;
-	*) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+	*) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 	esac
 done
 
 manifest=$(bash "$HERE/build.sh" --print) || { echo "guest not built: npm run guest" >&2; exit 1; }
 field() { printf '%s' "$manifest" | sed -n "s/.*\"$1\": \"\([^\"]*\)\".*/\1/p"; }
 case $kimg in vmlinux) kernel=$(field vmlinux) ;; bzImage) kernel=$(field kernel) ;; *) echo "bad -k" >&2; exit 2 ;; esac
-[ -n "$initrd" ] || initrd=$(field initrd)
+case $initrd in
+"" | gz) initrd=$(field initrd) ;;
+raw) initrd=$(field initrdUncompressed) ;;
+esac
 key=$(field sshKey)
 [ -n "$cmdline" ] || cmdline=$(field cmdline)
 

@@ -38,6 +38,11 @@ export class KvmUnavailableError extends Error {
 
 export const DEFAULT_KVM_PATH = "/dev/kvm";
 
+/** The KVM device to open: $TSKVM_KVM_DEVICE when set (tests, unusual hosts), else /dev/kvm. */
+export function kvmDevicePath(): string {
+  return process.env.TSKVM_KVM_DEVICE || DEFAULT_KVM_PATH;
+}
+
 /** Capabilities tskvm cannot run without, with why each is needed. */
 export const REQUIRED_CAPS: readonly [CapName, string][] = [
   ["USER_MEMORY", "guest RAM from user memory"],
@@ -63,7 +68,7 @@ export class Kvm {
   private constructor(readonly fd: number, readonly path: string) {}
 
   /** Open /dev/kvm with a message a user can act on when that is not possible. */
-  static open(path = DEFAULT_KVM_PATH): Kvm {
+  static open(path = kvmDevicePath()): Kvm {
     if (!existsSync(path)) {
       throw new KvmUnavailableError(
         `${path} does not exist: this host has no KVM (enable virtualization, load kvm_intel or kvm_amd, or run on a host with KVM)`,
