@@ -39,8 +39,10 @@ DROPBEAR_BINS="/usr/sbin/dropbear /usr/bin/dbclient /usr/bin/dropbearkey"
 # noxsave + clearcpuid: keep the kernel off instructions that a software
 # hypervisor's emulator lacks even when the VMM does not hide them in CPUID
 # (141 CX16, 145 PCID, 151 POPCNT, 158 RDRAND, 288 FSGSBASE, 295 SMEP,
-# 298 INVPCID, 306 RDSEED, 308 SMAP, 311 CLFLUSHOPT, 312 CLWB).
-CMDLINE="console=ttyS0 reboot=k panic=-1 noxsave clearcpuid=141,145,151,158,288,295,298,306,308,311,312"
+# 298 INVPCID, 306 RDSEED, 308 SMAP, 311 CLFLUSHOPT, 312 CLWB), and off
+# ERMS/FSRM (297, 580) so that memcpy/memset/clear_page use "rep movsq/stosq"
+# (8 bytes per emulated iteration instead of 1: ~4 s faster boot there).
+CMDLINE="console=ttyS0 reboot=k panic=-1 noxsave clearcpuid=141,145,151,158,288,295,297,298,306,308,311,312,580"
 
 T0=$SECONDS
 log() { printf '[guest %4ds] %s\n' "$((SECONDS - T0))" "$*" >&2; }

@@ -24,7 +24,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 machine=pc smp=1 mem=128 kimg=vmlinux net=0 disk=0 timeout=300 extra= cmdline= log=
-cpu="host,-cx16,-xsave,-popcnt,-smap,-pcid,-rdrand,-fsgsbase,-smep,-invpcid,-rdseed,-clflushopt,-clwb"
+cpu="host,-cx16,-xsave,-popcnt,-smap,-pcid,-rdrand,-fsgsbase,-smep,-invpcid,-rdseed,-clflushopt,-clwb,-erms,-fsrm"
 initrd=
 while getopts "M:s:m:k:i:c:a:A:ndt:l:h" o; do
 	case $o in

@@ -154,10 +154,24 @@ export function vcpuCpuid(supported: readonly CpuidEntry[], opts: VcpuCpuidOptio
         e.ecx = (e.ecx | 0x8000_0000) >>> 0;
         if (opts.vcpuCount > 1) e.edx = (e.edx | (1 << 28)) >>> 0;
         break;
+      case 4:
+        // Deterministic cache parameters: EAX[31:26] = cores per package - 1 (Intel).
+        if ((e.eax & 0x1f) !== 0) e.eax = ((e.eax & 0x03ffffff) | ((Math.min(opts.vcpuCount, 64) - 1) << 26)) >>> 0;
+        break;
       case 0xb:
       case 0x1f:
-        // Extended topology: EDX is the x2APIC id of the executing vCPU.
-        e.edx = opts.apicId >>> 0;
+        // Extended topology: one thread per core, vcpuCount cores in one package.
+        Object.assign(e, extendedTopology(e.index, opts));
+        break;
+      case 0x80000008:
+        // AMD: ECX[7:0] = cores - 1, ECX[15:12] = bits of the APIC id that number cores.
+        e.ecx = ((e.ecx & ~0xf0ff) | (apicIdBits(opts.vcpuCount) << 12) | ((opts.vcpuCount - 1) & 0xff)) >>> 0;
+        break;
+      case 0x8000001e:
+        // AMD extended APIC id, core id = APIC id, one thread per core, node 0.
+        e.eax = opts.apicId >>> 0;
+        e.ebx = opts.apicId & 0xff;
+        e.ecx = 0;
         break;
       case 0xd:
         // XSAVE state enumeration is meaningless with XSAVE hidden: drop the leaf.
@@ -205,6 +219,19 @@ export function linuxHidingArgs(hidden: readonly CpuFeature[]): string[] {
   if (hidden.some((f) => f.name === "xsave")) args.push("noxsave");
   if (bits.length > 0) args.push(`clearcpuid=${bits.join(",")}`);
   return args;
+}
+
+/** Bits of the APIC id needed to number `count` cores (the x2APIC shift of the core level). */
+function apicIdBits(count: number): number {
+  return count <= 1 ? 0 : Math.ceil(Math.log2(count));
+}
+
+/** Leaf 0xB/0x1F sub-leaf `index` for a package of vcpuCount single-threaded cores. */
+function extendedTopology(index: number, opts: VcpuCpuidOptions): Pick<CpuidEntry, "eax" | "ebx" | "ecx" | "edx"> {
+  const edx = opts.apicId >>> 0;
+  if (index === 0) return { eax: 0, ebx: 1, ecx: (1 << 8) | 0, edx }; // SMT level: 1 thread
+  if (index === 1) return { eax: apicIdBits(opts.vcpuCount), ebx: opts.vcpuCount, ecx: (2 << 8) | 1, edx }; // core level
+  return { eax: 0, ebx: 0, ecx: index & 0xff, edx }; // no further levels
 }
 
 /** The bit of a named feature in a CPUID table, for tests and `tskvm probe`. */

@@ -25,6 +25,8 @@ export type BootSource =
       /** Guest-physical address the code is loaded at and started from. */
       address: number;
       mode: "real" | "long";
+      /** More bytes to place in guest RAM (say, an AP start-up trampoline). */
+      data?: readonly { address: number; bytes: Uint8Array }[];
     };
 
 export interface BootSummary {
@@ -69,6 +71,7 @@ export function withExtraArgs(cmdline: string, extra: readonly string[]): string
 
 function prepareRaw(memory: GuestMemory, source: Extract<BootSource, { kind: "raw" }>): BootSummary {
   memory.write(source.address, source.code);
+  for (const d of source.data ?? []) memory.write(d.address, d.bytes);
   if (source.mode === "long") {
     return {
       description: `raw 64-bit code at 0x${source.address.toString(16)}`,

@@ -183,6 +183,11 @@ export class Machine {
     return this.running;
   }
 
+  /** Bytes the guest has written to its serial console so far (all vCPUs). */
+  consoleBytesWritten(): number {
+    return this.devices.serial.txBytes;
+  }
+
   /** Resolves once every vCPU thread is up and about to enter KVM_RUN (after run()). */
   allStarted(): Promise<void> {
     return Promise.all(this.threads.map((t) => t.started)).then(() => undefined);

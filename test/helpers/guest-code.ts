@@ -81,3 +81,53 @@ export function pioLoop(port: number): Uint8Array {
     0xeb, 0xfd, //                jmp l
   ]);
 }
+
+/** Where smpStart's application processors begin (SIPI vector 0x08). */
+export const AP_TRAMPOLINE = 0x8000;
+
+/**
+ * SMP start-up, the way a BIOS or kernel does it. The BSP (64-bit) enables its LAPIC,
+ * broadcasts INIT then SIPI twice (vector 0x08: APs start in real mode at 0x8000), then
+ * prints its own APIC id as an ASCII digit on COM1 and halts. Each AP switches to 32-bit
+ * protected mode with the boot GDT (selectors 0x10 code, 0x18 data), reads its APIC id from
+ * its LAPIC and prints it the same way.
+ */
+export function smpStart(): { bsp: Uint8Array; trampoline: Uint8Array } {
+  const lapicIdThenPrint32 = [
+    0xc1, 0xe8, 0x18, //                   shr eax, 24
+    0x04, 0x30, //                         add al, '0'
+    0x66, 0xba, COM1 & 0xff, COM1 >> 8, // mov dx, 0x3f8
+    0xee, //                               out dx, al
+    0xf4, //                            l: hlt
+    0xeb, 0xfd, //                         jmp l
+  ];
+  const bsp = Uint8Array.from([
+    0x48, 0xbb, 0x00, 0x03, 0xe0, 0xfe, 0, 0, 0, 0, // mov rbx, 0xfee00300 (ICR low)
+    0xc7, 0x83, 0xf0, 0xfd, 0xff, 0xff, 0xff, 0x01, 0, 0, // mov dword [rbx-0x210], 0x1ff (SVR: enable)
+    0xc7, 0x43, 0x10, 0, 0, 0, 0, //        mov dword [rbx+0x10], 0  (ICR high)
+    0xc7, 0x03, 0x00, 0x45, 0x0c, 0x00, //  mov dword [rbx], 0x000c4500 (INIT, all but self)
+    0xc7, 0x03, 0x08, 0x46, 0x0c, 0x00, //  mov dword [rbx], 0x000c4608 (SIPI, vector 8)
+    0xc7, 0x03, 0x08, 0x46, 0x0c, 0x00, //  mov dword [rbx], 0x000c4608 (SIPI again)
+    0x8b, 0x83, 0x20, 0xfd, 0xff, 0xff, //  mov eax, [rbx-0x2e0] (LAPIC ID, 0xfee00020)
+    ...lapicIdThenPrint32,
+  ]);
+  const gdtr = 0x40; // offset inside the trampoline page
+  const code32 = 0x20;
+  const t = new Uint8Array(0x48);
+  t.set([
+    0xfa, //                               cli
+    0x0f, 0x01, 0x16, (AP_TRAMPOLINE + gdtr) & 0xff, (AP_TRAMPOLINE + gdtr) >> 8, // lgdt [gdtr] (DS = 0)
+    0x0f, 0x20, 0xc0, //                   mov eax, cr0
+    0x0c, 0x01, //                         or al, 1 (PE)
+    0x0f, 0x22, 0xc0, //                   mov cr0, eax
+    0x66, 0xea, (AP_TRAMPOLINE + code32) & 0xff, (AP_TRAMPOLINE + code32) >> 8, 0, 0, 0x10, 0x00, // jmp dword 0x10:code32
+  ]);
+  t.set([
+    0x66, 0xb8, 0x18, 0x00, //             mov ax, 0x18
+    0x8e, 0xd8, //                         mov ds, ax
+    0xa1, 0x20, 0x00, 0xe0, 0xfe, //       mov eax, [0xfee00020] (LAPIC ID)
+    ...lapicIdThenPrint32,
+  ], code32);
+  t.set([0x1f, 0x00, 0x00, 0x05, 0x00, 0x00], gdtr); // limit 0x1f, base 0x500 (the boot GDT)
+  return { bsp, trampoline: t };
+}

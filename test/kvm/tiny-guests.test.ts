@@ -11,6 +11,8 @@ import {
   longModeHello,
   longModeUnbacked,
   realModeHello,
+  smpStart,
+  AP_TRAMPOLINE,
 } from "../helpers/guest-code";
 import { runTinyGuest } from "../helpers/machine";
 
@@ -70,4 +72,23 @@ test("a stop request ends every vCPU of an SMP guest, including APs waiting for 
   );
   assert.equal(result.vcpus.length, 4);
   for (const v of result.vcpus) assert.equal(v.stop.kind, "stopped", `vCPU ${v.id}: ${JSON.stringify(v.stop)}`);
+});
+
+test("SMP: the BSP starts every AP with INIT-SIPI-SIPI and each reports its APIC id", { skip: noKvm, timeout: 120_000 }, async () => {
+  const cpus = 4;
+  const { bsp, trampoline } = smpStart();
+  const { result, console } = await runTinyGuest(
+    {
+      cpus,
+      boot: { kind: "raw", code: bsp, address: 0x100000, mode: "long", data: [{ address: AP_TRAMPOLINE, bytes: trampoline }] },
+    },
+    async (m) => {
+      // Every vCPU ends in hlt with interrupts off; stop once all have printed (or give up).
+      for (let i = 0; i < 600 && m.consoleBytesWritten() < cpus; i++) await new Promise((r) => setTimeout(r, 100));
+      m.stop("test");
+    },
+  );
+  const ids = [...console.toString("latin1")].sort();
+  assert.deepEqual(ids, ["0", "1", "2", "3"], `APIC ids reported: ${JSON.stringify(console.toString("latin1"))}`);
+  assert.equal(result.stop.kind, "stopped");
 });
