@@ -101,28 +101,37 @@ while [ -z "$rc" ]; do
 	if [[ $line =~ $milestones ]]; then
 		printf '%7s s  %s\n' "$(elapsed)" "$line" >&2
 	fi
+	step=
 	case $line in
 	*TSKVM-GUEST-READY*)
 		printf 'echo SERIAL-OK $((6*7)) $(nproc)\n' >&3
-		if [ $disk = 1 ]; then
-			printf 'mount /dev/vda /mnt && echo DISK: $(cat /mnt/hello) && umount /mnt\n' >&3
-		fi
 		;;
 	*"SERIAL-OK 42"*)
+		if [ $disk = 1 ]; then
+			printf 'mount /dev/vda /mnt && echo DISK: $(cat /mnt/hello) && umount /mnt\n' >&3
+		else
+			step=net
+		fi
+		;;
+	*"DISK: tskvm-disk-ok"*) step=net ;;
+	esac
+	if [ "$step" = net ]; then
 		if [ $net = 1 ]; then
 			t1=$(elapsed)
 			if out=$(timeout 120 ssh -i "$key" -p "$port" -o StrictHostKeyChecking=no \
 				-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes \
 				root@127.0.0.1 'echo SSH-OK $(hostname) $(nproc); ip -4 addr show eth0 | grep inet' 2>&1); then
 				printf '%7s s  ssh (started at %s s): %s\n' "$(elapsed)" "$t1" "$(echo $out)" >&2
+				rc=0
 			else
 				printf '%7s s  ssh FAILED: %s\n' "$(elapsed)" "$(echo $out)" >&2
 				rc=1
 			fi
+		else
+			rc=0
 		fi
-		[ -n "$rc" ] || [ $disk = 1 ] || rc=0
-		;;
-	*"DISK: tskvm-disk-ok"*) rc=0 ;;
+	fi
+	case $line in
 	*"Kernel panic"* | *"emulation failure"* | *"Attempted to kill init"*) rc=1 ;;
 	esac
 	[ $SECONDS -lt $deadline ] || { echo "timeout after $timeout s" >&2; rc=1; }

@@ -169,6 +169,7 @@ async function runToEnd(machine: Machine): Promise<number> {
     (bytes) => machine.sendInput(bytes),
     (action) => {
       if (action === "quit") machine.stop("Ctrl-A x");
+      else if (action === "dump") machine.dumpRegisters();
       else process.stderr.write(ESCAPE_HELP);
     },
   );

@@ -27,8 +27,10 @@ export type VcpuStop =
 /**
  * Cells of the run-control SharedArrayBuffer shared by the main thread and every vCPU.
  * STOP: set by whoever ends the VM; each vCPU checks it after every exit.
+ * DUMP: a generation counter; a vCPU that sees it change prints its registers to stderr
+ *       (Ctrl-A d on the console, for finding out where a guest is stuck).
  */
-export const RunControlCell = { STOP: 0, COUNT: 1 } as const;
+export const RunControlCell = { STOP: 0, DUMP: 1, COUNT: 2 } as const;
 
 export function createRunControl(): Int32Array {
   return new Int32Array(new SharedArrayBuffer(4 * RunControlCell.COUNT));
@@ -48,6 +50,7 @@ export class ExitLoop implements VmControl {
   readonly counters: ExitCounters = { io: 0, mmio: 0, unclaimedIo: 0, unclaimedMmio: 0, other: 0 };
   /** Windows into the PIO data area, by access size: allocated once, reused every exit. */
   private pioWindows = new Map<number, Uint8Array>();
+  private dumpSeen = 0;
 
   constructor(
     readonly vcpu: Vcpu,
@@ -77,12 +80,24 @@ export class ExitLoop implements VmControl {
       if (this.stopRequested()) return { kind: "stopped" };
       const r = vcpu.runOnce();
       if (r < 0) {
-        if (r === -Errno.EINTR || r === -Errno.EAGAIN) continue;
+        if (r === -Errno.EINTR || r === -Errno.EAGAIN) {
+          this.dumpIfAsked();
+          continue;
+        }
         return this.failure(`KVM_RUN failed: errno ${-r}`);
       }
       const stop = this.handleExit(vcpu.exitReason);
       if (stop !== undefined) return stop;
     }
+  }
+
+  private dumpIfAsked(): void {
+    const gen = Atomics.load(this.control, RunControlCell.DUMP);
+    if (gen === this.dumpSeen) return;
+    this.dumpSeen = gen;
+    this.vcpu.setImmediateExit(false);
+    const dump = formatRegisterDump(this.vcpu.getRegisters(), this.vcpu.getSpecialRegisters());
+    process.stderr.write(`\r\n--- vCPU ${this.vcpu.id} registers ---\r\n${dump.replace(/\n/g, "\r\n")}\r\n`);
   }
 
   /** Handle one exit; undefined means "keep running". */

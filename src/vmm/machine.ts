@@ -130,7 +130,7 @@ export class Machine {
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
-    const boot = prepareBoot(memory, config.boot, { cpus: config.cpus, extraCmdline: linuxHidingArgs(hidden) });
+    const boot = prepareBoot(memory, config.boot, { cpus: config.cpus, extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)] });
     const deviceSpec = createDeviceSetSpec({ memory, cpus: config.cpus });
 
     const supported = kvm.supportedCpuid();
@@ -198,6 +198,12 @@ export class Machine {
     this.requestedBy ??= reason;
     this.firstStop ??= { kind: "stopped" };
     this.stopAll();
+  }
+
+  /** Have every vCPU print its registers to stderr and carry on (Ctrl-A d). */
+  dumpRegisters(): void {
+    Atomics.add(this.control, RunControlCell.DUMP, 1);
+    for (const t of this.threads) t.kick();
   }
 
   private onVcpuStop(r: VcpuThreadResult): void {

@@ -131,3 +131,21 @@ export function smpStart(): { bsp: Uint8Array; trampoline: Uint8Array } {
   t.set([0x1f, 0x00, 0x00, 0x05, 0x00, 0x00], gdtr); // limit 0x1f, base 0x500 (the boot GDT)
   return { bsp, trampoline: t };
 }
+
+/** 64-bit: echo bytes received on COM1 back to it (polling LSR) until a 'q', then reset. */
+export const ECHO_UNTIL_Q = Uint8Array.from([
+  0x66, 0xba, 0xfd, 0x03, //  0: mov dx, 0x3fd (LSR)
+  0xec, //                    4: in al, dx
+  0xa8, 0x01, //              5: test al, 1 (DR: data ready)
+  0x74, 0xfb, //              7: jz 4
+  0x66, 0xba, 0xf8, 0x03, //  9: mov dx, 0x3f8
+  0xec, //                   13: in al, dx (RBR)
+  0x3c, 0x71, //             14: cmp al, 'q'
+  0x74, 0x05, //             16: je 23
+  0xee, //                   18: out dx, al
+  0xeb, 0xeb, //             19: jmp 0
+  0x90, 0x90, //             21: nop; nop
+  0xb0, 0xfe, //             23: mov al, 0xfe
+  0xe6, 0x64, //             25: out 0x64, al (i8042 reset)
+  0xf4, //                   27: hlt
+]);
