@@ -53,7 +53,7 @@ case "${1:-}" in
 "") ;;
 --print) mode=print ;;
 -h | --help)
-	sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+	awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
 	exit 0
 	;;
 *) die "unknown argument: $1 (use --print or no argument)" ;;
@@ -134,6 +134,7 @@ extract_source() { # src
 	[ -d "$tmp/$KSRC_TOPDIR" ] || die "$KSRC_TAR has no $KSRC_TOPDIR/"
 	mkdir -p "$tmp/$KSRC_TOPDIR/.tskvm-patches"
 	mv -T "$tmp/$KSRC_TOPDIR" "$src"
+	rmdir -- "$tmp"
 }
 
 # Bring the tree's applied patch set in line with guest/kernel/patches.

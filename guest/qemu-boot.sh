@@ -11,27 +11,30 @@
 #     -i gz|raw|FILE  initrd: the manifest's gzip initrd.img (default), its
 #                     uncompressed initrd.cpio, or a file
 #     -c CPU          QEMU -cpu value (default: host minus the features the
-#                     kvm-pvm emulator lacks; "host" = unfiltered)
+#                     kvm-pvm emulator lacks and minus the hypercall-based KVM
+#                     PV features, see docs/guest.md; "host" = unfiltered)
 #     -a ARGS         extra kernel command-line arguments
 #     -A CMDLINE      replace the whole command line (default: manifest's)
 #     -n              virtio-net (user mode, ssh forwarded to 127.0.0.1) and
 #                     an ssh login with the manifest's key
 #     -d              virtio-blk disk (ext4 image) mounted over the console
+#     -x COMMAND      run a shell command on the guest console at the end and
+#                     show its output
 #     -t SECONDS      give up after this long (default 300)
 #     -l FILE         console log (default: a temp file, printed path)
 # Exit status 0 when the ready marker (and the requested checks) were seen.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-machine=pc smp=1 mem=128 kimg=vmlinux net=0 disk=0 timeout=300 extra= cmdline= log=
-cpu="host,-cx16,-xsave,-popcnt,-smap,-pcid,-rdrand,-fsgsbase,-smep,-invpcid,-rdseed,-clflushopt,-clwb,-erms,-fsrm"
+machine=pc smp=1 mem=128 kimg=vmlinux net=0 disk=0 timeout=300 extra= cmdline= log= xcmd= xsent=0
+cpu="host,-cx16,-xsave,-popcnt,-smap,-pcid,-rdrand,-fsgsbase,-smep,-invpcid,-rdseed,-clflushopt,-clwb,-erms,-fsrm,kvm-pv-ipi=off,kvm-pv-sched-yield=off,kvm-pv-unhalt=off"
 initrd=
-while getopts "M:s:m:k:i:c:a:A:ndt:l:h" o; do
+while getopts "M:s:m:k:i:c:a:A:ndx:t:l:h" o; do
 	case $o in
 	M) machine=$OPTARG ;; s) smp=$OPTARG ;; m) mem=$OPTARG ;; k) kimg=$OPTARG ;;
-	i) initrd=$OPTARG ;; c) cpu=$OPTARG ;; a) extra=$OPTARG ;; A) cmdline=$OPTARG ;; n) net=1 ;; d) disk=1 ;;
+	i) initrd=$OPTARG ;; c) cpu=$OPTARG ;; a) extra=$OPTARG ;; A) cmdline=$OPTARG ;; n) net=1 ;; d) disk=1 ;; x) xcmd=$OPTARG ;;
 	t) timeout=$OPTARG ;; l) log=$OPTARG ;;
-	*) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+	*) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 2 ;;
 	esac
 done
 
@@ -114,7 +117,9 @@ while [ -z "$rc" ]; do
 		fi
 		;;
 	*"DISK: tskvm-disk-ok"*) step=net ;;
+	*XCMD-DONE*) [ $xsent = 1 ] && rc=0 ;;
 	esac
+	[ $xsent = 1 ] && [ -z "$rc" ] && printf '%7s s  | %s\n' "$(elapsed)" "$line" >&2
 	if [ "$step" = net ]; then
 		if [ $net = 1 ]; then
 			t1=$(elapsed)
@@ -123,6 +128,16 @@ while [ -z "$rc" ]; do
 				root@127.0.0.1 'echo SSH-OK $(hostname) $(nproc); ip -4 addr show eth0 | grep inet' 2>&1); then
 				printf '%7s s  ssh (started at %s s): %s\n' "$(elapsed)" "$t1" "$(echo $out)" >&2
 				rc=0
+				if command -v dbclient >/dev/null; then
+					t1=$(elapsed)
+					if out=$(timeout 120 dbclient -y -y -i "$(field sshKeyDropbear)" -p "$port" \
+						root@127.0.0.1 'echo DBCLIENT-OK' 2>&1); then
+						printf '%7s s  dbclient (started at %s s): %s\n' "$(elapsed)" "$t1" "$(echo $out)" >&2
+					else
+						printf '%7s s  dbclient FAILED: %s\n' "$(elapsed)" "$(echo $out)" >&2
+						rc=1
+					fi
+				fi
 			else
 				printf '%7s s  ssh FAILED: %s\n' "$(elapsed)" "$(echo $out)" >&2
 				rc=1
@@ -130,6 +145,11 @@ while [ -z "$rc" ]; do
 		else
 			rc=0
 		fi
+	fi
+	if [ "$rc" = 0 ] && [ -n "$xcmd" ] && [ $xsent = 0 ]; then
+		rc=
+		xsent=1
+		printf '%s; echo XCMD""-DONE\n' "$xcmd" >&3
 	fi
 	case $line in
 	*"Kernel panic"* | *"emulation failure"* | *"Attempted to kill init"*) rc=1 ;;

@@ -15,7 +15,7 @@ import { join } from "node:path";
 import { buildNative, repoRoot } from "./lib/native";
 import { Machine } from "../src/vmm/machine";
 import { pioLoop } from "../test/helpers/guest-code";
-import { findDefaultGuest } from "../src/guest/default-guest";
+import { bootFilesFor, findDefaultGuest } from "../src/guest/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
 import { RunningCli } from "../test/helpers/cli";
 
@@ -84,9 +84,9 @@ async function bootMilestones(): Promise<Record<string, number> | string> {
   const guest = findDefaultGuest();
   if (guest === undefined) return "skipped: no default guest built (npm run guest)";
   const emulated = detectHostKvm().kind === "emulated-pvm";
-  const kernel = emulated ? guest.vmlinux : guest.kernel;
+  const { kernel, initrd } = bootFilesFor(guest, emulated);
   const timeout = emulated ? 420_000 : 60_000;
-  const vm = new RunningCli(["boot", "-k", kernel, "-i", guest.initrd, "-m", "128M"]);
+  const vm = new RunningCli(["boot", "-k", kernel, "-i", initrd, "-m", "128M"]);
   const out: Record<string, number> = {};
   try {
     out["Linux version"] = await vm.waitFor(/Linux version \d/, timeout);

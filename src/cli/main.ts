@@ -16,7 +16,7 @@ import { KvmUnavailableError } from "../kvm/kvm";
 import { CpuidError } from "../kvm/cpuid";
 import { detectHostKvm } from "../kvm/host";
 import { BootError, InitrdError, KernelImageError } from "../boot/errors";
-import { GuestBuildError, buildDefaultGuest } from "../guest/default-guest";
+import { GuestBuildError, bootFilesFor, buildDefaultGuest } from "../guest/default-guest";
 
 const VERSION: string = (() => {
   try {
@@ -97,11 +97,10 @@ function resolveBoot(opts: BootOptions): ResolvedBoot {
   }
   say("no kernel given (-k): using the default guest (building it on first use, which takes minutes)");
   const guest = buildDefaultGuest();
-  // An emulating KVM would spend minutes decompressing a bzImage: boot the ELF vmlinux there.
-  const emulated = detectHostKvm().kind === "emulated-pvm";
+  const files = bootFilesFor(guest, detectHostKvm().kind === "emulated-pvm");
   return {
-    kernelPath: emulated ? guest.vmlinux : guest.kernel,
-    initrdPath: opts.initrd ?? guest.initrd,
+    kernelPath: files.kernel,
+    initrdPath: opts.initrd ?? files.initrd,
     cmdline: opts.params ?? guest.cmdline ?? DEFAULT_CMDLINE,
   };
 }

@@ -59,10 +59,14 @@ export class RunningCli {
   waitFor(pattern: RegExp, timeoutMs: number): Promise<number> {
     if (pattern.test(this.stdout)) return Promise.resolve(Date.now() - this.startedAt);
     return new Promise((res, rej) => {
+      const onExit = () => {
+        clearTimeout(timer);
+        rej(new Error(`tskvm exited while waiting for ${pattern}; stderr:\n${this.stderr}\nconsole:\n${this.stdout.slice(-2000)}`));
+      };
       const timer = setTimeout(() => {
+        this.child.off("exit", onExit);
         rej(new Error(`timed out after ${timeoutMs} ms waiting for ${pattern} on the console; last output:\n${this.stdout.slice(-2000)}\nstderr:\n${this.stderr}`));
       }, timeoutMs);
-      const onExit = () => rej(new Error(`tskvm exited while waiting for ${pattern}; stderr:\n${this.stderr}\nconsole:\n${this.stdout.slice(-2000)}`));
       this.child.once("exit", onExit);
       this.waiters.push({
         pattern,

@@ -7,7 +7,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { findDefaultGuest } from "../../src/guest/default-guest";
+import { bootFilesFor, findDefaultGuest } from "../../src/guest/default-guest";
 import { detectHostKvm } from "../../src/kvm/host";
 import { buildE820 } from "../../src/arch/x86/e820";
 import { ramLayout } from "../../src/memory/guest-memory";
@@ -44,10 +44,10 @@ function expectedE820Lines(bytes: number): string[] {
 async function bootAndCheck(t: { diagnostic: (m: string) => void; skip: (m: string) => void }, cpus: number): Promise<void> {
   const guest = guestOrSkip(t);
   if (guest === undefined) return;
-  // The ELF vmlinux boots through PVH (no decompression: minutes saved on an emulating KVM).
-  const kernel = emulated ? guest.vmlinux : guest.kernel;
+  // On an emulating KVM: the ELF vmlinux (PVH, no decompression) and the uncompressed initrd.
+  const { kernel, initrd } = bootFilesFor(guest, emulated);
   t.diagnostic(`tier: Linux boot on ${host.summary.split(":")[0]}; kernel ${kernel}; ${cpus} vCPU(s)`);
-  const vm = new RunningCli(["boot", "-k", kernel, "-i", guest.initrd, "-m", "128M", "-c", String(cpus)]);
+  const vm = new RunningCli(["boot", "-k", kernel, "-i", initrd, "-m", "128M", "-c", String(cpus)]);
   try {
     const linuxVersion = await vm.waitFor(/Linux version \d/, MILESTONE_TIMEOUT_MS);
     t.diagnostic(`"Linux version" after ${linuxVersion} ms`);
