@@ -53,7 +53,8 @@ Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on f
   -p, --params CMDLINE     kernel command line (default: "${DEFAULT_CMDLINE}")
   -m, --memory SIZE        guest RAM: 512M, 2G, ... a bare number is MiB (default 256M)
   -c, --cpus N             number of vCPUs (default 1)
-  -d, --disk PATH          virtio-blk disk image (not yet supported)
+  -d, --disk PATH[,readonly][,serial=ID]
+                           virtio-blk disk image (repeatable: /dev/vda, vdb, ...)
   -t, --tap NAME           virtio-net on a TAP device (not yet supported)
       --cpu-template NAME  host (all KVM supports) or emulated (for kvm-pvm hosts);
                            default: chosen from the host's KVM

@@ -17,6 +17,7 @@ import { CpuidError } from "../kvm/cpuid";
 import { detectHostKvm } from "../kvm/host";
 import { BootError, InitrdError, KernelImageError } from "../boot/errors";
 import { GuestBuildError, bootFilesFor, buildDefaultGuest } from "../guest/default-guest";
+import { DiskImageError, parseDiskOption } from "../devices/virtio/disk-image";
 
 const VERSION: string = (() => {
   try {
@@ -66,7 +67,7 @@ export function classifyError(e: unknown): { code: number; message: string } {
   if (e instanceof UsageError || e instanceof SizeError || e instanceof ConfigError || e instanceof CpuidError) {
     return { code: ExitCode.USAGE, message };
   }
-  if (e instanceof InputFileError || e instanceof BootError || e instanceof GuestBuildError) {
+  if (e instanceof InputFileError || e instanceof BootError || e instanceof GuestBuildError || e instanceof DiskImageError) {
     return { code: ExitCode.BAD_INPUT, message };
   }
   if (e instanceof KvmUnavailableError) return { code: ExitCode.HOST, message };
@@ -119,7 +120,7 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     process.stdout.write(`${BOOT_USAGE}\n`);
     return ExitCode.OK;
   }
-  if (opts.disks.length > 0) throw new UsageError("-d/--disk is not supported yet (virtio-blk is planned); boot without it");
+  const disks = opts.disks.map(parseDiskOption);
   if (opts.taps.length > 0) throw new UsageError("-t/--tap is not supported yet (virtio-net is planned); boot without it");
   checkHostMemory(opts.memoryBytes);
   const boot = resolveBoot(opts);
@@ -141,15 +142,17 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
       },
       ...(opts.cpuTemplate !== undefined ? { cpuTemplate: opts.cpuTemplate } : {}),
       hideFeatures: opts.hideFeatures,
+      disks: disks.map((d) => ({ path: d.path, readOnly: d.readOnly, ...(d.serial !== undefined ? { serial: d.serial } : {}) })),
     });
   } catch (e) {
     if (e instanceof KernelImageError) throw e.withPath(boot.kernelPath);
     if (e instanceof InitrdError && boot.initrdPath !== undefined) throw e.withPath(boot.initrdPath);
     throw e;
   }
+  const diskNote = disks.length === 0 ? "" : `, ${disks.length} disk${disks.length > 1 ? "s" : ""}`;
   say(
     `booting ${boot.kernelPath} (${machine.boot.description}), ${opts.cpus} vCPU${opts.cpus > 1 ? "s" : ""}, ` +
-      `${formatBytes(opts.memoryBytes)}, CPU template ${machine.cpuTemplate}; Ctrl-A x quits`,
+      `${formatBytes(opts.memoryBytes)}${diskNote}, CPU template ${machine.cpuTemplate}; Ctrl-A x quits`,
   );
   return runToEnd(machine);
 }

@@ -19,6 +19,8 @@ export interface VcpuWorkerInit {
   control: Int32Array;
   vmFd: number;
   consoleFd: number;
+  /** The I/O worker's control eventfd, when the machine has virtio devices. */
+  ioControlFd?: number;
 }
 
 export type VcpuWorkerMessage =

@@ -23,6 +23,7 @@ function main(init: VcpuWorkerInit): void {
     vmFd: init.vmFd,
     consoleFd: init.consoleFd,
     memory,
+    ...(init.ioControlFd !== undefined ? { ioControlFd: init.ioControlFd } : {}),
     control: {
       requestReset: (reason) => loop?.requestReset(reason),
     },

@@ -8,7 +8,7 @@ import { setupLongMode } from "../arch/x86/boot-tables";
 import { BOOT_STACK_POINTER } from "../arch/x86/layout";
 import type { GuestMemory } from "../memory/guest-memory";
 import { loadKernel } from "../boot";
-import { writeMpTable } from "../arch/x86/mptable";
+import { writeMpTable, type PciIrq } from "../arch/x86/mptable";
 
 export type BootSource =
   | {
@@ -41,6 +41,8 @@ export interface BootContext {
   cpus: number;
   /** Arguments the machine adds to a Linux command line (the CPU template's hiding args). */
   extraCmdline: readonly string[];
+  /** PCI INTx wiring for the MP table. */
+  pciIrqs?: readonly PciIrq[];
 }
 
 export function prepareBoot(memory: GuestMemory, source: BootSource, ctx: BootContext): BootSummary {
@@ -53,7 +55,7 @@ export function prepareBoot(memory: GuestMemory, source: BootSource, ctx: BootCo
     ...(source.prefer !== undefined ? { prefer: source.prefer } : {}),
   });
   // Without ACPI, Linux learns the CPUs, the IOAPIC and interrupt routing from these.
-  writeMpTable(memory, { cpus: ctx.cpus });
+  writeMpTable(memory, { cpus: ctx.cpus, pciIrqs: [...(ctx.pciIrqs ?? [])] });
   const initrd = plan.initrd === undefined ? "" : `, initrd at 0x${plan.initrd.address.toString(16)}`;
   return {
     description: `${plan.format}, ${plan.entry} entry at 0x${plan.cpu.regs.rip.toString(16)}${initrd}`,

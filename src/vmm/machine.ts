@@ -12,11 +12,18 @@ import type { BootCpuState } from "../arch/x86/cpu-state";
 import { Kvm, KvmUnavailableError, Vm } from "../kvm/kvm";
 import { Vcpu } from "../kvm/vcpu";
 import { linuxHidingArgs, resolveHiddenFeatures, vcpuCpuid, CPU_TEMPLATES, CpuidEntry } from "../kvm/cpuid";
-import { MAX_MPTABLE_CPUS } from "../arch/x86/mptable";
+import { maxMpTableCpus } from "../arch/x86/mptable";
+import * as sys from "../sys/libc";
+import { openDiskImage, type DiskImage } from "../devices/virtio/disk-image";
+import { VirtioPciTransport } from "../devices/virtio/pci-transport";
+import { defaultSerial } from "../devices/virtio/block";
+import type { PciSlot } from "../devices/pci/types";
+import { IoThread, createIoControl } from "../io/io-thread";
+import { createBackend, type IoDeviceSpec } from "./io-devices";
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
 import { GuestMemory } from "../memory/guest-memory";
 import { ConfigError } from "./errors";
-import { createDeviceSetSpec, instantiateDevices, DeviceSet, DeviceSetSpec } from "./devices";
+import { createDeviceSetSpec, instantiateDevices, ioeventfdRecord, DeviceSet, DeviceSetSpec, VirtioFunctionSpec } from "./devices";
 import { createRunControl, RunControlCell, ExitCounters, VcpuStop } from "../vcpu/exit-loop";
 import { VcpuThread, VcpuThreadResult, holdKickHandler } from "../vcpu/vcpu-thread";
 import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
@@ -36,6 +43,28 @@ export interface MachineConfig {
   /** In-kernel irqchip and PIT (default true). Tiny test guests turn it off to see HLT exits. */
   irqchip?: boolean;
   kvmPath?: string;
+  /** virtio-blk disks, in order: /dev/vda, /dev/vdb, ... */
+  disks?: readonly DiskConfig[];
+}
+
+export interface DiskConfig {
+  path: string;
+  readOnly: boolean;
+  /** GET_ID serial (at most 20 bytes); default derived from the path. */
+  serial?: string;
+}
+
+/** PCI INTx lines go to IOAPIC pins 16..23 (0..15 carry the ISA IRQs), shared round-robin. */
+const PCI_GSI_BASE = 16;
+const PCI_GSI_COUNT = 8;
+
+/** Everything the machine opened for its virtio devices, for closing. */
+interface VirtioResources {
+  functions: VirtioFunctionSpec[];
+  io: IoDeviceSpec[];
+  fds: number[];
+  images: DiskImage[];
+  controlFd: number | undefined;
 }
 
 /** How a run ended, with the per-vCPU details. */
@@ -68,15 +97,30 @@ export class Machine {
     readonly boot: BootSummary,
     private readonly consoleFd: number,
     readonly cpuTemplate: string,
+    private readonly virtio: VirtioResources,
   ) {
-    // The main thread's own view of the devices: it feeds serial input.
+    // The main thread's own view of the devices: it feeds serial input, and plays
+    // firmware for PCI (BAR addresses; the first ioeventfd registrations).
     this.devices = instantiateDevices(deviceSpec, {
       vmFd: vm.fd,
       consoleFd,
       memory,
       control: { requestReset: (reason) => this.stop(reason) },
+      ...(virtio.controlFd !== undefined ? { ioControlFd: virtio.controlFd } : {}),
     });
+    this.devices.pci?.assignResources();
+    if (virtio.controlFd !== undefined) {
+      this.io = new IoThread({
+        memory: memory.describe(),
+        vmFd: vm.fd,
+        controlFd: virtio.controlFd,
+        control: createIoControl(),
+        devices: virtio.io,
+      });
+    }
   }
+
+  private io: IoThread | undefined;
 
   /** Build the whole machine; nothing runs until run(). Cleans up after itself on failure. */
   static create(config: MachineConfig): Machine {
@@ -104,7 +148,7 @@ export class Machine {
     const irqchip = config.irqchip ?? true;
     kvm.requireCapabilities();
     const limits = kvm.vcpuLimits();
-    const maxCpus = Math.min(limits.max, MAX_MPTABLE_CPUS);
+    const maxCpus = Math.min(limits.max, maxMpTableCpus((config.disks ?? []).length));
     if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > maxCpus) {
       const why = maxCpus === limits.max ? "this host's KVM allows" : "tskvm's MP table holds";
       throw new ConfigError(`cannot give the guest ${config.cpus} vCPUs: ${why} 1 to ${maxCpus} (-c)`);
@@ -130,8 +174,13 @@ export class Machine {
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
-    const boot = prepareBoot(memory, config.boot, { cpus: config.cpus, extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)] });
-    const deviceSpec = createDeviceSetSpec({ memory, cpus: config.cpus });
+    const virtio = openVirtioDevices(vm, config.disks ?? [], irqchip, cleanups);
+    const boot = prepareBoot(memory, config.boot, {
+      cpus: config.cpus,
+      extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)],
+      pciIrqs: virtio.functions.map((f) => ({ device: f.slot.device, pin: f.slot.intxPin, ioapicPin: f.slot.gsi })),
+    });
+    const deviceSpec = createDeviceSetSpec({ memory, cpus: config.cpus, virtio: virtio.functions });
 
     const supported = kvm.supportedCpuid();
     const runSize = kvm.vcpuMmapSize();
@@ -147,7 +196,7 @@ export class Machine {
       // gets the boot state.
       if (id === 0) applyBootState(vcpu, boot.cpu);
     }
-    return new Machine(kvm, vm, memory, vcpus, deviceSpec, boot, config.consoleFd, templateName);
+    return new Machine(kvm, vm, memory, vcpus, deviceSpec, boot, config.consoleFd, templateName, virtio);
   }
 
   /** Start every vCPU thread; resolves once all have stopped. */
@@ -163,13 +212,18 @@ export class Machine {
           control: this.control,
           vmFd: this.vm.fd,
           consoleFd: this.consoleFd,
+          ...(this.virtio.controlFd !== undefined ? { ioControlFd: this.virtio.controlFd } : {}),
         }),
     );
+    this.io?.start();
     for (const t of this.threads) {
       t.onStop = (r) => this.onVcpuStop(r);
       t.start();
     }
-    this.running = Promise.all(this.threads.map((t) => t.done)).then((results) => {
+    this.running = Promise.all(this.threads.map((t) => t.done)).then(async (results) => {
+      // The back ends finish and flush only after no vCPU can submit more work.
+      await this.io?.stop();
+      if (this.io?.failure !== undefined) process.stderr.write(`tskvm: I/O worker failed: ${this.io.failure}\n`);
       releaseKick();
       this.stopInput();
       const counters: ExitCounters = { io: 0, mmio: 0, unclaimedIo: 0, unclaimedMmio: 0, other: 0 };
@@ -257,10 +311,49 @@ export class Machine {
     this.destroyed = true;
     this.stopInput();
     for (const v of this.vcpus) v.destroy();
+    for (const fd of this.virtio.fds) sys.close(fd);
+    for (const image of this.virtio.images) image.close();
     this.memory.free();
     this.vm.close();
     this.kvm.close();
   }
+}
+
+/**
+ * Open the disk images and give each a virtio-pci function: a slot, its shared transport
+ * state, eventfds for queue kicks and for its INTx line (irqfd with a resample fd, since
+ * the line is level-triggered), and what the I/O worker needs to run its back end.
+ */
+function openVirtioDevices(vm: Vm, disks: readonly DiskConfig[], irqchip: boolean, cleanups: (() => void)[]): VirtioResources {
+  const res: VirtioResources = { functions: [], io: [], fds: [], images: [], controlFd: undefined };
+  if (disks.length === 0) return res;
+  if (!irqchip) throw new ConfigError("virtio devices need the in-kernel irqchip");
+  const eventfd = () => {
+    const fd = sys.eventfd(0, sys.EFD_NONBLOCK);
+    res.fds.push(fd);
+    return fd;
+  };
+  cleanups.push(() => {
+    for (const fd of res.fds) sys.close(fd);
+    for (const image of res.images) image.close();
+  });
+  res.controlFd = eventfd();
+  disks.forEach((d, i) => {
+    const image = openDiskImage(d.path, { readOnly: d.readOnly });
+    res.images.push(image);
+    const name = `virtio-blk ${String.fromCharCode(0x61 + (i % 26))} (${d.path})`;
+    const disk = { fd: image.fd, sizeBytes: image.sizeBytes, readOnly: image.readOnly, path: image.path, serial: d.serial ?? defaultSerial(image.path) };
+    const backend = createBackend({ kind: "virtio-blk", disk });
+    const slot: PciSlot = { device: 1 + i, intxPin: 0, gsi: PCI_GSI_BASE + (i % PCI_GSI_COUNT) };
+    const transport = VirtioPciTransport.createState(backend, { intxPin: slot.intxPin });
+    const kickFds = Array.from({ length: backend.queueCount }, eventfd);
+    const intxFd = eventfd();
+    const resampleFd = eventfd();
+    vm.assignIrqfd(intxFd, slot.gsi, resampleFd);
+    res.functions.push({ name, slot, transport, kickFds, ioeventfds: ioeventfdRecord(backend.queueCount) });
+    res.io.push({ kind: "virtio-blk", name, transport, kickFds, intxFd, resampleFd, disk });
+  });
+  return res;
 }
 
 function allocateMemory(bytes: number): GuestMemory {

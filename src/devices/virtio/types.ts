@@ -1,0 +1,73 @@
+/**
+ * Virtio 1.x vocabulary shared by the transport (register side, run in vCPU threads) and
+ * the device back ends (queue side, run in the I/O worker). Numbers from the virtio 1.2
+ * specification.
+ */
+import type { GuestMemory } from "../../memory/guest-memory";
+
+export const VirtioDeviceType = { NET: 1, BLOCK: 2 } as const;
+
+/** Device status bits (spec 2.1). */
+export const VirtioStatus = {
+  ACKNOWLEDGE: 1,
+  DRIVER: 2,
+  DRIVER_OK: 4,
+  FEATURES_OK: 8,
+  DEVICE_NEEDS_RESET: 0x40,
+  FAILED: 0x80,
+} as const;
+
+/** Transport feature bits (spec 6), as bit numbers. */
+export const VirtioFeatureBit = {
+  RING_INDIRECT_DESC: 28,
+  RING_EVENT_IDX: 29,
+  VERSION_1: 32,
+} as const;
+
+export const feature = (bit: number): bigint => 1n << BigInt(bit);
+
+/** ISR status bits (spec 4.1.4.5). */
+export const VirtioIsr = { QUEUE: 1, CONFIG: 2 } as const;
+
+/** "No MSI-X vector" (spec 4.1.5.1.2). */
+export const VIRTIO_MSI_NO_VECTOR = 0xffff;
+
+/** A queue as the driver configured it: what the I/O side needs to use it. */
+export interface QueueConfig {
+  readonly index: number;
+  readonly size: number;
+  readonly ready: boolean;
+  readonly descAddr: number;
+  readonly availAddr: number;
+  readonly usedAddr: number;
+}
+
+/**
+ * The queue side of a virtio device, run by the I/O worker. The transport activates it when
+ * the driver sets DRIVER_OK and resets it when the driver writes status 0.
+ */
+export interface VirtioDeviceBackend {
+  readonly deviceType: number;
+  readonly queueCount: number;
+  readonly maxQueueSize: number;
+  /** Device-specific feature bits offered (the transport adds VERSION_1, EVENT_IDX, INDIRECT). */
+  readonly deviceFeatures: bigint;
+  /** Initial contents of the device-specific configuration space. */
+  readonly config: Uint8Array;
+  activate(ctx: VirtioActivation): void;
+  /** The driver kicked queue `index` (an ioeventfd fired). */
+  queueNotified(index: number): void;
+  /** Drop all queue state (driver reset or VM stop); flush what must reach the host. */
+  reset(): void;
+}
+
+export interface VirtioActivation {
+  memory: GuestMemory;
+  /** Features the driver accepted. */
+  features: bigint;
+  queues: readonly QueueConfig[];
+  /** Tell the driver that queue `index` has used buffers (interrupt, subject to suppression). */
+  signalUsed(index: number): void;
+  /** The device found the driver's data broken: set DEVICE_NEEDS_RESET, tell the driver. */
+  needsReset(reason: string): void;
+}

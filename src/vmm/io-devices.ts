@@ -1,0 +1,66 @@
+/**
+ * The I/O side of each virtio device: what the machine hands the I/O worker (plain data)
+ * and how the worker brings it to life (transport view + back end + interrupt sink).
+ */
+import * as sys from "../sys/libc";
+import { Vm } from "../kvm/kvm";
+import type { GuestMemory } from "../memory/guest-memory";
+import { VirtioTransportIo } from "../devices/virtio/pci-transport";
+import type { VirtioPciState } from "../devices/virtio/transport-state";
+import { VirtioBlock } from "../devices/virtio/block";
+import type { VirtioDeviceBackend } from "../devices/virtio/types";
+import { VirtioIoDevice, type DeviceLog, type InterruptSink } from "../io/virtio-io-device";
+
+/** An open disk image, as plain data (the fd is valid in every thread of the process). */
+export interface DiskSpec {
+  fd: number;
+  sizeBytes: number;
+  readOnly: boolean;
+  path: string;
+  serial: string;
+}
+
+export interface IoDeviceSpec {
+  kind: "virtio-blk";
+  name: string;
+  transport: VirtioPciState;
+  /** One eventfd per queue: KVM signals it through ioeventfd when the driver kicks. */
+  kickFds: number[];
+  /** irqfd for the INTx line, and the eventfd KVM signals when the guest EOIs it. */
+  intxFd: number;
+  resampleFd: number;
+  disk: DiskSpec;
+}
+
+export interface IoDeviceInstance {
+  readonly io: VirtioIoDevice;
+  readonly kickFds: readonly number[];
+  readonly resampleFd: number | undefined;
+  close(): void;
+}
+
+/** The back end a spec describes; also used on the main thread for the device's identity. */
+export function createBackend(spec: Pick<IoDeviceSpec, "kind" | "disk">, log?: (line: string) => void): VirtioDeviceBackend {
+  switch (spec.kind) {
+    case "virtio-blk":
+      return new VirtioBlock(spec.disk, { serial: spec.disk.serial, ...(log !== undefined ? { log } : {}) });
+  }
+}
+
+const one = new Uint8Array(new BigUint64Array([1n]).buffer);
+
+export function instantiateIoDevice(
+  spec: IoDeviceSpec,
+  env: { memory: GuestMemory; vmFd: number; log: DeviceLog },
+): IoDeviceInstance {
+  const vm = new Vm(env.vmFd);
+  const irq: InterruptSink = {
+    msi: (address, data) => vm.signalMsi(address % 0x1_0000_0000, Math.floor(address / 0x1_0000_0000), data),
+    intx: () => {
+      sys.write(spec.intxFd, one);
+    },
+  };
+  const backend = createBackend(spec, (line) => env.log.warn(`${spec.name}: ${line}`));
+  const io = new VirtioIoDevice(spec.name, new VirtioTransportIo(spec.transport), backend, env.memory, irq, env.log);
+  return { io, kickFds: spec.kickFds, resampleFd: spec.resampleFd, close: () => undefined };
+}
