@@ -40,6 +40,7 @@ export interface BlockBenchOptions {
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const ROUNDS = 15;
+const WARMUP_SECONDS = 1;
 const READ_BATCH = 64; // requests per kick (3 descriptors each)
 const WRITE_BATCH = 8;
 
@@ -148,10 +149,12 @@ export async function benchBlock(options: BlockBenchOptions = {}): Promise<Block
       dev1: (batches: number) => number,
       base1: (batches: number) => number,
     ): { device: number; baseline: number; ratio: number } => {
-      // Warm both paths up (the JIT), then size a round on the baseline.
-      for (let i = 0; i < 3; i++) {
-        base1(4);
-        dev1(4);
+      // Warm both paths up (the JIT needs a few hundred thousand requests to settle),
+      // then size a round on the baseline.
+      const warm = now();
+      while (now() - warm < WARMUP_SECONDS) {
+        base1(16);
+        dev1(16);
       }
       let batches = 1;
       for (;;) {

@@ -85,7 +85,6 @@ test("bad boot flags: one line each, exit 2", () => {
   expectOneLine(runCli(["boot", "-k", goodKernel, "-c", "many"]), ExitCode.USAGE, /bad vCPU count 'many'/);
   expectOneLine(runCli(["boot", "-k", goodKernel, "--frob"]), ExitCode.USAGE, /frob/);
   expectOneLine(runCli(["boot", "-k", goodKernel, "-m", "100T"]), ExitCode.USAGE, /more than this host's .* of RAM/);
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-d", "x.img"]), ExitCode.USAGE, /not supported yet/);
   expectOneLine(runCli(["boot", "-k", goodKernel, "-t", "tap0"]), ExitCode.USAGE, /not supported yet/);
 });
 
@@ -103,6 +102,18 @@ test("bad kernel and initrd files: one line each, exit 3", () => {
   } else {
     expectOneLine(runCli(["boot", "-k", locked]), ExitCode.BAD_INPUT, /cannot be read \(permission denied\)/);
   }
+});
+
+test("bad disk images and disk options: one line each, exit 3, the image untouched", { skip: hasKvm ? false : "needs /dev/kvm" }, () => {
+  expectOneLine(runCli(["boot", "-k", goodKernel, "-d", join(dir, "no.img")]), ExitCode.BAD_INPUT, /disk image .*no\.img does not exist/);
+  expectOneLine(runCli(["boot", "-k", goodKernel, "-d", dir]), ExitCode.BAD_INPUT, /is a directory/);
+  const odd = file("odd.img", new Uint8Array(1000));
+  expectOneLine(runCli(["boot", "-k", goodKernel, "-d", odd]), ExitCode.BAD_INPUT, /not a multiple of 512.*truncate -s 1024/);
+  const img = file("disk.img", new Uint8Array(1024 * 1024));
+  expectOneLine(runCli(["boot", "-k", goodKernel, "-d", `${img},bogus`]), ExitCode.BAD_INPUT, /unknown disk option "bogus"/);
+  // Another holder of the image's lock (flock(1) here, another tskvm in real life).
+  const r = spawnSync("flock", ["-x", img, process.execPath, join(__dirname, "..", "..", "..", "bin", "tskvm"), "boot", "-k", goodKernel, "-d", img], { encoding: "utf8" });
+  expectOneLine({ status: r.status, stdout: r.stdout, stderr: r.stderr }, ExitCode.BAD_INPUT, /in use by another/);
 });
 
 test("kernel images tskvm cannot boot: one line each, exit 3", { skip: hasKvm ? false : "needs /dev/kvm (the image is checked after the VM is created)" }, () => {

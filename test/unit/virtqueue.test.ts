@@ -102,6 +102,8 @@ describe("descriptor chains", () => {
     assert.equal(c.lastWritableByte(), w2.addr + 9);
 
     q.addUsed(c.head, 13);
+    assert.deepEqual(drv.used(), [], "not visible before the used index is published");
+    q.publishUsed();
     assert.deepEqual(drv.used(), [{ id: head, len: 13 }]);
     assert.equal(q.pop(), undefined);
   });
@@ -405,7 +407,7 @@ describe("a hostile guest", () => {
 });
 
 describe("used ring and notifications", () => {
-  it("addUsed publishes id and length, and wraps around the ring", () => {
+  it("addUsed writes id and length, published in one go, and wraps around the ring", () => {
     const { drv, q } = setup({ size: 4 });
     const r = drv.readable(bytes(4));
     for (let round = 0; round < 3; round++) {
@@ -414,6 +416,7 @@ describe("used ring and notifications", () => {
         const c = q.pop()!;
         q.addUsed(c.head, 100 + h);
       }
+      q.needsNotification(); // publishes
       assert.deepEqual(drv.used(), heads.map((h) => ({ id: h, len: 100 + h })));
     }
     assert.equal(q.usedIndex, 9);
@@ -522,9 +525,10 @@ describe("used ring and notifications", () => {
       q.pop(c);
       q.addUsed(c.head, 0);
     }
-    drv.skipUsed();
     q.needsNotification();
+    drv.skipUsed();
     assert.equal(q.usedIndex, 0xfffc);
+    assert.equal(drv.usedIdx(), 0xfffc);
     drv.setUsedEvent(0x0001); // interrupt when entry 1 (after the wrap) is used
     const step = (): boolean => {
       drv.publish(head);

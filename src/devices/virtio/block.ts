@@ -75,6 +75,8 @@ export const BlkConfig = {
 } as const;
 
 export const BLK_QUEUE_SIZE = 256;
+/** Requests taken off the ring before their I/O is done (see serveBatch). */
+export const BLK_BATCH = 32;
 /** Data segments per request: the queue size less the header and status descriptors. */
 export const BLK_SEG_MAX = BLK_QUEUE_SIZE - 2;
 /** Largest DISCARD / WRITE_ZEROES segment: 4 GiB - 4 KiB worth of sectors. */
@@ -169,7 +171,11 @@ export class VirtioBlock implements VirtioDeviceBackend {
 
   private ctx: VirtioActivation | undefined;
   private queue: Virtqueue | undefined;
-  private chain: DescriptorChain | undefined;
+  /** The batch being served: chains and their decoded headers and statuses. */
+  private batch: DescriptorChain[] = [];
+  private readonly reqType = new Float64Array(BLK_BATCH);
+  private readonly reqSector = new Float64Array(BLK_BATCH);
+  private readonly reqStatus = new Uint8Array(BLK_BATCH);
   private discardOk = false;
   private writeZeroesOk = false;
   private broken = false;
@@ -225,7 +231,7 @@ export class VirtioBlock implements VirtioDeviceBackend {
     if (q === undefined || !q.ready) return; // nothing to serve; kicks are ignored
     try {
       this.queue = Virtqueue.create(ctx.memory, q, ctx.features);
-      this.chain = new DescriptorChain(ctx.memory);
+      this.batch = Array.from({ length: BLK_BATCH }, () => new DescriptorChain(ctx.memory));
     } catch (e) {
       this.fail(e);
     }
@@ -235,17 +241,16 @@ export class VirtioBlock implements VirtioDeviceBackend {
     const q = this.queue;
     const ctx = this.ctx;
     if (index !== 0 || q === undefined || ctx === undefined || this.broken) return;
-    const chain = this.chain!;
     try {
       do {
         q.disableNotification();
-        while (q.pop(chain) !== undefined) {
-          if (!this.serve(q, chain)) break;
+        while (this.serveBatch(q)) {
+          // a full batch: there may be more
         }
         if (q.needsNotification()) ctx.signalUsed(0);
       } while (!this.broken && q.enableNotification());
     } catch (e) {
-      // Completed requests still get their interrupt; the device then waits for a reset.
+      // Not expected (serveBatch catches the guest's errors), but never into the worker.
       if (q.needsNotification()) ctx.signalUsed(0);
       this.fail(e);
     }
@@ -254,7 +259,7 @@ export class VirtioBlock implements VirtioDeviceBackend {
   reset(): void {
     this.flush();
     this.queue = undefined;
-    this.chain = undefined;
+    this.batch = [];
     this.ctx = undefined;
     this.broken = false;
   }
@@ -278,37 +283,74 @@ export class VirtioBlock implements VirtioDeviceBackend {
     this.ctx?.needsReset(reason);
   }
 
-  /** Serve one request; false when the chain cannot even be answered (device broken). */
-  private serve(q: Virtqueue, chain: DescriptorChain): boolean {
-    this.stats.requests++;
-    if (chain.writableBytes === 0) {
-      this.fail(new Error(`request (head ${chain.head}) has no device-writable status byte`));
+  /**
+   * Serve up to BLK_BATCH requests in three passes: take them off the ring and decode
+   * their headers (while the guest's fresh writes are still in cache), do the I/O in
+   * ring order, then write the status bytes and used elements. Returns true when the
+   * batch was full (more may be waiting). A malformed chain breaks the device, after
+   * the requests before it were served.
+   */
+  private serveBatch(q: Virtqueue): boolean {
+    const chains = this.batch;
+    let n = 0;
+    let error: unknown;
+    try {
+      while (n < chains.length) {
+        const c = chains[n]!;
+        if (q.pop(c) === undefined) break;
+        if (c.writableBytes === 0) {
+          error = new Error(`request (head ${c.head}) has no device-writable status byte`);
+          break;
+        }
+        this.decode(c, n);
+        n++;
+      }
+    } catch (e) {
+      error = e;
+    }
+    const stats = this.stats;
+    for (let i = 0; i < n; i++) {
+      const c = chains[i]!;
+      const type = this.reqType[i]!;
+      this.reqStatus[i] = type < 0 ? VirtioBlkStatus.IOERR : this.execute(c, type, this.reqSector[i]!);
+    }
+    for (let i = 0; i < n; i++) {
+      const c = chains[i]!;
+      const status = this.reqStatus[i]!;
+      stats.requests++;
+      if (status === VirtioBlkStatus.IOERR) stats.errors++;
+      else if (status === VirtioBlkStatus.UNSUPP) stats.unsupported++;
+      c.setLastWritableByte(status);
+      q.addUsed(c.head, c.writer.consumed + 1);
+    }
+    if (error !== undefined) {
+      this.fail(error);
       return false;
     }
-    const writer = chain.writer;
-    writer.limitTo(chain.writableBytes - 1);
-    let status: number;
+    return n === chains.length;
+  }
+
+  /** Read request `i`'s header: type (-1: too short) and sector; keep the status byte out of the data. */
+  private decode(chain: DescriptorChain, i: number): void {
+    chain.writer.limitTo(chain.writableBytes - 1);
     const r = chain.reader;
     if (r.nextRun(BLK_REQUEST_HEADER_BYTES) === BLK_REQUEST_HEADER_BYTES) {
       // The usual case: the header in one descriptor, read in place.
       const v = chain.regions.views[r.runRegion]!;
       const o = r.runOffset;
-      status = this.execute(chain, v.getUint32(o, true), v.getUint32(o + 12, true) * 0x100000000 + v.getUint32(o + 8, true));
-    } else {
-      r.reset();
-      if (r.readInto(this.header) < BLK_REQUEST_HEADER_BYTES) {
-        this.log(`virtio-blk: request (head ${chain.head}) header is shorter than 16 bytes`);
-        status = VirtioBlkStatus.IOERR;
-      } else {
-        const h = this.headerView;
-        status = this.execute(chain, h.getUint32(0, true), h.getUint32(12, true) * 0x100000000 + h.getUint32(8, true));
-      }
+      this.reqType[i] = v.getUint32(o, true);
+      this.reqSector[i] = v.getUint32(o + 12, true) * 0x100000000 + v.getUint32(o + 8, true);
+      return;
     }
-    if (status === VirtioBlkStatus.IOERR) this.stats.errors++;
-    else if (status === VirtioBlkStatus.UNSUPP) this.stats.unsupported++;
-    chain.setLastWritableByte(status);
-    q.addUsed(chain.head, writer.consumed + 1);
-    return true;
+    r.reset();
+    if (r.readInto(this.header) < BLK_REQUEST_HEADER_BYTES) {
+      this.log(`virtio-blk: request (head ${chain.head}) header is shorter than 16 bytes`);
+      this.reqType[i] = -1;
+      return;
+    }
+    const h = this.headerView;
+    this.reqType[i] = h.getUint32(0, true);
+    this.reqSector[i] = h.getUint32(12, true) * 0x100000000 + h.getUint32(8, true);
   }
 
   /** `sector` beyond 2^53 is inexact, but beyond any capacity either way. */

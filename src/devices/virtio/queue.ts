@@ -399,6 +399,8 @@ export class Virtqueue {
   /** avail.idx as last read: entries up to it are known published. */
   private availSeen = 0;
   private nextUsed = 0;
+  /** The used index as last published to the driver. */
+  private published = 0;
   /** Used index at the last needsNotification that found new entries; -1 before that. */
   private signalled = -1;
   /** Used entries added since needsNotification last looked. */
@@ -458,7 +460,7 @@ export class Virtqueue {
     return this.nextAvail;
   }
 
-  /** The used index the device has published. */
+  /** The used index after the elements added so far (published or not yet). */
   get usedIndex(): number {
     return this.nextUsed;
   }
@@ -621,7 +623,12 @@ export class Virtqueue {
     }
   }
 
-  /** Return a chain to the driver: `len` bytes were written into its writable buffers. */
+  /**
+   * Return a chain to the driver: `len` bytes were written into its writable buffers.
+   * The element is written now; the used index that makes it visible is published by the
+   * next publishUsed, needsNotification or enableNotification (one atomic store per
+   * batch instead of one per request).
+   */
   addUsed(head: number, len: number): void {
     if (!Number.isInteger(head) || head < 0 || head >= this.size) {
       throw new RangeError(`virtqueue ${this.index}: addUsed head ${head} out of range`);
@@ -631,23 +638,31 @@ export class Virtqueue {
     this.used32[2 + 2 * slot] = len >>> 0;
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
     this.unsignalled++;
-    // Release: the element is visible before the index that publishes it.
+  }
+
+  /** Publish the used index: every element added so far becomes visible to the driver. */
+  publishUsed(): void {
+    if (this.published === this.nextUsed) return;
+    this.published = this.nextUsed;
+    // Release: the elements are visible before the index that publishes them.
     Atomics.store(this.used16, 1, this.nextUsed);
   }
 
   /**
-   * Whether the driver wants an interrupt for the used entries added since the last time
-   * this returned. With VIRTIO_F_EVENT_IDX: when used_event (in the available ring) lies
-   * in [last signalled, new used idx). Without: unless avail.flags has NO_INTERRUPT.
+   * Publish the used index, and say whether the driver wants an interrupt for the used
+   * entries added since the last time this returned. With VIRTIO_F_EVENT_IDX: when
+   * used_event (in the available ring) lies in [last signalled, new used idx). Without:
+   * unless avail.flags has NO_INTERRUPT.
    */
   needsNotification(): boolean {
+    this.publishUsed();
     if (this.unsignalled === 0) return false;
     const now = this.nextUsed;
     const old = this.signalled;
     this.signalled = now;
     this.unsignalled = 0;
     if (this.eventIdx) {
-      // The used idx store (Atomics.store: a full barrier) precedes this load.
+      // The used idx store (Atomics.store, a full barrier) precedes this load.
       const usedEvent = Atomics.load(this.avail16, this.usedEventAt);
       if (old < 0) return true;
       return needEvent(usedEvent, now, old);
@@ -673,6 +688,7 @@ export class Virtqueue {
    * report whether entries arrived meanwhile: if so, drain again before sleeping.
    */
   enableNotification(): boolean {
+    this.publishUsed();
     if (this.eventIdx) {
       Atomics.store(this.used16, this.availEventAt, this.nextAvail);
     } else if ((this.usedFlags & VIRTQ_USED_F_NO_NOTIFY) !== 0) {
