@@ -4,6 +4,8 @@
  *   pio-exit      PIO-exit round trips/s of a tiny guest under tskvm vs. a C KVM loop
  *                 (native/pio_exit_bench.c) running the same guest bytes. Target ratio >= 0.9.
  *   vcpu-start    process start -> all N vCPU threads about to enter KVM_RUN, N = 1, 2, 8.
+ *   virtio-blk    device-model throughput (4 KiB random reads, 1 MiB sequential writes)
+ *                 through the virtqueue in-process vs. plain pread/pwrite. Target >= 0.8.
  *   boot          wall time to each Linux boot milestone with the default guest (skipped,
  *                 with the reason, when it is not built; --no-boot skips it).
  *
@@ -18,6 +20,7 @@ import { pioLoop } from "../test/helpers/guest-code";
 import { bootFilesFor, findDefaultGuest } from "../src/guest/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
 import { RunningCli } from "../test/helpers/cli";
+import { benchBlock, formatBlockBench } from "./bench-blk";
 
 /** A port nothing claims, in KVM or tskvm: the C baseline uses the same. */
 const BENCH_PORT = 0x5e0;
@@ -117,6 +120,10 @@ async function main(): Promise<void> {
     console.log(`vcpu-start   ${n} vCPU${n > 1 ? "s" : " "}: ${starts[n]!.toFixed(1)} ms from process start to all running`);
   }
   results["vcpu-start-ms"] = starts;
+
+  const blk = await benchBlock();
+  results["virtio-blk"] = blk;
+  for (const line of formatBlockBench(blk).split("\n")) console.log(`virtio-blk   ${line}`);
 
   if (args.includes("--no-boot")) {
     results.boot = "skipped: --no-boot";

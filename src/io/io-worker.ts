@@ -15,17 +15,20 @@ function post(m: IoWorkerMessage): void {
 type Source =
   | { kind: "control" }
   | { kind: "kick"; device: IoDeviceInstance; queue: number }
-  | { kind: "resample"; device: IoDeviceInstance };
+  | { kind: "resample"; device: IoDeviceInstance }
+  | { kind: "backend"; device: IoDeviceInstance };
 
 function main(init: IoWorkerInit): void {
   const memory = GuestMemory.attach(init.memory);
   const log = { warn: (message: string) => post({ type: "warning", message }) };
   const devices = init.devices.map((spec) => instantiateIoDevice(spec, { memory, vmFd: init.vmFd, log }));
-  const fds: sys.PollFd[] = [];
-  const sources: Source[] = [];
+  // Eventfds are polled always; back-end fds (a TAP) as their device asks, so they are
+  // appended afresh before every poll.
+  const fixed: sys.PollFd[] = [];
+  const fixedSources: Source[] = [];
   const watch = (fd: number, source: Source) => {
-    fds.push({ fd, events: sys.POLLIN, revents: 0 });
-    sources.push(source);
+    fixed.push({ fd, events: sys.POLLIN, revents: 0 });
+    fixedSources.push(source);
   };
   watch(init.controlFd, { kind: "control" });
   for (const d of devices) {
@@ -36,12 +39,25 @@ function main(init: IoWorkerInit): void {
   const drain = (fd: number) => sys.read(fd, counter);
 
   for (;;) {
+    const fds = fixed.slice();
+    const sources = fixedSources.slice();
+    for (const d of devices) {
+      for (const p of d.io.pollFds()) {
+        if (p.events === 0) continue;
+        fds.push({ fd: p.fd, events: p.events, revents: 0 });
+        sources.push({ kind: "backend", device: d });
+      }
+    }
     sys.poll(fds, -1);
     for (let i = 0; i < fds.length; i++) {
       const p = fds[i]!;
-      if ((p.revents & (sys.POLLIN | sys.POLLERR | sys.POLLHUP)) === 0) continue;
-      drain(p.fd);
+      if (p.revents === 0) continue;
       const s = sources[i]!;
+      if (s.kind === "backend") {
+        s.device.io.pollReady(p.fd, p.revents);
+        continue;
+      }
+      drain(p.fd);
       if (s.kind === "kick") s.device.io.kicked(s.queue);
       else if (s.kind === "resample") s.device.io.resampled();
       else {

@@ -72,6 +72,15 @@ export class VirtioIoDevice {
     if (this.transport.isrPending()) this.irq.intx();
   }
 
+  /** Host fds the back end wants polled now (only while active). */
+  pollFds(): readonly { fd: number; events: number }[] {
+    return this.active && this.backend.pollFds !== undefined ? this.backend.pollFds() : [];
+  }
+
+  pollReady(fd: number, revents: number): void {
+    if (this.active) this.backend.pollReady?.(fd, revents);
+  }
+
   /** VM stop: let the back end finish and flush. */
   stop(): void {
     if (this.active) this.backend.reset();

@@ -25,6 +25,8 @@ interface Bindings {
   pwrite: Fn;
   preadAt: Fn;
   pwriteAt: Fn;
+  preadv: Fn;
+  pwritev: Fn;
   poll: Fn;
   flock: Fn;
   fdatasync: Fn;
@@ -33,6 +35,12 @@ interface Bindings {
   pthreadSelf: Fn;
   pthreadKill: Fn;
   madvise: Fn;
+  setns: Fn;
+  socket: Fn;
+  bind: Fn;
+  socketpair: Fn;
+  readv: Fn;
+  writev: Fn;
 }
 
 let bound: Bindings | undefined;
@@ -57,6 +65,8 @@ function libc(): Bindings {
     // The same calls with the buffer as a plain address: no typed array to make per call.
     preadAt: lib.func("pread64", "long", ["int", "uintptr_t", "size_t", "int64_t"]),
     pwriteAt: lib.func("pwrite64", "long", ["int", "uintptr_t", "size_t", "int64_t"]),
+    preadv: lib.func("preadv64", "long", ["int", "void *", "int", "int64_t"]),
+    pwritev: lib.func("pwritev64", "long", ["int", "void *", "int", "int64_t"]),
     poll: lib.func("poll", "int", ["void *", "unsigned long", "int"]),
     flock: lib.func("flock", "int", ["int", "int"]),
     fdatasync: lib.func("fdatasync", "int", ["int"]),
@@ -66,6 +76,13 @@ function libc(): Bindings {
     pthreadSelf: lib.func("pthread_self", "uint64_t", []),
     pthreadKill: lib.func("pthread_kill", "int", ["uint64_t", "int"]),
     madvise: lib.func("madvise", "int", ["void *", "size_t", "int"]),
+    setns: lib.func("setns", "int", ["int", "int"]),
+    socket: lib.func("socket", "int", ["int", "int", "int"]),
+    bind: lib.func("bind", "int", ["int", "void *", "unsigned int"]),
+    socketpair: lib.func("socketpair", "int", ["int", "int", "int", "void *"]),
+    // struct iovec[] is built by the caller in a byte buffer: {u64 base, u64 len} each.
+    readv: lib.func("readv", "long", ["int", "void *", "int"]),
+    writev: lib.func("writev", "long", ["int", "void *", "int"]),
   };
   return bound;
 }
@@ -254,6 +271,22 @@ export function pwriteAt(fd: number, address: number, length: number, offset: nu
   return check("pwrite", Number(libc().pwriteAt(fd, address, length, offset)));
 }
 
+/** Most iovecs one preadv/pwritev takes (Linux UIO_MAXIOV). */
+export const IOV_MAX = 1024;
+
+/**
+ * preadv(2): `iov` holds `count` struct iovec {u64 base, u64 len} (host addresses, see
+ * preadAt), filled by the caller; one system call for a scattered buffer.
+ */
+export function preadv(fd: number, iov: Bytes, count: number, offset: number): number {
+  return check("preadv", Number(libc().preadv(fd, iov, count, offset)));
+}
+
+/** pwritev(2); see preadv. */
+export function pwritev(fd: number, iov: Bytes, count: number, offset: number): number {
+  return check("pwritev", Number(libc().pwritev(fd, iov, count, offset)));
+}
+
 export function fdatasync(fd: number): void {
   check("fdatasync", libc().fdatasync(fd));
 }
@@ -359,6 +392,85 @@ export function pthreadKill(thread: bigint, signal: number): void {
   const r = libc().pthreadKill(thread, signal) as number;
   // pthread_kill returns the error number instead of setting errno.
   if (r !== 0) throw new SysError("pthread_kill", r);
+}
+
+/** setns(2) namespace types. */
+export const CLONE_NEWNET = 0x40000000;
+
+/**
+ * setns(2): move the calling thread into the namespace `fd` refers to (an open
+ * /run/netns/<name> or /proc/<pid>/ns/net). Only this thread moves; sockets and TAP fds
+ * opened meanwhile stay in that namespace after the thread leaves it.
+ */
+export function setns(fd: number, nstype: number): void {
+  check("setns", libc().setns(fd, nstype));
+}
+
+export const AF_UNIX = 1;
+export const AF_INET = 2;
+export const AF_PACKET = 17;
+export const SOCK_STREAM = 1;
+export const SOCK_DGRAM = 2;
+export const SOCK_RAW = 3;
+export const SOCK_NONBLOCK = 0o4000;
+export const SOCK_CLOEXEC = 0o2000000;
+
+/** socket(2), always close-on-exec. */
+export function socket(domain: number, type: number, protocol = 0): number {
+  return check("socket", libc().socket(domain, type | SOCK_CLOEXEC, protocol));
+}
+
+/** bind(2) with the socket address already laid out in `addr` (e.g. a sockaddr_ll). */
+export function bind(fd: number, addr: Bytes): void {
+  check("bind", libc().bind(fd, addr, addr.byteLength));
+}
+
+/**
+ * The host address of an ArrayBuffer's memory, for iovecs that mix guest RAM and a host
+ * buffer. V8 never moves the backing store of an ArrayBuffer (typed arrays over 64 bytes
+ * get one when created; asking for `.buffer` makes one for smaller ones), so the address
+ * stays valid while the buffer is alive: keep a reference for as long as it is used.
+ */
+export function addressOf(buffer: ArrayBufferLike): number {
+  return Number(koffi.address(buffer));
+}
+
+/** socketpair(2), close-on-exec: the two connected fds. */
+export function socketpair(domain: number, type: number, protocol = 0): [number, number] {
+  const fds = new Int32Array(2);
+  check("socketpair", libc().socketpair(domain, type | SOCK_CLOEXEC, protocol, fds));
+  return [fds[0]!, fds[1]!];
+}
+
+export const SOCK_SEQPACKET = 5;
+
+/**
+ * readv(2) into `count` struct iovec entries laid out in `iov` (16 bytes each: u64 base
+ * address, u64 length, host byte order; the caller guarantees the memory is mapped and
+ * writable); -EAGAIN when a non-blocking fd has nothing.
+ */
+export function readv(fd: number, iov: Bytes, count: number): number {
+  const r = Number(libc().readv(fd, iov, count));
+  if (r < 0) {
+    const e = koffi.errno();
+    if (e === Errno.EAGAIN) return -e;
+    throw new SysError("readv", e);
+  }
+  return r;
+}
+
+/**
+ * writev(2) over `count` struct iovec entries laid out in `iov` (16 bytes each: u64
+ * base address, u64 length, host byte order); -EAGAIN when a non-blocking fd is full.
+ */
+export function writev(fd: number, iov: Bytes, count: number): number {
+  const r = Number(libc().writev(fd, iov, count));
+  if (r < 0) {
+    const e = koffi.errno();
+    if (e === Errno.EAGAIN) return -e;
+    throw new SysError("writev", e);
+  }
+  return r;
 }
 
 export { SysError, Errno, errnoName } from "./errors";

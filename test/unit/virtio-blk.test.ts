@@ -79,10 +79,12 @@ function harness(opts: {
   serial?: string;
   io?: Partial<BlockIo>;
   activate?: boolean;
+  /** mmap'd guest memory (host addresses: the pread/preadv-by-address paths). */
+  realMemory?: boolean;
 } = {}): Harness {
   const path = opts.path ?? makeImage();
   const image = openDiskImage(path, { readOnly: opts.readOnly ?? false });
-  const mem = GuestMemory.forTest(16 * MiB);
+  const mem = opts.realMemory ? GuestMemory.allocate(16 * MiB) : GuestMemory.forTest(16 * MiB);
   const drv = new VirtqDriver(mem, { size: 256 });
   const calls = { flush: 0, punch: 0, zeroRange: 0 };
   const logs: string[] = [];
@@ -115,7 +117,20 @@ function harness(opts: {
     needsReset: (r) => resets.push(r),
   };
   if (opts.activate ?? true) dev.activate(ctx);
-  return { mem, drv, dev, image, signals, resets, logs, calls, close: () => image.close() };
+  return {
+    mem,
+    drv,
+    dev,
+    image,
+    signals,
+    resets,
+    logs,
+    calls,
+    close: () => {
+      image.close();
+      mem.free();
+    },
+  };
 }
 
 function header(h: Harness, type: number, sector: number | bigint): Buf {
@@ -346,6 +361,14 @@ describe("virtio-blk requests", () => {
     assert.deepEqual(h.drv.used().map((u) => u.len), [1]);
     assert.equal(h.mem.readU8(status.addr), VirtioBlkStatus.IOERR);
     assert.deepEqual(h.resets, []);
+    assert.match(h.logs[0]!, /request \(head \d+\) header is shorter than 16 bytes/);
+    for (let i = 0; i < 30; i++) {
+      h.drv.add([h.drv.readable(new Uint8Array(4)), h.drv.writable(1)]);
+      h.dev.queueNotified(0);
+      h.drv.used();
+    }
+    assert.equal(h.logs.length, 21, "20 lines, then one saying the rest are not logged");
+    assert.match(h.logs[20]!, /further request errors are not logged/);
     h.close();
   });
 
@@ -370,6 +393,77 @@ describe("virtio-blk requests", () => {
     const h = harness();
     fs.truncateSync(h.image.path, 4096);
     assert.equal(request(h, VirtioBlkRequest.IN, 4, { inLens: [4096] }).status, VirtioBlkStatus.IOERR);
+    h.close();
+  });
+});
+
+describe("virtio-blk over mmap'd guest memory (I/O by host address)", () => {
+  const spying = () => {
+    const n = { preadAt: 0, pwriteAt: 0, preadv: 0, pwritev: 0 };
+    const io: Partial<BlockIo> = {
+      preadAt: (fd, a, l, o) => (n.preadAt++, fileIo.preadAt!(fd, a, l, o)),
+      pwriteAt: (fd, a, l, o) => (n.pwriteAt++, fileIo.pwriteAt!(fd, a, l, o)),
+      preadv: (fd, iov, c, o) => (n.preadv++, fileIo.preadv!(fd, iov, c, o)),
+      pwritev: (fd, iov, c, o) => (n.pwritev++, fileIo.pwritev!(fd, iov, c, o)),
+    };
+    return { n, io };
+  };
+
+  it("one data descriptor: one pread/pwrite by address", () => {
+    const { n, io } = spying();
+    const h = harness({ realMemory: true, io });
+    const data = pattern(8192, 21);
+    assert.equal(request(h, VirtioBlkRequest.OUT, 64, { out: [data] }).status, VirtioBlkStatus.OK);
+    assert.deepEqual(fileBytes(h.image.path, 64 * 512, 8192), data);
+    const r = request(h, VirtioBlkRequest.IN, 64, { inLens: [8192] });
+    assert.deepEqual(r.data, data);
+    assert.deepEqual(n, { preadAt: 1, pwriteAt: 1, preadv: 0, pwritev: 0 });
+    h.close();
+  });
+
+  it("scattered data: one preadv/pwritev per request, byte-exact", () => {
+    const { n, io } = spying();
+    const h = harness({ realMemory: true, io });
+    const parts = [1, 511, 3, 1021, 512, 1, 511].map((k, i) => pattern(k, i + 30));
+    const all = Uint8Array.from(parts.flatMap((p) => [...p]));
+    assert.equal(all.length, 2560);
+    assert.equal(request(h, VirtioBlkRequest.OUT, 300, { out: parts }).status, VirtioBlkStatus.OK);
+    assert.deepEqual(fileBytes(h.image.path, 300 * 512, all.length), all);
+    const r = request(h, VirtioBlkRequest.IN, 300, { inLens: [7, 1, 500, 4, 2048] });
+    assert.equal(r.status, VirtioBlkStatus.OK);
+    assert.deepEqual(r.data, all);
+    assert.deepEqual(n, { preadAt: 0, pwriteAt: 0, preadv: 1, pwritev: 1 });
+    h.close();
+  });
+
+  it("short vectored transfers are continued where they stopped", () => {
+    let calls = 0;
+    const h = harness({
+      realMemory: true,
+      io: {
+        // Transfer only the first iovec each time, like a file system that stops early.
+        preadv: (fd, iov, _c, o) => (calls++, fileIo.preadv!(fd, iov, 1, o)),
+        pwritev: (fd, iov, _c, o) => (calls++, fileIo.pwritev!(fd, iov, 1, o)),
+      },
+    });
+    const parts = [100, 412, 1000, 24].map((k, i) => pattern(k, i + 50));
+    const all = Uint8Array.from(parts.flatMap((p) => [...p]));
+    assert.equal(request(h, VirtioBlkRequest.OUT, 9, { out: parts }).status, VirtioBlkStatus.OK);
+    assert.deepEqual(fileBytes(h.image.path, 9 * 512, all.length), all);
+    assert.equal(calls, 4);
+    const r = request(h, VirtioBlkRequest.IN, 9, { inLens: [3, 509, 512, 512] });
+    assert.deepEqual(r.data, all);
+    assert.equal(calls, 8);
+    h.close();
+  });
+
+  it("a replaced pread sees every read (no by-address bypass)", () => {
+    let n = 0;
+    const h = harness({ realMemory: true, io: { pread: (fd, b, o) => (n++, fileIo.pread(fd, b, o)) } });
+    const r = request(h, VirtioBlkRequest.IN, 0, { inLens: [512, 512] });
+    assert.equal(r.status, VirtioBlkStatus.OK);
+    assert.deepEqual(r.data, fileBytes(h.image.path, 0, 1024));
+    assert.equal(n, 2);
     h.close();
   });
 });
@@ -449,6 +543,7 @@ describe("virtio-blk DISCARD and WRITE_ZEROES", () => {
     assert.ok(fileBytes(h.image.path, 8 * 512, 2048 * 512).every((b) => b === 0));
     assert.ok(!fileBytes(h.image.path, 0, 512).every((b) => b === 0));
     assert.equal(h.calls.punch, 0, "no UNMAP flag: no hole");
+    assert.equal(h.calls.zeroRange, 1, "zeroed in place");
     assert.ok(blocks(h.image.path) >= before - 8, "still allocated");
     h.close();
   });

@@ -75,8 +75,6 @@ export const BlkConfig = {
 } as const;
 
 export const BLK_QUEUE_SIZE = 256;
-/** Requests taken off the ring before their I/O is done (see serveBatch). */
-export const BLK_BATCH = 32;
 /** Data segments per request: the queue size less the header and status descriptors. */
 export const BLK_SEG_MAX = BLK_QUEUE_SIZE - 2;
 /** Largest DISCARD / WRITE_ZEROES segment: 4 GiB - 4 KiB worth of sectors. */
@@ -95,6 +93,9 @@ export interface BlockIo {
    */
   preadAt?(fd: number, address: number, length: number, offset: number): number;
   pwriteAt?(fd: number, address: number, length: number, offset: number): number;
+  /** preadv/pwritev over `count` iovecs (host addresses) in `iov`: one call per request. */
+  preadv?(fd: number, iov: Uint8Array, count: number, offset: number): number;
+  pwritev?(fd: number, iov: Uint8Array, count: number, offset: number): number;
   /** Make completed writes durable (fdatasync). */
   flush(fd: number): void;
   /** Deallocate a range, keeping the size; false when the file system cannot. */
@@ -108,6 +109,8 @@ export const fileIo: BlockIo = {
   pwrite: (fd, buf, offset) => sys.pwrite(fd, buf, offset),
   preadAt: (fd, address, length, offset) => sys.preadAt(fd, address, length, offset),
   pwriteAt: (fd, address, length, offset) => sys.pwriteAt(fd, address, length, offset),
+  preadv: (fd, iov, count, offset) => sys.preadv(fd, iov, count, offset),
+  pwritev: (fd, iov, count, offset) => sys.pwritev(fd, iov, count, offset),
   flush: (fd) => sys.fdatasync(fd),
   punchHole: (fd, offset, length) => sys.fallocate(fd, sys.FALLOC_FL_PUNCH_HOLE | sys.FALLOC_FL_KEEP_SIZE, offset, length),
   zeroRange: (fd, offset, length) => sys.fallocate(fd, sys.FALLOC_FL_ZERO_RANGE | sys.FALLOC_FL_KEEP_SIZE, offset, length),
@@ -147,6 +150,8 @@ export function defaultSerial(path: string): string {
 }
 
 const ZERO_CHUNK = 1024 * 1024;
+/** Per-request log lines before the device stops logging them (until a reset). */
+const MAX_NOTES = 20;
 
 export class VirtioBlock implements VirtioDeviceBackend {
   readonly deviceType = VirtioDeviceType.BLOCK;
@@ -161,6 +166,13 @@ export class VirtioBlock implements VirtioDeviceBackend {
   private readonly io: BlockIo;
   private readonly preadAt: BlockIo["preadAt"];
   private readonly pwriteAt: BlockIo["pwriteAt"];
+  private readonly preadv: BlockIo["preadv"];
+  private readonly pwritev: BlockIo["pwritev"];
+  /** Runs gathered for one vectored call, and the struct iovec array built from them. */
+  private readonly runHosts = new Float64Array(sys.IOV_MAX);
+  private readonly runLens = new Float64Array(sys.IOV_MAX);
+  private readonly iov = new Uint8Array(16 * sys.IOV_MAX);
+  private readonly iov32 = new Uint32Array(this.iov.buffer);
   private readonly log: (line: string) => void;
   private readonly idBytes = new Uint8Array(VIRTIO_BLK_ID_BYTES);
   private readonly header = new Uint8Array(BLK_REQUEST_HEADER_BYTES);
@@ -171,15 +183,12 @@ export class VirtioBlock implements VirtioDeviceBackend {
 
   private ctx: VirtioActivation | undefined;
   private queue: Virtqueue | undefined;
-  /** The batch being served: chains and their decoded headers and statuses. */
-  private batch: DescriptorChain[] = [];
-  private readonly reqType = new Float64Array(BLK_BATCH);
-  private readonly reqSector = new Float64Array(BLK_BATCH);
-  private readonly reqStatus = new Uint8Array(BLK_BATCH);
+  private chain: DescriptorChain | undefined;
   private discardOk = false;
   private writeZeroesOk = false;
   private broken = false;
   private dirty = false;
+  private noted = 0;
 
   constructor(
     readonly image: BlockImage,
@@ -191,8 +200,12 @@ export class VirtioBlock implements VirtioDeviceBackend {
     const custom = options.io ?? {};
     this.io = { ...fileIo, ...custom };
     // A replaced pread/pwrite must see every transfer: drop the address forms it lacks.
-    this.preadAt = custom.pread !== undefined && custom.preadAt === undefined ? undefined : this.io.preadAt;
-    this.pwriteAt = custom.pwrite !== undefined && custom.pwriteAt === undefined ? undefined : this.io.pwriteAt;
+    const ownRead = custom.pread !== undefined;
+    const ownWrite = custom.pwrite !== undefined;
+    this.preadAt = ownRead && custom.preadAt === undefined ? undefined : this.io.preadAt;
+    this.pwriteAt = ownWrite && custom.pwriteAt === undefined ? undefined : this.io.pwriteAt;
+    this.preadv = (ownRead || custom.preadAt !== undefined) && custom.preadv === undefined ? undefined : this.io.preadv;
+    this.pwritev = (ownWrite || custom.pwriteAt !== undefined) && custom.pwritev === undefined ? undefined : this.io.pwritev;
     this.log = options.log ?? (() => {});
     this.serial = options.serial ?? defaultSerial(image.path);
     const id = Buffer.from(this.serial, "latin1");
@@ -231,7 +244,7 @@ export class VirtioBlock implements VirtioDeviceBackend {
     if (q === undefined || !q.ready) return; // nothing to serve; kicks are ignored
     try {
       this.queue = Virtqueue.create(ctx.memory, q, ctx.features);
-      this.batch = Array.from({ length: BLK_BATCH }, () => new DescriptorChain(ctx.memory));
+      this.chain = new DescriptorChain(ctx.memory);
     } catch (e) {
       this.fail(e);
     }
@@ -241,16 +254,17 @@ export class VirtioBlock implements VirtioDeviceBackend {
     const q = this.queue;
     const ctx = this.ctx;
     if (index !== 0 || q === undefined || ctx === undefined || this.broken) return;
+    const chain = this.chain!;
     try {
       do {
         q.disableNotification();
-        while (this.serveBatch(q)) {
-          // a full batch: there may be more
+        while (q.pop(chain) !== undefined) {
+          if (!this.serve(q, chain)) break;
         }
         if (q.needsNotification()) ctx.signalUsed(0);
       } while (!this.broken && q.enableNotification());
     } catch (e) {
-      // Not expected (serveBatch catches the guest's errors), but never into the worker.
+      // Completed requests still get their interrupt; the device then waits for a reset.
       if (q.needsNotification()) ctx.signalUsed(0);
       this.fail(e);
     }
@@ -259,9 +273,10 @@ export class VirtioBlock implements VirtioDeviceBackend {
   reset(): void {
     this.flush();
     this.queue = undefined;
-    this.batch = [];
+    this.chain = undefined;
     this.ctx = undefined;
     this.broken = false;
+    this.noted = 0;
   }
 
   /** Make every completed write durable (fdatasync), if there were writes since the last. */
@@ -276,6 +291,13 @@ export class VirtioBlock implements VirtioDeviceBackend {
     }
   }
 
+  /** Log a per-request problem; a guest (or a failing disk) cannot flood the log. */
+  private note(line: string): void {
+    if (this.noted < MAX_NOTES) this.log(line);
+    else if (this.noted === MAX_NOTES) this.log(`virtio-blk ${this.image.path}: further request errors are not logged`);
+    this.noted++;
+  }
+
   private fail(e: unknown): void {
     this.broken = true;
     const reason = e instanceof VirtqueueError ? `virtio-blk: ${e.message}` : `virtio-blk: ${(e as Error)?.message ?? String(e)}`;
@@ -283,74 +305,39 @@ export class VirtioBlock implements VirtioDeviceBackend {
     this.ctx?.needsReset(reason);
   }
 
-  /**
-   * Serve up to BLK_BATCH requests in three passes: take them off the ring and decode
-   * their headers (while the guest's fresh writes are still in cache), do the I/O in
-   * ring order, then write the status bytes and used elements. Returns true when the
-   * batch was full (more may be waiting). A malformed chain breaks the device, after
-   * the requests before it were served.
-   */
-  private serveBatch(q: Virtqueue): boolean {
-    const chains = this.batch;
-    let n = 0;
-    let error: unknown;
-    try {
-      while (n < chains.length) {
-        const c = chains[n]!;
-        if (q.pop(c) === undefined) break;
-        if (c.writableBytes === 0) {
-          error = new Error(`request (head ${c.head}) has no device-writable status byte`);
-          break;
-        }
-        this.decode(c, n);
-        n++;
-      }
-    } catch (e) {
-      error = e;
-    }
-    const stats = this.stats;
-    for (let i = 0; i < n; i++) {
-      const c = chains[i]!;
-      const type = this.reqType[i]!;
-      this.reqStatus[i] = type < 0 ? VirtioBlkStatus.IOERR : this.execute(c, type, this.reqSector[i]!);
-    }
-    for (let i = 0; i < n; i++) {
-      const c = chains[i]!;
-      const status = this.reqStatus[i]!;
-      stats.requests++;
-      if (status === VirtioBlkStatus.IOERR) stats.errors++;
-      else if (status === VirtioBlkStatus.UNSUPP) stats.unsupported++;
-      c.setLastWritableByte(status);
-      q.addUsed(c.head, c.writer.consumed + 1);
-    }
-    if (error !== undefined) {
-      this.fail(error);
+  /** Serve one request; false when the chain cannot even be answered (device broken). */
+  private serve(q: Virtqueue, chain: DescriptorChain): boolean {
+    this.stats.requests++;
+    if (chain.writableBytes === 0) {
+      this.fail(new Error(`request (head ${chain.head}) has no device-writable status byte`));
       return false;
     }
-    return n === chains.length;
-  }
-
-  /** Read request `i`'s header: type (-1: too short) and sector; keep the status byte out of the data. */
-  private decode(chain: DescriptorChain, i: number): void {
-    chain.writer.limitTo(chain.writableBytes - 1);
+    const writer = chain.writer;
+    writer.limitTo(chain.writableBytes - 1);
+    let status: number;
     const r = chain.reader;
     if (r.nextRun(BLK_REQUEST_HEADER_BYTES) === BLK_REQUEST_HEADER_BYTES) {
       // The usual case: the header in one descriptor, read in place.
       const v = chain.regions.views[r.runRegion]!;
       const o = r.runOffset;
-      this.reqType[i] = v.getUint32(o, true);
-      this.reqSector[i] = v.getUint32(o + 12, true) * 0x100000000 + v.getUint32(o + 8, true);
-      return;
+      status = this.execute(chain, v.getUint32(o, true), v.getUint32(o + 12, true) * 0x100000000 + v.getUint32(o + 8, true));
+    } else {
+      r.reset();
+      if (r.readInto(this.header) < BLK_REQUEST_HEADER_BYTES) {
+        this.note(`virtio-blk ${this.image.path}: request (head ${chain.head}) header is shorter than 16 bytes`);
+        status = VirtioBlkStatus.IOERR;
+      } else {
+        const h = this.headerView;
+        status = this.execute(chain, h.getUint32(0, true), h.getUint32(12, true) * 0x100000000 + h.getUint32(8, true));
+      }
     }
-    r.reset();
-    if (r.readInto(this.header) < BLK_REQUEST_HEADER_BYTES) {
-      this.log(`virtio-blk: request (head ${chain.head}) header is shorter than 16 bytes`);
-      this.reqType[i] = -1;
-      return;
-    }
-    const h = this.headerView;
-    this.reqType[i] = h.getUint32(0, true);
-    this.reqSector[i] = h.getUint32(12, true) * 0x100000000 + h.getUint32(8, true);
+    if (status === VirtioBlkStatus.IOERR) this.stats.errors++;
+    else if (status === VirtioBlkStatus.UNSUPP) this.stats.unsupported++;
+    chain.setLastWritableByte(status);
+    // Used length: what was written into the chain. Only a success fills the data part
+    // (a failed read may have stopped anywhere), so a failure counts the status byte.
+    q.addUsed(chain.head, status === VirtioBlkStatus.OK ? writer.consumed + 1 : 1);
+    return true;
   }
 
   /** `sector` beyond 2^53 is inexact, but beyond any capacity either way. */
@@ -386,14 +373,10 @@ export class VirtioBlock implements VirtioDeviceBackend {
     const w = chain.writer;
     const length = w.remaining;
     if (length % SECTOR_SIZE !== 0 || !this.inRange(sector, length)) return VirtioBlkStatus.IOERR;
-    let offset = sector * SECTOR_SIZE;
     try {
-      for (let n = w.nextRun(); n > 0; n = w.nextRun()) {
-        this.transfer(w, n, offset, false);
-        offset += n;
-      }
+      this.stream(w, sector * SECTOR_SIZE, false);
     } catch (e) {
-      this.log(`virtio-blk ${this.image.path}: read at sector ${sector} failed: ${(e as Error).message}`);
+      this.note(`virtio-blk ${this.image.path}: read at sector ${sector} failed: ${(e as Error).message}`);
       return VirtioBlkStatus.IOERR;
     }
     this.stats.readBytes += length;
@@ -404,19 +387,99 @@ export class VirtioBlock implements VirtioDeviceBackend {
     const r = chain.reader;
     const length = r.remaining;
     if (this.image.readOnly || length % SECTOR_SIZE !== 0 || !this.inRange(sector, length)) return VirtioBlkStatus.IOERR;
-    let offset = sector * SECTOR_SIZE;
     this.dirty = true;
     try {
-      for (let n = r.nextRun(); n > 0; n = r.nextRun()) {
-        this.transfer(r, n, offset, true);
-        offset += n;
-      }
+      this.stream(r, sector * SECTOR_SIZE, true);
     } catch (e) {
-      this.log(`virtio-blk ${this.image.path}: write at sector ${sector} failed: ${(e as Error).message}`);
+      this.note(`virtio-blk ${this.image.path}: write at sector ${sector} failed: ${(e as Error).message}`);
       return VirtioBlkStatus.IOERR;
     }
     this.stats.writtenBytes += length;
     return VirtioBlkStatus.OK;
+  }
+
+  /**
+   * Move the rest of a chain's data stream from or to the file at `offset`, straight
+   * from guest memory: runs with a host address are gathered into one preadv/pwritev
+   * (one pread/pwrite for a single run), others go one by one through views.
+   */
+  private stream(c: ChainCursor, offset: number, toFile: boolean): void {
+    let n = c.nextRun();
+    if (n === 0) return;
+    const at = toFile ? this.pwriteAt : this.preadAt;
+    if (c.remaining === 0 && at !== undefined && !Number.isNaN(c.runHost)) {
+      // The usual case, one data descriptor: one call by address.
+      const fd = this.image.fd;
+      const host = c.runHost;
+      for (let done = 0; done < n; ) {
+        const k = at(fd, host + done, n - done, offset + done);
+        if (k <= 0) throw new Error(`${toFile ? "nothing written" : "end of file"} at byte ${offset + done}`);
+        done += k;
+      }
+      return;
+    }
+    const vec = toFile ? this.pwritev : this.preadv;
+    let count = 0;
+    let start = offset;
+    for (; n > 0; n = c.nextRun()) {
+      const host = c.runHost;
+      if (vec !== undefined && !Number.isNaN(host)) {
+        if (count === sys.IOV_MAX) {
+          this.vectored(count, start, toFile);
+          count = 0;
+        }
+        if (count === 0) start = offset;
+        this.runHosts[count] = host;
+        this.runLens[count] = n;
+        count++;
+      } else {
+        if (count > 0) this.vectored(count, start, toFile);
+        count = 0;
+        this.transfer(c, n, offset, toFile);
+      }
+      offset += n;
+    }
+    if (count > 0) this.vectored(count, start, toFile);
+  }
+
+  /** Transfer the `count` gathered runs at file offset `offset`, continuing short transfers. */
+  private vectored(count: number, offset: number, toFile: boolean): void {
+    const fd = this.image.fd;
+    const hosts = this.runHosts;
+    const lens = this.runLens;
+    const at = toFile ? this.pwriteAt : this.preadAt;
+    if (count === 1 && at !== undefined) {
+      for (let done = 0; done < lens[0]!; ) {
+        const k = at(fd, hosts[0]! + done, lens[0]! - done, offset + done);
+        if (k <= 0) throw new Error(`${toFile ? "nothing written" : "end of file"} at byte ${offset + done}`);
+        done += k;
+      }
+      return;
+    }
+    const vec = (toFile ? this.pwritev : this.preadv)!;
+    const iov = this.iov32;
+    let j = 0; // first run not yet done
+    let skip = 0; // bytes of run j already done
+    while (j < count) {
+      let k = 0;
+      for (let i = j; i < count; i++, k++) {
+        const base = hosts[i]! + (i === j ? skip : 0);
+        const len = lens[i]! - (i === j ? skip : 0);
+        iov[4 * k] = base % 0x100000000;
+        iov[4 * k + 1] = Math.floor(base / 0x100000000);
+        iov[4 * k + 2] = len; // a descriptor's length fits 32 bits
+        iov[4 * k + 3] = 0;
+      }
+      const done = vec(fd, this.iov, k, offset);
+      if (done <= 0) throw new Error(`${toFile ? "nothing written" : "end of file"} at byte ${offset}`);
+      offset += done;
+      let d = done + skip;
+      while (j < count && d >= lens[j]!) {
+        d -= lens[j]!;
+        j++;
+      }
+      skip = d;
+    }
   }
 
   /**
@@ -450,7 +513,7 @@ export class VirtioBlock implements VirtioDeviceBackend {
     try {
       this.io.flush(this.image.fd);
     } catch (e) {
-      this.log(`virtio-blk ${this.image.path}: flush failed: ${(e as Error).message}`);
+      this.note(`virtio-blk ${this.image.path}: flush failed: ${(e as Error).message}`);
       return VirtioBlkStatus.IOERR;
     }
     this.dirty = false;
@@ -495,7 +558,7 @@ export class VirtioBlock implements VirtioDeviceBackend {
         this.writeZeroes(offset, length);
       }
     } catch (e) {
-      this.log(`virtio-blk ${this.image.path}: ${zeroes ? "write zeroes" : "discard"} failed: ${(e as Error).message}`);
+      this.note(`virtio-blk ${this.image.path}: ${zeroes ? "write zeroes" : "discard"} failed: ${(e as Error).message}`);
       return VirtioBlkStatus.IOERR;
     }
     return VirtioBlkStatus.OK;

@@ -10,10 +10,11 @@
  * nothing.
  *
  * Memory ordering: the rings are shared with vCPU threads. The available index is read
- * with Atomics.load before the ring entry and the descriptors it publishes (acquire), the
- * used index is written with Atomics.store after the used element (release; on x86-64 V8
- * emits XCHG for it, a full barrier), and the event-index fields are read after the store
- * that precedes them, so the "store, fence, load" pairs of section 2.7.7 / 2.7.10 hold.
+ * with Atomics.load before the ring entries and descriptors it publishes (acquire); the
+ * used index is written with Atomics.store after the used elements (release; a
+ * sequentially consistent store, a full barrier on x86-64), once per batch; and the
+ * event-index fields (used_event, avail.idx after avail_event) are read after such a
+ * store, so the "store, fence, load" pairs of sections 2.7.7 and 2.7.10 hold.
  * Ring fields are accessed through typed arrays in host byte order: tskvm is x86-64 only,
  * which is little-endian like the virtio 1.x rings.
  */

@@ -59,6 +59,14 @@ export interface VirtioDeviceBackend {
   queueNotified(index: number): void;
   /** Drop all queue state (driver reset or VM stop); flush what must reach the host. */
   reset(): void;
+  /**
+   * Host file descriptors the I/O worker should poll for this device (a TAP, say), each with
+   * the poll(2) events wanted right now (0: not now, e.g. no guest RX buffers). Asked again
+   * before every poll.
+   */
+  pollFds?(): readonly { fd: number; events: number }[];
+  /** One of pollFds() is ready with `revents`. */
+  pollReady?(fd: number, revents: number): void;
 }
 
 export interface VirtioActivation {
