@@ -10,8 +10,9 @@
  *   0x0000_8ff0  initial stack pointer (grows down, below the page tables)
  *   0x0000_9000  PML4, 0x0000_a000 PDPT, 0x0000_b000 four PDs: identity map of 0..4 GiB in 2 MiB pages
  *   0x0002_0000  kernel command line (up to 64 KiB, and up to the kernel's cmdline_size)
- *   0x0009_fc00  EBDA: MP floating pointer and MP configuration table (reserved in e820)
+ *   0x0009_fc00  EBDA: MP floating pointer (reserved in e820)
  *   0x000a_0000  VGA and BIOS ROM hole (reserved in e820)
+ *   0x000f_0000  MP configuration table, up to 64 KiB (BIOS area, reserved in e820)
  *   0x0010_0000  kernel (bzImage protected-mode code; ELF segments at their own addresses)
  *   ...          initrd: as high as the kernel allows, below the PCI hole
  *   0xc000_0000  32-bit PCI hole: PCI memory BARs, IOAPIC (0xfec0_0000), LAPIC (0xfee0_0000),
@@ -40,6 +41,9 @@ export const CMDLINE_MAX = 0x10000;
 /** Extended BIOS data area: where tskvm writes the MP tables. Its segment is stored at 0x40E. */
 export const EBDA_START = 0x9fc00;
 export const BDA_EBDA_SEGMENT_ADDR = 0x40e;
+/** The MP configuration table: the BIOS area, roomy enough for 254 vCPUs' entries. */
+export const MP_CONFIG_TABLE_ADDR = 0xf0000;
+export const MP_CONFIG_TABLE_MAX = 0x10000;
 /** End of conventional memory: 0xa0000..0x100000 is the VGA/ROM hole. */
 export const LOW_RAM_END = 0xa0000;
 export const HIGH_MEMORY_START = 0x100000;

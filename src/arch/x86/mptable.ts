@@ -3,13 +3,15 @@
  * CPUs it has, where its IOAPIC is, and which IOAPIC pin each ISA IRQ and PCI INTx line
  * arrives on. Linux parses them in arch/x86/kernel/mpparse.c (CONFIG_X86_MPPARSE).
  *
- * Everything goes in the first KiB of the EBDA, [EBDA_START, LOW_RAM_END), which the e820
- * map reports reserved:
+ * Both lie in ranges the e820 map reports reserved:
  *
- *   EBDA_START + 0x00  MP floating pointer structure ("_MP_", 16 bytes)
- *   EBDA_START + 0x10  MP configuration table: header ("PCMP", 44 bytes), then the base
- *                      table entries in the spec's order: processors, buses, IOAPIC,
- *                      I/O interrupt assignments, local interrupt assignments
+ *   EBDA_START             MP floating pointer structure ("_MP_", 16 bytes), in the
+ *                          first KiB of the EBDA where Linux looks for it
+ *   MP_CONFIG_TABLE_ADDR   MP configuration table (in the 64 KiB BIOS area at 0xf0000, so
+ *                          that a VM of up to 254 vCPUs fits): header ("PCMP", 44 bytes),
+ *                          then the base table entries in the spec's order: processors,
+ *                          buses, IOAPIC, I/O interrupt assignments, local interrupt
+ *                          assignments
  *
  * Linux looks for "_MP_" on 16-byte boundaries in the first KiB of RAM, in the KiB below
  * 640 KiB (= EBDA_START), in the BIOS ROM, and in the first KiB of the EBDA whose segment
@@ -25,7 +27,15 @@
  *   LINT0 of every LAPIC: ExtINT (virtual-wire mode); LINT1 of every LAPIC: NMI
  */
 import type { GuestMemory } from "../../memory/guest-memory";
-import { BDA_EBDA_SEGMENT_ADDR, EBDA_START, IOAPIC_ADDR, LAPIC_ADDR, LOW_RAM_END } from "./layout";
+import {
+  BDA_EBDA_SEGMENT_ADDR,
+  EBDA_START,
+  IOAPIC_ADDR,
+  LAPIC_ADDR,
+  LOW_RAM_END,
+  MP_CONFIG_TABLE_ADDR,
+  MP_CONFIG_TABLE_MAX,
+} from "./layout";
 
 /** The MP tables do not fit or the caller asked for something they cannot describe. */
 export class MpTableError extends Error {
@@ -117,13 +127,17 @@ export function mpTableSize(cpus: number, pciIrqCount = 0): number {
   return FLOATING_POINTER_SIZE + HEADER_SIZE + cpus * PROCESSOR_ENTRY_SIZE + entries * SMALL_ENTRY_SIZE;
 }
 
-/** Room for the tables: the KiB of EBDA below the VGA hole. */
-export const MPTABLE_SPACE = LOW_RAM_END - EBDA_START;
+/** Room for the tables: the floating pointer plus the configuration table's area. */
+export const MPTABLE_SPACE = FLOATING_POINTER_SIZE + MP_CONFIG_TABLE_MAX;
 
-/** The most vCPUs whose tables fit, given how many PCI interrupt entries go with them. */
+/**
+ * The most vCPUs the tables can describe, given how many PCI interrupt entries go with
+ * them: what fits, and at most 254, because APIC ids are 8-bit, 0xff means "all", and the
+ * IOAPIC takes the id after the last vCPU's.
+ */
 export function maxMpTableCpus(pciIrqCount = 0): number {
   const fixed = mpTableSize(0, pciIrqCount);
-  return Math.max(0, Math.floor((MPTABLE_SPACE - fixed) / PROCESSOR_ENTRY_SIZE));
+  return Math.min(ALL_LAPICS - 1, Math.max(0, Math.floor((MPTABLE_SPACE - fixed) / PROCESSOR_ENTRY_SIZE)));
 }
 
 /**
@@ -133,9 +147,9 @@ export function maxMpTableCpus(pciIrqCount = 0): number {
 export const MAX_MPTABLE_CPUS = maxMpTableCpus(0);
 
 /**
- * Write the floating pointer and configuration table at EBDA_START and point the BDA's
- * EBDA segment at them. Throws MpTableError when the options are invalid or the tables
- * would not fit below LOW_RAM_END.
+ * Write the floating pointer at EBDA_START and the configuration table at
+ * MP_CONFIG_TABLE_ADDR, and point the BDA's EBDA segment at the EBDA. Throws MpTableError
+ * when the options are invalid or describe more vCPUs than fit.
  */
 export function writeMpTable(mem: GuestMemory, opts: MpTableOptions): MpTableLocation {
   const { cpus } = opts;
@@ -146,8 +160,8 @@ export function writeMpTable(mem: GuestMemory, opts: MpTableOptions): MpTableLoc
   const max = maxMpTableCpus(pciIrqs.length);
   if (cpus > max) {
     throw new MpTableError(
-      `${cpus} vCPUs and ${pciIrqs.length} PCI interrupt entries do not fit in the ${MPTABLE_SPACE} bytes ` +
-        `of EBDA at 0x${EBDA_START.toString(16)}; at most ${max} vCPUs fit with them`,
+      `${cpus} vCPUs and ${pciIrqs.length} PCI interrupt entries cannot be described: ` +
+        `at most ${max} vCPUs fit with them`,
     );
   }
   const ioapicId = opts.ioapicId ?? cpus;
@@ -178,7 +192,8 @@ export function writeMpTable(mem: GuestMemory, opts: MpTableOptions): MpTableLoc
   const buf = new Uint8Array(MPTABLE_SPACE); // zero: also clears a stale table from before
   const dv = new DataView(buf.buffer);
   const floatingPointer = EBDA_START;
-  const configTable = EBDA_START + FLOATING_POINTER_SIZE;
+  // buf holds the floating pointer, then the configuration table that goes to its own area.
+  const configTable = MP_CONFIG_TABLE_ADDR;
 
   // Configuration table entries, after the header.
   let off = FLOATING_POINTER_SIZE + HEADER_SIZE;
@@ -273,9 +288,12 @@ export function writeMpTable(mem: GuestMemory, opts: MpTableOptions): MpTableLoc
   // 12: feature byte 2 bit 7 (IMCRP) clear: virtual-wire mode, no IMCR. 13..15 reserved.
   dv.setUint8(10, checksumByte(buf.subarray(0, FLOATING_POINTER_SIZE)));
 
-  mem.write(EBDA_START, buf);
+  // Clear the EBDA's first KiB too, so that no stale pointer from before survives.
+  mem.fill(EBDA_START, LOW_RAM_END - EBDA_START, 0);
+  mem.write(floatingPointer, buf.subarray(0, FLOATING_POINTER_SIZE));
+  mem.write(configTable, buf.subarray(FLOATING_POINTER_SIZE));
   mem.writeU16(BDA_EBDA_SEGMENT_ADDR, EBDA_START >> 4);
-  return { floatingPointer, configTable, end: EBDA_START + size };
+  return { floatingPointer, configTable, end: configTable + size - FLOATING_POINTER_SIZE };
 }
 
 /** Write `text` padded with spaces (or cut) to exactly `width` bytes. */
