@@ -24,6 +24,11 @@ export interface BootOptions {
   cpus: number;
   disks: string[];
   taps: string[];
+  /** Host-side address of each TAP, in order ("192.168.100.1/24"). */
+  tapIps: string[];
+  macs: string[];
+  /** The guest's eth0 address; tskvm adds a matching ip= argument. */
+  guestIp: string | undefined;
   cpuTemplate: string | undefined;
   hideFeatures: string[];
   entry: "pvh" | "linux64" | undefined;
@@ -38,6 +43,9 @@ const BOOT_FLAGS = {
   cpus: { type: "string", short: "c" },
   disk: { type: "string", short: "d", multiple: true },
   tap: { type: "string", short: "t", multiple: true },
+  "tap-ip": { type: "string", multiple: true },
+  mac: { type: "string", multiple: true },
+  "guest-ip": { type: "string" },
   "cpu-template": { type: "string" },
   "hide-cpu-feature": { type: "string", multiple: true },
   entry: { type: "string" },
@@ -55,7 +63,13 @@ Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on f
   -c, --cpus N             number of vCPUs (default 1)
   -d, --disk PATH[,readonly][,serial=ID]
                            virtio-blk disk image (repeatable: /dev/vda, vdb, ...)
-  -t, --tap NAME           virtio-net on a TAP device (not yet supported)
+  -t, --tap NAME           virtio-net on TAP device NAME (created, and removed on exit,
+                           unless it exists; repeatable: eth0, eth1, ...)
+      --tap-ip CIDR        bring the TAP's host end up with this address, e.g.
+                           192.168.100.1/24 (repeatable, one per --tap)
+      --mac MAC            the guest NIC's MAC (default: derived from the TAP name)
+      --guest-ip ADDR      give the guest's eth0 this address (adds ip=ADDR::GW:MASK::eth0:off,
+                           gateway and mask from the first --tap-ip)
       --cpu-template NAME  host (all KVM supports) or emulated (for kvm-pvm hosts);
                            default: chosen from the host's KVM
       --hide-cpu-feature F hide a CPUID feature (repeatable), e.g. avx2
@@ -85,6 +99,9 @@ export function parseBootArgs(argv: readonly string[]): BootOptions {
   if (entry !== undefined && entry !== "pvh" && entry !== "linux64") {
     throw new UsageError(`bad --entry '${entry}': use pvh or linux64`);
   }
+  if (list("tap-ip").length > list("tap").length) throw new UsageError("--tap-ip needs a --tap for each address");
+  if (list("mac").length > list("tap").length) throw new UsageError("--mac needs a --tap for each address");
+  if (str("guest-ip") !== undefined && list("tap").length === 0) throw new UsageError("--guest-ip needs a network interface: add --tap NAME");
   for (const [flag, v] of [["kernel", str("kernel")], ["initrd", str("initrd")]] as const) {
     if (v !== undefined && v.trim() === "") throw new UsageError(`--${flag} needs a file path`);
   }
@@ -96,6 +113,9 @@ export function parseBootArgs(argv: readonly string[]): BootOptions {
     cpus,
     disks: list("disk"),
     taps: list("tap"),
+    tapIps: list("tap-ip"),
+    macs: list("mac"),
+    guestIp: str("guest-ip"),
     cpuTemplate: str("cpu-template"),
     hideFeatures: list("hide-cpu-feature"),
     entry,

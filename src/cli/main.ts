@@ -18,6 +18,8 @@ import { detectHostKvm } from "../kvm/host";
 import { BootError, InitrdError, KernelImageError } from "../boot/errors";
 import { GuestBuildError, bootFilesFor, buildDefaultGuest } from "../guest/default-guest";
 import { DiskImageError, parseDiskOption } from "../devices/virtio/disk-image";
+import { TapError, parseCidr } from "../net/tap";
+import { MacAddressError } from "../devices/virtio/net";
 
 const VERSION: string = (() => {
   try {
@@ -70,6 +72,10 @@ export function classifyError(e: unknown): { code: number; message: string } {
   if (e instanceof InputFileError || e instanceof BootError || e instanceof GuestBuildError || e instanceof DiskImageError) {
     return { code: ExitCode.BAD_INPUT, message };
   }
+  if (e instanceof MacAddressError) return { code: ExitCode.USAGE, message };
+  if (e instanceof TapError) {
+    return { code: e.kind === "NameTooLong" || e.kind === "InvalidName" ? ExitCode.USAGE : ExitCode.HOST, message };
+  }
   if (e instanceof KvmUnavailableError) return { code: ExitCode.HOST, message };
   return { code: ExitCode.INTERNAL, message: `internal error: ${message} (run with TSKVM_DEBUG=1 for details)` };
 }
@@ -106,6 +112,21 @@ function resolveBoot(opts: BootOptions): ResolvedBoot {
   };
 }
 
+/**
+ * The kernel's static IP argument for eth0 ("ip=client::gateway:netmask::eth0:off"), with
+ * the gateway and netmask taken from the host end of the first TAP.
+ */
+export function guestIpArgument(guestIp: string, hostCidr: string | undefined): string {
+  if (!/^\d{1,3}(\.\d{1,3}){3}$/.test(guestIp) || guestIp.split(".").some((o) => Number(o) > 255)) {
+    throw new UsageError(`bad --guest-ip '${guestIp}': give an IPv4 address such as 192.168.100.2`);
+  }
+  if (hostCidr === undefined) return `ip=${guestIp}:::255.255.255.0::eth0:off`;
+  const { address, prefix } = parseCidr(hostCidr);
+  const mask = prefix === 0 ? 0 : (0xffffffff << (32 - prefix)) >>> 0;
+  const dotted = [24, 16, 8, 0].map((s) => (mask >>> s) & 0xff).join(".");
+  return `ip=${guestIp}::${[...address].join(".")}:${dotted}::eth0:off`;
+}
+
 export function checkHostMemory(bytes: number): void {
   if (bytes > totalmem()) {
     throw new ConfigError(
@@ -121,9 +142,21 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     return ExitCode.OK;
   }
   const disks = opts.disks.map(parseDiskOption);
-  if (opts.taps.length > 0) throw new UsageError("-t/--tap is not supported yet (virtio-net is planned); boot without it");
+  for (const cidr of opts.tapIps) {
+    try {
+      parseCidr(cidr);
+    } catch (e) {
+      throw new UsageError(`bad --tap-ip: ${(e as Error).message}`);
+    }
+  }
+  const nics = opts.taps.map((tap, i) => ({
+    tap,
+    ...(opts.macs[i] !== undefined ? { mac: opts.macs[i]! } : {}),
+    ...(opts.tapIps[i] !== undefined ? { hostCidr: opts.tapIps[i]! } : {}),
+  }));
   checkHostMemory(opts.memoryBytes);
   const boot = resolveBoot(opts);
+  if (opts.guestIp !== undefined) boot.cmdline = `${boot.cmdline} ${guestIpArgument(opts.guestIp, opts.tapIps[0])}`;
   const kernel = readInputFile(boot.kernelPath, "kernel image");
   const initrd = boot.initrdPath === undefined ? undefined : readInputFile(boot.initrdPath, "initrd");
 
@@ -142,6 +175,7 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
       },
       ...(opts.cpuTemplate !== undefined ? { cpuTemplate: opts.cpuTemplate } : {}),
       hideFeatures: opts.hideFeatures,
+      nics,
       disks: disks.map((d) => ({ path: d.path, readOnly: d.readOnly, ...(d.serial !== undefined ? { serial: d.serial } : {}) })),
     });
   } catch (e) {
@@ -149,7 +183,9 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     if (e instanceof InitrdError && boot.initrdPath !== undefined) throw e.withPath(boot.initrdPath);
     throw e;
   }
-  const diskNote = disks.length === 0 ? "" : `, ${disks.length} disk${disks.length > 1 ? "s" : ""}`;
+  const diskNote =
+    (disks.length === 0 ? "" : `, ${disks.length} disk${disks.length > 1 ? "s" : ""}`) +
+    (nics.length === 0 ? "" : `, network on ${nics.map((n) => n.tap).join(", ")}`);
   say(
     `booting ${boot.kernelPath} (${machine.boot.description}), ${opts.cpus} vCPU${opts.cpus > 1 ? "s" : ""}, ` +
       `${formatBytes(opts.memoryBytes)}${diskNote}, CPU template ${machine.cpuTemplate}; Ctrl-A x quits`,

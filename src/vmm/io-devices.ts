@@ -8,6 +8,8 @@ import type { GuestMemory } from "../memory/guest-memory";
 import { VirtioTransportIo } from "../devices/virtio/pci-transport";
 import type { VirtioPciState } from "../devices/virtio/transport-state";
 import { VirtioBlock } from "../devices/virtio/block";
+import { VirtioNet } from "../devices/virtio/net";
+import { Tap } from "../net/tap";
 import type { VirtioDeviceBackend } from "../devices/virtio/types";
 import { VirtioIoDevice, type DeviceLog, type InterruptSink } from "../io/virtio-io-device";
 
@@ -20,8 +22,20 @@ export interface DiskSpec {
   serial: string;
 }
 
-export interface IoDeviceSpec {
-  kind: "virtio-blk";
+/** An open TAP, as plain data: the fd stays owned (and closed) by the main thread. */
+export interface NicSpec {
+  tapFd: number;
+  tapName: string;
+  created: boolean;
+  mac: string;
+  /** Whether the TAP accepted TUNSETOFFLOAD (probed once, on the main thread). */
+  offloads: boolean;
+}
+
+/** What a back end is made of. */
+export type BackendSpec = { kind: "virtio-blk"; disk: DiskSpec } | { kind: "virtio-net"; nic: NicSpec };
+
+export type IoDeviceSpec = BackendSpec & {
   name: string;
   transport: VirtioPciState;
   /** One eventfd per queue: KVM signals it through ioeventfd when the driver kicks. */
@@ -29,8 +43,7 @@ export interface IoDeviceSpec {
   /** irqfd for the INTx line, and the eventfd KVM signals when the guest EOIs it. */
   intxFd: number;
   resampleFd: number;
-  disk: DiskSpec;
-}
+};
 
 export interface IoDeviceInstance {
   readonly io: VirtioIoDevice;
@@ -40,10 +53,16 @@ export interface IoDeviceInstance {
 }
 
 /** The back end a spec describes; also used on the main thread for the device's identity. */
-export function createBackend(spec: Pick<IoDeviceSpec, "kind" | "disk">, log?: (line: string) => void): VirtioDeviceBackend {
+export function createBackend(spec: BackendSpec, log?: (line: string) => void): VirtioDeviceBackend {
+  const logOpt = log !== undefined ? { log } : {};
   switch (spec.kind) {
     case "virtio-blk":
-      return new VirtioBlock(spec.disk, { serial: spec.disk.serial, ...(log !== undefined ? { log } : {}) });
+      return new VirtioBlock(spec.disk, { serial: spec.disk.serial, ...logOpt });
+    case "virtio-net": {
+      // A second handle on the main thread's TAP fd: never closed from here.
+      const tap = new Tap(spec.nic.tapName, spec.nic.tapFd, spec.nic.created, 12);
+      return new VirtioNet(tap, { mac: spec.nic.mac, offloads: spec.nic.offloads, ...logOpt });
+    }
   }
 }
 

@@ -19,7 +19,9 @@ import { VirtioPciTransport } from "../devices/virtio/pci-transport";
 import { defaultSerial } from "../devices/virtio/block";
 import type { PciSlot } from "../devices/pci/types";
 import { IoThread, createIoControl } from "../io/io-thread";
-import { createBackend, type IoDeviceSpec } from "./io-devices";
+import { createBackend, type BackendSpec, type IoDeviceSpec } from "./io-devices";
+import { openTap, configureHostSide, type Tap } from "../net/tap";
+import { defaultMac, formatMac, parseMac, probeOffloads } from "../devices/virtio/net";
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
 import { GuestMemory } from "../memory/guest-memory";
 import { ConfigError } from "./errors";
@@ -45,6 +47,17 @@ export interface MachineConfig {
   kvmPath?: string;
   /** virtio-blk disks, in order: /dev/vda, /dev/vdb, ... */
   disks?: readonly DiskConfig[];
+  /** virtio-net interfaces on TAP devices, in order: eth0, eth1, ... */
+  nics?: readonly NicConfig[];
+}
+
+export interface NicConfig {
+  /** TAP name: created (and removed on exit) unless a persistent one exists. */
+  tap: string;
+  /** The guest's MAC ("52:54:00:..."); default stable, derived from the TAP name. */
+  mac?: string;
+  /** Bring the host end up with this address ("192.168.100.1/24"). */
+  hostCidr?: string;
 }
 
 export interface DiskConfig {
@@ -64,6 +77,7 @@ interface VirtioResources {
   io: IoDeviceSpec[];
   fds: number[];
   images: DiskImage[];
+  taps: Tap[];
   controlFd: number | undefined;
 }
 
@@ -148,7 +162,7 @@ export class Machine {
     const irqchip = config.irqchip ?? true;
     kvm.requireCapabilities();
     const limits = kvm.vcpuLimits();
-    const maxCpus = Math.min(limits.max, maxMpTableCpus((config.disks ?? []).length));
+    const maxCpus = Math.min(limits.max, maxMpTableCpus((config.disks ?? []).length + (config.nics ?? []).length));
     if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > maxCpus) {
       const why = maxCpus === limits.max ? "this host's KVM allows" : "tskvm's MP table holds";
       throw new ConfigError(`cannot give the guest ${config.cpus} vCPUs: ${why} 1 to ${maxCpus} (-c)`);
@@ -174,7 +188,7 @@ export class Machine {
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
-    const virtio = openVirtioDevices(vm, config.disks ?? [], irqchip, cleanups);
+    const virtio = openVirtioDevices(vm, config.disks ?? [], config.nics ?? [], irqchip, cleanups);
     const boot = prepareBoot(memory, config.boot, {
       cpus: config.cpus,
       extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)],
@@ -313,6 +327,7 @@ export class Machine {
     for (const v of this.vcpus) v.destroy();
     for (const fd of this.virtio.fds) sys.close(fd);
     for (const image of this.virtio.images) image.close();
+    for (const tap of this.virtio.taps) tap.close();
     this.memory.free();
     this.vm.close();
     this.kvm.close();
@@ -320,13 +335,20 @@ export class Machine {
 }
 
 /**
- * Open the disk images and give each a virtio-pci function: a slot, its shared transport
- * state, eventfds for queue kicks and for its INTx line (irqfd with a resample fd, since
- * the line is level-triggered), and what the I/O worker needs to run its back end.
+ * Open the disk images and TAP devices and give each a virtio-pci function: a slot, its
+ * shared transport state, eventfds for queue kicks and for its INTx line (irqfd with a
+ * resample fd, since the line is level-triggered), and what the I/O worker needs to run its
+ * back end. Disks come first (vda, vdb, ...), then network interfaces (eth0, ...).
  */
-function openVirtioDevices(vm: Vm, disks: readonly DiskConfig[], irqchip: boolean, cleanups: (() => void)[]): VirtioResources {
-  const res: VirtioResources = { functions: [], io: [], fds: [], images: [], controlFd: undefined };
-  if (disks.length === 0) return res;
+function openVirtioDevices(
+  vm: Vm,
+  disks: readonly DiskConfig[],
+  nics: readonly NicConfig[],
+  irqchip: boolean,
+  cleanups: (() => void)[],
+): VirtioResources {
+  const res: VirtioResources = { functions: [], io: [], fds: [], images: [], taps: [], controlFd: undefined };
+  if (disks.length + nics.length === 0) return res;
   if (!irqchip) throw new ConfigError("virtio devices need the in-kernel irqchip");
   const eventfd = () => {
     const fd = sys.eventfd(0, sys.EFD_NONBLOCK);
@@ -336,22 +358,34 @@ function openVirtioDevices(vm: Vm, disks: readonly DiskConfig[], irqchip: boolea
   cleanups.push(() => {
     for (const fd of res.fds) sys.close(fd);
     for (const image of res.images) image.close();
+    for (const tap of res.taps) tap.close();
   });
   res.controlFd = eventfd();
-  disks.forEach((d, i) => {
-    const image = openDiskImage(d.path, { readOnly: d.readOnly });
-    res.images.push(image);
-    const name = `virtio-blk ${String.fromCharCode(0x61 + (i % 26))} (${d.path})`;
-    const disk = { fd: image.fd, sizeBytes: image.sizeBytes, readOnly: image.readOnly, path: image.path, serial: d.serial ?? defaultSerial(image.path) };
-    const backend = createBackend({ kind: "virtio-blk", disk });
-    const slot: PciSlot = { device: 1 + i, intxPin: 0, gsi: PCI_GSI_BASE + (i % PCI_GSI_COUNT) };
+  const add = (name: string, spec: BackendSpec) => {
+    const backend = createBackend(spec);
+    const n = res.functions.length;
+    const slot: PciSlot = { device: 1 + n, intxPin: 0, gsi: PCI_GSI_BASE + (n % PCI_GSI_COUNT) };
     const transport = VirtioPciTransport.createState(backend, { intxPin: slot.intxPin });
     const kickFds = Array.from({ length: backend.queueCount }, eventfd);
     const intxFd = eventfd();
     const resampleFd = eventfd();
     vm.assignIrqfd(intxFd, slot.gsi, resampleFd);
     res.functions.push({ name, slot, transport, kickFds, ioeventfds: ioeventfdRecord(backend.queueCount) });
-    res.io.push({ kind: "virtio-blk", name, transport, kickFds, intxFd, resampleFd, disk });
+    res.io.push({ ...spec, name, transport, kickFds, intxFd, resampleFd });
+  };
+  disks.forEach((d, i) => {
+    const image = openDiskImage(d.path, { readOnly: d.readOnly });
+    res.images.push(image);
+    const disk = { fd: image.fd, sizeBytes: image.sizeBytes, readOnly: image.readOnly, path: image.path, serial: d.serial ?? defaultSerial(image.path) };
+    add(`virtio-blk vd${String.fromCharCode(0x61 + (i % 26))} (${d.path})`, { kind: "virtio-blk", disk });
+  });
+  nics.forEach((n, i) => {
+    const mac = formatMac(n.mac !== undefined ? parseMac(n.mac) : defaultMac(n.tap));
+    const tap = openTap(n.tap, { vnetHeaderSize: 12 });
+    res.taps.push(tap);
+    if (n.hostCidr !== undefined) configureHostSide(tap.name, n.hostCidr);
+    const nic = { tapFd: tap.fd, tapName: tap.name, created: tap.created, mac, offloads: probeOffloads(tap) };
+    add(`virtio-net eth${i} (${tap.name})`, { kind: "virtio-net", nic });
   });
   return res;
 }
