@@ -14,8 +14,10 @@ export interface GuestManifest {
   initrd: string;
   /** The same initrd uncompressed: an emulating KVM spends ~55 s gunzipping the other. */
   initrdUncompressed?: string;
-  /** Private SSH key whose public half the initrd authorises for root. */
+  /** Private SSH key whose public half the initrd authorises for root (OpenSSH format). */
   sshKey?: string;
+  /** The same key in dropbear's format, for dbclient. */
+  sshKeyDropbear?: string;
   hash: string;
   /** The command line the guest build recommends. */
   cmdline?: string;

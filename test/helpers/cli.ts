@@ -32,8 +32,10 @@ export class RunningCli {
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   private waiters: { pattern: RegExp; resolve: (ms: number) => void }[] = [];
 
-  constructor(args: string[], env: NodeJS.ProcessEnv = {}) {
-    this.child = spawn(process.execPath, [TSKVM_BIN, ...args], {
+  /** `wrapper` runs tskvm under another command, e.g. ["ip", "netns", "exec", NS]. */
+  constructor(args: string[], env: NodeJS.ProcessEnv = {}, wrapper: string[] = []) {
+    const argv = [...wrapper, process.execPath, TSKVM_BIN, ...args];
+    this.child = spawn(argv[0]!, argv.slice(1), {
       env: { ...process.env, ...env },
       stdio: ["pipe", "pipe", "pipe"],
     });

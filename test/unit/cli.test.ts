@@ -85,7 +85,9 @@ test("bad boot flags: one line each, exit 2", () => {
   expectOneLine(runCli(["boot", "-k", goodKernel, "-c", "many"]), ExitCode.USAGE, /bad vCPU count 'many'/);
   expectOneLine(runCli(["boot", "-k", goodKernel, "--frob"]), ExitCode.USAGE, /frob/);
   expectOneLine(runCli(["boot", "-k", goodKernel, "-m", "100T"]), ExitCode.USAGE, /more than this host's .* of RAM/);
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-t", "tap0"]), ExitCode.USAGE, /not supported yet/);
+  expectOneLine(runCli(["boot", "-k", goodKernel, "--guest-ip", "10.0.0.2"]), ExitCode.USAGE, /--guest-ip needs a network interface/);
+  expectOneLine(runCli(["boot", "-k", goodKernel, "-t", "t0", "--tap-ip", "1.2.3/24"]), ExitCode.USAGE, /bad --tap-ip/);
+  expectOneLine(runCli(["boot", "-k", goodKernel, "-t", "t0", "--guest-ip", "300.1.1.1"]), ExitCode.USAGE, /bad --guest-ip/);
 });
 
 test("bad kernel and initrd files: one line each, exit 3", () => {
@@ -114,6 +116,16 @@ test("bad disk images and disk options: one line each, exit 3, the image untouch
   // Another holder of the image's lock (flock(1) here, another tskvm in real life).
   const r = spawnSync("flock", ["-x", img, process.execPath, join(__dirname, "..", "..", "..", "bin", "tskvm"), "boot", "-k", goodKernel, "-d", img], { encoding: "utf8" });
   expectOneLine({ status: r.status, stdout: r.stdout, stderr: r.stderr }, ExitCode.BAD_INPUT, /in use by another/);
+});
+
+test("bad network options: one line each, nothing left behind", { skip: hasKvm ? false : "needs /dev/kvm" }, () => {
+  expectOneLine(runCli(["boot", "-k", goodKernel, "-t", "a-name-far-too-long-for-linux"]), ExitCode.USAGE, /at most 15/);
+  expectOneLine(runCli(["boot", "-k", goodKernel, "-t", "t0", "--mac", "zz:00"]), ExitCode.USAGE, /MAC/i);
+  if (process.getuid?.() === 0) {
+    // Root without CAP_NET_ADMIN: /dev/kvm opens, the TAP is refused.
+    const r = spawnSync("setpriv", ["--bounding-set=-net_admin", "--inh-caps=-net_admin", process.execPath, join(__dirname, "..", "..", "..", "bin", "tskvm"), "boot", "-k", goodKernel, "-t", "t0"], { encoding: "utf8" });
+    expectOneLine({ status: r.status, stdout: r.stdout, stderr: r.stderr }, ExitCode.HOST, /CAP_NET_ADMIN/);
+  }
 });
 
 test("kernel images tskvm cannot boot: one line each, exit 3", { skip: hasKvm ? false : "needs /dev/kvm (the image is checked after the VM is created)" }, () => {
