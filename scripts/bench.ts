@@ -6,6 +6,8 @@
  *   vcpu-start    process start -> all N vCPU threads about to enter KVM_RUN, N = 1, 2, 8.
  *   virtio-blk    device-model throughput (4 KiB random reads, 1 MiB sequential writes)
  *                 through the virtqueue in-process vs. plain pread/pwrite. Target >= 0.8.
+ *   virtio-net    device-model packet rate TAP -> guest RX ring and TX ring -> TAP (64 B and
+ *                 1500 B frames) vs. raw TAP read/write, in a namespace it makes and removes.
  *   boot          wall time to each Linux boot milestone with the default guest (skipped,
  *                 with the reason, when it is not built; --no-boot skips it).
  *
@@ -21,6 +23,8 @@ import { bootFilesFor, findDefaultGuest } from "../src/guest/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
 import { RunningCli } from "../test/helpers/cli";
 import { benchBlock, formatBlockBench } from "./bench-blk";
+import { benchNet, formatNetBench } from "./bench-net";
+import { netTestSkipReason } from "../test/helpers/netns";
 
 /** A port nothing claims, in KVM or tskvm: the C baseline uses the same. */
 const BENCH_PORT = 0x5e0;
@@ -124,6 +128,16 @@ async function main(): Promise<void> {
   const blk = await benchBlock();
   results["virtio-blk"] = blk;
   for (const line of formatBlockBench(blk).split("\n")) console.log(`virtio-blk   ${line}`);
+
+  const netSkip = netTestSkipReason();
+  if (netSkip !== undefined) {
+    results["virtio-net"] = `skipped: ${netSkip}`;
+    console.log(`virtio-net   skipped: ${netSkip}`);
+  } else {
+    const net = await benchNet();
+    results["virtio-net"] = net;
+    for (const line of formatNetBench(net).split("\n")) console.log(`virtio-net   ${line}`);
+  }
 
   if (args.includes("--no-boot")) {
     results.boot = "skipped: --no-boot";
