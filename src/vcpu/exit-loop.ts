@@ -9,12 +9,15 @@ import {
   InternalErrorSuberror,
   IoDirection,
   KvmRun,
+  MpState,
   SystemEvent,
   exitReasonName,
 } from "../kvm/abi";
 import { Vcpu, formatRegisterDump } from "../kvm/vcpu";
 import type { Bus } from "../devices/bus";
 import type { VmControl } from "../devices/device";
+
+const RFLAGS_IF = 1n << 9n;
 
 /** Why a vCPU stopped running. Plain data: it travels from the worker to the main thread. */
 export type VcpuStop =
@@ -29,11 +32,18 @@ export type VcpuStop =
  * STOP: set by whoever ends the VM; each vCPU checks it after every exit.
  * DUMP: a generation counter; a vCPU that sees it change prints its registers to stderr
  *       (Ctrl-A d on the console, for finding out where a guest is stuck).
+ * HALT_PROBE: a generation counter; a vCPU that sees it change answers in the halt-status
+ *       array whether it sits in HLT with interrupts disabled (see probeHalt).
  */
-export const RunControlCell = { STOP: 0, DUMP: 1, COUNT: 2 } as const;
+export const RunControlCell = { STOP: 0, DUMP: 1, HALT_PROBE: 2, COUNT: 3 } as const;
 
 export function createRunControl(): Int32Array {
   return new Int32Array(new SharedArrayBuffer(4 * RunControlCell.COUNT));
+}
+
+/** One cell per vCPU: the HALT_PROBE generation at which it was found dead-halted, or 0. */
+export function createHaltStatus(cpus: number): Int32Array {
+  return new Int32Array(new SharedArrayBuffer(4 * cpus));
 }
 
 /** Per-vCPU exit counters, for `tskvm` statistics and benchmarks. */
@@ -51,12 +61,14 @@ export class ExitLoop implements VmControl {
   /** Windows into the PIO data area, by access size: allocated once, reused every exit. */
   private pioWindows = new Map<number, Uint8Array>();
   private dumpSeen = 0;
+  private haltProbeSeen = 0;
 
   constructor(
     readonly vcpu: Vcpu,
     readonly pio: Bus,
     readonly mmio: Bus,
     readonly control: Int32Array,
+    readonly haltStatus?: Int32Array,
   ) {}
 
   /** VmControl: a device (i8042, ...) asks to end the VM; the loop stops after this exit. */
@@ -82,6 +94,7 @@ export class ExitLoop implements VmControl {
       if (r < 0) {
         if (r === -Errno.EINTR || r === -Errno.EAGAIN) {
           this.dumpIfAsked();
+          this.probeHaltIfAsked();
           continue;
         }
         return this.failure(`KVM_RUN failed: errno ${-r}`);
@@ -98,6 +111,24 @@ export class ExitLoop implements VmControl {
     this.vcpu.setImmediateExit(false);
     const dump = formatRegisterDump(this.vcpu.getRegisters(), this.vcpu.getSpecialRegisters());
     process.stderr.write(`\r\n--- vCPU ${this.vcpu.id} registers ---\r\n${dump.replace(/\n/g, "\r\n")}\r\n`);
+  }
+
+  /**
+   * Is this vCPU dead-halted: in HLT with interrupts disabled (nothing but NMI or INIT can
+   * wake it), or an AP that was never started? With the in-kernel irqchip such a HLT never
+   * exits to us, so the main thread asks periodically; when every vCPU says yes the guest
+   * has halted or powered off (Linux without ACPI ends `poweroff` exactly so).
+   */
+  private probeHaltIfAsked(): void {
+    const gen = Atomics.load(this.control, RunControlCell.HALT_PROBE);
+    if (gen === this.haltProbeSeen || this.haltStatus === undefined) return;
+    this.haltProbeSeen = gen;
+    this.vcpu.setImmediateExit(false);
+    const state = this.vcpu.getMpState();
+    const dead =
+      state === MpState.UNINITIALIZED ||
+      (state === MpState.HALTED && (this.vcpu.getRegisters().rflags & RFLAGS_IF) === 0n);
+    Atomics.store(this.haltStatus, this.vcpu.id, dead ? gen : 0);
   }
 
   /** Handle one exit; undefined means "keep running". */

@@ -17,6 +17,8 @@ export interface VcpuWorkerInit {
   memory: RegionDescriptor[];
   devices: DeviceSetSpec;
   control: Int32Array;
+  /** Answers to halt probes, one cell per vCPU (see ExitLoop.probeHaltIfAsked). */
+  haltStatus: Int32Array;
   vmFd: number;
   consoleFd: number;
   /** The I/O worker's control eventfd, when the machine has virtio devices. */

@@ -28,7 +28,7 @@ function main(init: VcpuWorkerInit): void {
       requestReset: (reason) => loop?.requestReset(reason),
     },
   });
-  loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control);
+  loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control, init.haltStatus);
   post({ type: "started", id: vcpu.id, thread: pthreadSelf() });
   let stop: VcpuStop;
   try {

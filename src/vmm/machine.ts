@@ -26,7 +26,7 @@ import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
 import { GuestMemory } from "../memory/guest-memory";
 import { ConfigError } from "./errors";
 import { createDeviceSetSpec, instantiateDevices, ioeventfdRecord, DeviceSet, DeviceSetSpec, VirtioFunctionSpec } from "./devices";
-import { createRunControl, RunControlCell, ExitCounters, VcpuStop } from "../vcpu/exit-loop";
+import { createHaltStatus, createRunControl, RunControlCell, ExitCounters, VcpuStop } from "../vcpu/exit-loop";
 import { VcpuThread, VcpuThreadResult, holdKickHandler } from "../vcpu/vcpu-thread";
 import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
 import { prepareBoot, BootSource, BootSummary } from "./boot-source";
@@ -67,6 +67,10 @@ export interface DiskConfig {
   serial?: string;
 }
 
+/** How often the machine checks whether the guest has halted for good, and how long it waits for answers. */
+const HALT_PROBE_INTERVAL_MS = 1000;
+const HALT_PROBE_ANSWER_MS = 250;
+
 /** PCI INTx lines go to IOAPIC pins 16..23 (0..15 carry the ISA IRQs), shared round-robin. */
 const PCI_GSI_BASE = 16;
 const PCI_GSI_COUNT = 8;
@@ -94,6 +98,8 @@ export interface MachineResult {
 export class Machine {
   private threads: VcpuThread[] = [];
   private readonly control = createRunControl();
+  private haltStatus: Int32Array = createHaltStatus(1);
+  private haltTimer: NodeJS.Timeout | undefined;
   private firstStop: VcpuStop | undefined;
   private requestedBy: string | undefined;
   private inputQueue: Uint8Array[] = [];
@@ -112,6 +118,7 @@ export class Machine {
     private readonly consoleFd: number,
     readonly cpuTemplate: string,
     private readonly virtio: VirtioResources,
+    private readonly irqchip: boolean,
   ) {
     // The main thread's own view of the devices: it feeds serial input, and plays
     // firmware for PCI (BAR addresses; the first ioeventfd registrations).
@@ -210,13 +217,14 @@ export class Machine {
       // gets the boot state.
       if (id === 0) applyBootState(vcpu, boot.cpu);
     }
-    return new Machine(kvm, vm, memory, vcpus, deviceSpec, boot, config.consoleFd, templateName, virtio);
+    return new Machine(kvm, vm, memory, vcpus, deviceSpec, boot, config.consoleFd, templateName, virtio, irqchip);
   }
 
   /** Start every vCPU thread; resolves once all have stopped. */
   run(): Promise<MachineResult> {
     if (this.running !== undefined) return this.running;
     const releaseKick = holdKickHandler();
+    this.haltStatus = createHaltStatus(this.vcpus.length);
     this.threads = this.vcpus.map(
       (vcpu) =>
         new VcpuThread(vcpu, {
@@ -224,18 +232,21 @@ export class Machine {
           memory: this.memory.describe(),
           devices: this.deviceSpec,
           control: this.control,
+          haltStatus: this.haltStatus,
           vmFd: this.vm.fd,
           consoleFd: this.consoleFd,
           ...(this.virtio.controlFd !== undefined ? { ioControlFd: this.virtio.controlFd } : {}),
         }),
     );
     this.io?.start();
+    if (this.irqchip) this.startHaltProbes();
     for (const t of this.threads) {
       t.onStop = (r) => this.onVcpuStop(r);
       t.start();
     }
     this.running = Promise.all(this.threads.map((t) => t.done)).then(async (results) => {
       // The back ends finish and flush only after no vCPU can submit more work.
+      this.stopHaltProbes();
       await this.io?.stop();
       if (this.io?.failure !== undefined) process.stderr.write(`tskvm: I/O worker failed: ${this.io.failure}\n`);
       releaseKick();
@@ -268,6 +279,32 @@ export class Machine {
     this.stopAll();
   }
 
+  /**
+   * Every second, ask each vCPU whether it is dead-halted (HLT with interrupts off); when
+   * all are, the guest halted or powered off: end the VM. A probe costs each vCPU one kick.
+   */
+  private startHaltProbes(): void {
+    const probe = () => {
+      const gen = Atomics.add(this.control, RunControlCell.HALT_PROBE, 1) + 1;
+      for (const t of this.threads) t.kick();
+      this.haltTimer = setTimeout(() => {
+        const all = this.vcpus.every((v) => Atomics.load(this.haltStatus, v.id) === gen);
+        if (all && this.firstStop === undefined) {
+          this.firstStop = { kind: "halted", reason: "guest halted: every vCPU stopped with interrupts off (power-off or halt)" };
+          this.stopAll();
+        } else {
+          this.haltTimer = setTimeout(probe, HALT_PROBE_INTERVAL_MS);
+        }
+      }, HALT_PROBE_ANSWER_MS);
+    };
+    this.haltTimer = setTimeout(probe, HALT_PROBE_INTERVAL_MS);
+  }
+
+  private stopHaltProbes(): void {
+    if (this.haltTimer !== undefined) clearTimeout(this.haltTimer);
+    this.haltTimer = undefined;
+  }
+
   /** Have every vCPU print its registers to stderr and carry on (Ctrl-A d). */
   dumpRegisters(): void {
     Atomics.add(this.control, RunControlCell.DUMP, 1);
@@ -280,6 +317,7 @@ export class Machine {
   }
 
   private stopAll(): void {
+    this.stopHaltProbes();
     Atomics.store(this.control, RunControlCell.STOP, 1);
     for (const t of this.threads) t.kick();
   }
