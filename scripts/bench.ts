@@ -8,20 +8,21 @@
  *                 through the virtqueue in-process vs. plain pread/pwrite. Target >= 0.8.
  *   virtio-net    device-model packet rate TAP -> guest RX ring and TX ring -> TAP (64 B and
  *                 1500 B frames) vs. raw TAP read/write, in a namespace it makes and removes.
- *   boot          wall time to each Linux boot milestone with the default guest (skipped,
- *                 with the reason, when it is not built; --no-boot skips it).
+ *   boot          wall time to each Linux boot milestone with the default guest, beside QEMU
+ *                 (microvm, KVM) booting the same kernel, initrd, command line and CPU features
+ *                 when qemu-system-x86 is installed. Target: tskvm <= QEMU to the ready
+ *                 marker. Skipped with the reason when the guest is not built; --no-boot.
  *
  * Results go to stdout as a table and to dist/bench.json.
  */
-import { spawnSync } from "node:child_process";
-import { writeFileSync } from "node:fs";
+import { spawn, spawnSync } from "node:child_process";
+import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { buildNative, repoRoot } from "./lib/native";
 import { Machine } from "../src/vmm/machine";
 import { pioLoop } from "../test/helpers/guest-code";
 import { bootFilesFor, findDefaultGuest } from "../src/guest/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
-import { RunningCli } from "../test/helpers/cli";
 import { benchBlock, formatBlockBench } from "./bench-blk";
 import { benchNet, formatNetBench } from "./bench-net";
 import { netTestSkipReason } from "../test/helpers/netns";
@@ -87,22 +88,80 @@ function vcpuStart(n: number): number {
   return median(times);
 }
 
-async function bootMilestones(): Promise<Record<string, number> | string> {
+/** Console milestones a boot is timed by (milliseconds from process start). */
+const MILESTONES: [string, RegExp][] = [
+  ["Linux version", /Linux version \d/],
+  ["Run /init", /Run \/init as init process/],
+  ["ready marker", /TSKVM-GUEST-READY/],
+];
+
+/** QEMU's -cpu for the same guest-visible CPU as tskvm's emulated template (docs/guest.md). */
+const QEMU_EMULATED_CPU =
+  "host,-cx16,-xsave,-popcnt,-smap,-pcid,-rdrand,-fsgsbase,-smep,-invpcid,-rdseed,-clflushopt,-clwb,-erms,-fsrm," +
+  "kvm-pv-ipi=off,kvm-pv-sched-yield=off,kvm-pv-unhalt=off";
+
+/** Time the milestones of a command's console output; kills it afterwards. */
+async function timeBoot(argv: string[], timeoutMs: number): Promise<Record<string, number>> {
+  const started = Date.now();
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: ["pipe", "pipe", "pipe"] });
+  let out = "";
+  const times: Record<string, number> = {};
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`${argv[0]} boot timed out; last output: ${out.slice(-500)}`)), timeoutMs);
+      child.on("exit", () => {
+        clearTimeout(timer);
+        reject(new Error(`${argv[0]} exited during the boot: ${out.slice(-500)}`));
+      });
+      child.stdout!.setEncoding("latin1").on("data", (d: string) => {
+        out += d;
+        for (const [name, re] of MILESTONES) if (times[name] === undefined && re.test(out)) times[name] = Date.now() - started;
+        if (MILESTONES.every(([name]) => times[name] !== undefined)) {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+    });
+  } finally {
+    child.removeAllListeners("exit");
+    child.kill("SIGKILL");
+  }
+  return times;
+}
+
+/**
+ * Boot the default guest with tskvm and, when Debian's qemu-system-x86 is installed, with
+ * QEMU (microvm, KVM, the same kernel, initrd, command line and CPU features), alternately,
+ * and report the median time to each milestone.
+ */
+async function bootComparison(rounds: number): Promise<Record<string, unknown> | string> {
   const guest = findDefaultGuest();
   if (guest === undefined) return "skipped: no default guest built (npm run guest)";
   const emulated = detectHostKvm().kind === "emulated-pvm";
   const { kernel, initrd } = bootFilesFor(guest, emulated);
+  const cmdline = guest.cmdline ?? "console=ttyS0 reboot=k panic=-1";
   const timeout = emulated ? 420_000 : 60_000;
-  const vm = new RunningCli(["boot", "-k", kernel, "-i", initrd, "-m", "128M"]);
-  const out: Record<string, number> = {};
-  try {
-    out["Linux version"] = await vm.waitFor(/Linux version \d/, timeout);
-    out["Run /init"] = await vm.waitFor(/Run \/init as init process/, timeout);
-    if (!emulated) out["ready marker"] = await vm.waitFor(/TSKVM-GUEST-READY/, timeout);
-  } finally {
-    vm.kill();
+  const tskvm = [process.execPath, join(repoRoot(), "bin", "tskvm"), "boot", "-k", kernel, "-i", initrd, "-m", "128M", "-p", cmdline];
+  const qemuBin = ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"].find((p) => existsSync(p));
+  const qemu =
+    qemuBin === undefined
+      ? undefined
+      : [qemuBin, "-M", "microvm,rtc=on", "-enable-kvm", "-cpu", emulated ? QEMU_EMULATED_CPU : "host", "-m", "128", "-smp", "1",
+         "-kernel", kernel, "-initrd", initrd, "-append", cmdline, "-nographic", "-no-reboot"];
+  const samples: Record<string, Record<string, number[]>> = { tskvm: {}, qemu: {} };
+  for (let i = 0; i < rounds; i++) {
+    for (const [name, argv] of [["tskvm", tskvm], ["qemu", qemu]] as const) {
+      if (argv === undefined) continue;
+      const t = await timeBoot(argv, timeout);
+      for (const [m, ms] of Object.entries(t)) (samples[name]![m] ??= []).push(ms);
+    }
   }
-  return out;
+  const medians = (s: Record<string, number[]>) => Object.fromEntries(Object.entries(s).map(([k, v]) => [k, median(v)]));
+  return {
+    rounds,
+    tskvm: medians(samples.tskvm!),
+    qemu: qemu === undefined ? "skipped: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)" : medians(samples.qemu!),
+  };
 }
 
 async function main(): Promise<void> {
@@ -142,10 +201,19 @@ async function main(): Promise<void> {
   if (args.includes("--no-boot")) {
     results.boot = "skipped: --no-boot";
   } else {
-    const boot = await bootMilestones();
+    const boot = await bootComparison(3);
     results.boot = boot;
     if (typeof boot === "string") console.log(`boot         ${boot}`);
-    else for (const [k, v] of Object.entries(boot)) console.log(`boot         ${k}: ${(v / 1000).toFixed(1)} s`);
+    else {
+      const t = boot.tskvm as Record<string, number>;
+      const q = boot.qemu;
+      for (const [m] of MILESTONES) {
+        const qm = typeof q === "string" ? undefined : (q as Record<string, number>)[m];
+        const vs = qm === undefined ? "" : `, QEMU ${(qm / 1000).toFixed(1)} s: ratio ${((t[m] ?? NaN) / qm).toFixed(2)}`;
+        console.log(`boot         ${m}: tskvm ${((t[m] ?? NaN) / 1000).toFixed(1)} s${vs} (median of ${boot.rounds})`);
+      }
+      if (typeof q === "string") console.log(`boot         QEMU ${q}`);
+    }
   }
   const file = join(repoRoot(), "dist", "bench.json");
   writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);

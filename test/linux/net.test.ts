@@ -4,11 +4,12 @@
  * (--tap-ip); the kernel configures eth0 from the ip= argument tskvm adds (--guest-ip).
  * Then, from the namespace: ping, SSH with the guest build's key (output and exit status),
  * HTTP both ways with busybox (the guest fetches from the host, the host from the guest);
- * Ctrl-A x ends tskvm with status 0 and the TAP is gone.
+ * SIGTERM ends tskvm with status 143, and nothing is left behind: no TAP, no lock on the
+ * disk image, no process.
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -46,8 +47,10 @@ test("virtio-net: the guest is on the TAP: ping, SSH, HTTP both ways", { timeout
   const served = `served-by-the-host-${process.pid}`;
   writeFileSync(join(www, "hello.txt"), `${served}\n`);
   let httpd: ReturnType<typeof spawn> | undefined;
+  const disk = join(www, "disk.img");
+  writeFileSync(disk, new Uint8Array(4 * 1024 * 1024));
   const vm = new RunningCli(
-    ["boot", "-k", kernel, "-i", initrd, "-m", "128M", "-t", "tap0", "--tap-ip", `${HOST}/24`, "--guest-ip", GUEST],
+    ["boot", "-k", kernel, "-i", initrd, "-m", "128M", "-d", disk, "-t", "tap0", "--tap-ip", `${HOST}/24`, "--guest-ip", GUEST],
     {},
     ["ip", "netns", "exec", ns.name],
   );
@@ -84,9 +87,15 @@ test("virtio-net: the guest is on the TAP: ping, SSH, HTTP both ways", { timeout
     const back = ns.exec(["busybox", "wget", "-q", "-O", "-", `http://${GUEST}/index.html`], { allowFail: true });
     assert.equal(back.stdout, "served-by-the-guest\n", `the host fetched the guest's file: ${back.stderr}`);
 
-    vm.send("\x01x");
-    assert.equal((await vm.exited).code, 0, vm.stderr);
+    // A killed parent: SIGTERM stops the VM and cleans up.
+    assert.equal(ns.linkExists("tap0"), true);
+    assert.notEqual(spawnSync("flock", ["-n", "-x", disk, "true"]).status, 0, "the image is locked while the VM runs");
+    vm.kill("SIGTERM");
+    assert.equal((await vm.exited).code, 143, vm.stderr);
+    assert.match(vm.stderr, /stopped by SIGTERM/);
     assert.equal(ns.linkExists("tap0"), false, "the TAP tskvm created is gone");
+    assert.equal(spawnSync("flock", ["-n", "-x", disk, "true"]).status, 0, "the image lock is released");
+    assert.notEqual(spawnSync("pgrep", ["-f", disk]).status, 0, "no tskvm process is left");
   } finally {
     vm.kill();
     httpd?.kill();
