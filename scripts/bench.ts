@@ -166,29 +166,38 @@ async function bootComparison(rounds: number): Promise<Record<string, unknown> |
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
+  // --only=pio,vcpu,blk,net,boot runs just those sections.
+  const only = args.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
+  const want = (section: string) => only === undefined || only.includes(section);
   const host = detectHostKvm();
   console.log(`tskvm benchmarks on ${host.summary.split(":")[0]}`);
   const results: Record<string, unknown> = { host: host.kind, date: new Date().toISOString() };
 
-  const c = cBaseline();
-  const ts = await tskvmPioRate();
-  results["pio-exit"] = { cExitsPerSecond: Math.round(c), tskvmExitsPerSecond: Math.round(ts), ratio: ts / c };
-  console.log(
-    `pio-exit     C ${Math.round(c)} exits/s (${(1e6 / c).toFixed(2)} us), tskvm ${Math.round(ts)} exits/s (${(1e6 / ts).toFixed(2)} us): ratio ${(ts / c).toFixed(3)} (target >= 0.9)`,
-  );
-
-  const starts: Record<string, number> = {};
-  for (const n of [1, 2, 8]) {
-    starts[n] = vcpuStart(n);
-    console.log(`vcpu-start   ${n} vCPU${n > 1 ? "s" : " "}: ${starts[n]!.toFixed(1)} ms from process start to all running`);
+  if (want("pio")) {
+    const c = cBaseline();
+    const ts = await tskvmPioRate();
+    results["pio-exit"] = { cExitsPerSecond: Math.round(c), tskvmExitsPerSecond: Math.round(ts), ratio: ts / c };
+    console.log(
+      `pio-exit     C ${Math.round(c)} exits/s (${(1e6 / c).toFixed(2)} us), tskvm ${Math.round(ts)} exits/s (${(1e6 / ts).toFixed(2)} us): ratio ${(ts / c).toFixed(3)} (target >= 0.9)`,
+    );
   }
-  results["vcpu-start-ms"] = starts;
 
-  const blk = await benchBlock();
-  results["virtio-blk"] = blk;
-  for (const line of formatBlockBench(blk).split("\n")) console.log(`virtio-blk   ${line}`);
+  if (want("vcpu")) {
+    const starts: Record<string, number> = {};
+    for (const n of [1, 2, 8]) {
+      starts[n] = vcpuStart(n);
+      console.log(`vcpu-start   ${n} vCPU${n > 1 ? "s" : " "}: ${starts[n]!.toFixed(1)} ms from process start to all running`);
+    }
+    results["vcpu-start-ms"] = starts;
+  }
 
-  const netSkip = netTestSkipReason();
+  if (want("blk")) {
+    const blk = await benchBlock();
+    results["virtio-blk"] = blk;
+    for (const line of formatBlockBench(blk).split("\n")) console.log(`virtio-blk   ${line}`);
+  }
+
+  const netSkip = want("net") ? netTestSkipReason() : "not selected (--only)";
   if (netSkip !== undefined) {
     results["virtio-net"] = `skipped: ${netSkip}`;
     console.log(`virtio-net   skipped: ${netSkip}`);
@@ -198,8 +207,8 @@ async function main(): Promise<void> {
     for (const line of formatNetBench(net).split("\n")) console.log(`virtio-net   ${line}`);
   }
 
-  if (args.includes("--no-boot")) {
-    results.boot = "skipped: --no-boot";
+  if (args.includes("--no-boot") || !want("boot")) {
+    results.boot = "skipped: --no-boot or --only";
   } else {
     const boot = await bootComparison(3);
     results.boot = boot;

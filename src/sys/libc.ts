@@ -41,6 +41,8 @@ interface Bindings {
   socketpair: Fn;
   readv: Fn;
   writev: Fn;
+  pipe2: Fn;
+  fcntlInt: Fn;
 }
 
 let bound: Bindings | undefined;
@@ -83,6 +85,9 @@ function libc(): Bindings {
     // struct iovec[] is built by the caller in a byte buffer: {u64 base, u64 len} each.
     readv: lib.func("readv", "long", ["int", "void *", "int"]),
     writev: lib.func("writev", "long", ["int", "void *", "int"]),
+    pipe2: lib.func("pipe2", "int", ["void *", "int"]),
+    // fcntl with an integer third argument (F_SETPIPE_SZ, F_GETFL, F_SETFL).
+    fcntlInt: lib.func("fcntl", "int", ["int", "int", "long"]),
   };
   return bound;
 }
@@ -471,6 +476,24 @@ export function writev(fd: number, iov: Bytes, count: number): number {
     throw new SysError("writev", e);
   }
   return r;
+}
+
+/** fcntl(2) commands with an integer argument. */
+export const F_GETFL = 3;
+export const F_SETFL = 4;
+export const F_SETPIPE_SZ = 1031;
+export const F_GETPIPE_SZ = 1032;
+
+/** pipe2(2), always close-on-exec: [read end, write end]. `flags` may add O_NONBLOCK (both ends). */
+export function pipe2(flags = 0): [number, number] {
+  const fds = new Int32Array(2);
+  check("pipe2", libc().pipe2(fds, flags | O_CLOEXEC));
+  return [fds[0]!, fds[1]!];
+}
+
+/** fcntl(2) with an integer argument; returns the call's result. */
+export function fcntl(fd: number, cmd: number, arg = 0): number {
+  return check("fcntl", libc().fcntlInt(fd, cmd, arg));
 }
 
 export { SysError, Errno, errnoName } from "./errors";

@@ -10,6 +10,7 @@
 import { Bus } from "../devices/bus";
 import type { ByteSink, IrqLine, VmControl } from "../devices/device";
 import { Serial, COM1_BASE, COM1_IRQ, SERIAL_PORT_COUNT } from "../devices/legacy/serial";
+import { SharedState } from "../devices/shared-state";
 import { Cmos, CMOS_BASE, CMOS_PORT_COUNT } from "../devices/legacy/cmos";
 import { I8042, I8042_BASE, I8042_KBD_IRQ, I8042_PORT_COUNT } from "../devices/legacy/i8042";
 import { ABSENT_PORTS, AbsentPorts } from "../devices/legacy/legacy-ports";
@@ -25,9 +26,50 @@ import { pokeControl } from "../io/io-thread";
 import { PCI_HOLE_END } from "../arch/x86/layout";
 import type { GuestMemory } from "../memory/guest-memory";
 
+/**
+ * Where a UART's output goes. Without a tag, each byte is written to `fd` as it is; with a
+ * tag, as the pair [tag, byte], so that several UARTs can share one pipe and a reader can
+ * tell them apart (each pair is one write(2) of at most PIPE_BUF bytes, so pairs from
+ * different vCPU threads never interleave, and they arrive in the order they were sent).
+ */
+export interface SerialSinkSpec {
+  fd: number;
+  tag?: number;
+}
+
+/** A UART beyond COM1. */
+export interface AuxSerialSpec {
+  name: string;
+  base: number;
+  irq: number;
+  state: SharedArrayBuffer;
+  /** Absent: what the guest writes is dropped. */
+  sink?: SerialSinkSpec;
+}
+
+/**
+ * The PC's other three UARTs: COM2 (ttyS1), COM3 (ttyS2), COM4 (ttyS3). Linux's 8250 driver
+ * finds them at these legacy addresses and IRQs (COM3 shares IRQ 4 with COM1, COM4 shares
+ * IRQ 3 with COM2, as on a PC). tskvm's guest agent uses them: COM2 for control messages,
+ * COM3 and COM4 for a command's stdout and stderr (docs/api.md).
+ */
+export const AUX_SERIAL_PORTS: readonly { name: string; base: number; irq: number }[] = Object.freeze([
+  { name: "COM2 (16550A)", base: 0x2f8, irq: 3 },
+  { name: "COM3 (16550A)", base: 0x3e8, irq: 4 },
+  { name: "COM4 (16550A)", base: 0x2e8, irq: 3 },
+]);
+
+/** ISA IRQ lines 0..15: a cell per line with one bit per device driving it (wired OR). */
+const ISA_IRQ_LINES = 16;
+
 /** Plain data: one SharedArrayBuffer per device plus where it sits. Safe for postMessage. */
 export interface DeviceSetSpec {
-  serial: { base: number; irq: number; state: SharedArrayBuffer };
+  /** COM1, the console. Its output goes to the thread's consoleFd, tagged when `consoleTag` is set. */
+  serial: { base: number; irq: number; state: SharedArrayBuffer; consoleTag?: number };
+  /** COM2..COM4 (see AUX_SERIAL_PORTS). */
+  auxSerials: AuxSerialSpec[];
+  /** Levels of the ISA IRQ lines the UARTs share (SharedState, one cell per line). */
+  isaIrqs: SharedArrayBuffer;
   cmos: { base: number; state: SharedArrayBuffer };
   i8042: { base: number; state: SharedArrayBuffer };
   /** Present when the machine has PCI devices. */
@@ -58,10 +100,27 @@ export function createDeviceSetSpec(opts: {
   memory: GuestMemory;
   cpus: number;
   virtio?: VirtioFunctionSpec[];
+  /** Tag COM1's output on the console fd (see SerialSinkSpec). */
+  consoleTag?: number;
+  /** Sinks for COM2, COM3, COM4 in that order; a missing one drops that port's output. */
+  auxSinks?: readonly (SerialSinkSpec | undefined)[];
 }): DeviceSetSpec {
   const lowRamBytes = opts.memory.regions.filter((r) => r.base < PCI_HOLE_END).reduce((n, r) => n + r.size, 0);
+  const auxSinks = opts.auxSinks ?? [];
+  if (auxSinks.length > AUX_SERIAL_PORTS.length) throw new RangeError(`at most ${AUX_SERIAL_PORTS.length} sinks for COM2..COM4`);
   return {
-    serial: { base: COM1_BASE, irq: COM1_IRQ, state: Serial.createState().buffer },
+    serial: {
+      base: COM1_BASE,
+      irq: COM1_IRQ,
+      state: Serial.createState().buffer,
+      ...(opts.consoleTag !== undefined ? { consoleTag: opts.consoleTag } : {}),
+    },
+    auxSerials: AUX_SERIAL_PORTS.map((p, i) => ({
+      ...p,
+      state: Serial.createState().buffer,
+      ...(auxSinks[i] !== undefined ? { sink: auxSinks[i]! } : {}),
+    })),
+    isaIrqs: SharedState.create(ISA_IRQ_LINES).buffer,
     cmos: {
       base: CMOS_BASE,
       state: Cmos.createState({ lowRamBytes, highRamBytes: opts.memory.totalBytes - lowRamBytes }).buffer,
@@ -88,6 +147,8 @@ export interface DeviceSet {
   pio: Bus;
   mmio: Bus;
   serial: Serial;
+  /** COM2, COM3, COM4. */
+  auxSerials: Serial[];
   pci: PciRootComplex | undefined;
 }
 
@@ -100,11 +161,79 @@ export function fdSink(fd: number): ByteSink {
   return { write: (bytes) => writeAll(fd, bytes) };
 }
 
+/** Largest write that stays atomic on a pipe (PIPE_BUF), in whole [tag, byte] pairs. */
+const TAGGED_CHUNK = 4096 / 2;
+
+/** Each byte as a [tag, byte] pair (see SerialSinkSpec). */
+export function taggedFdSink(fd: number, tag: number): ByteSink {
+  if (!Number.isInteger(tag) || tag < 0 || tag > 255) throw new RangeError(`a sink tag is one byte, not ${tag}`);
+  const one = Uint8Array.of(tag, 0);
+  return {
+    write: (bytes) => {
+      if (bytes.byteLength === 1) {
+        one[1] = bytes[0]!;
+        writeAll(fd, one);
+        return;
+      }
+      for (let at = 0; at < bytes.byteLength; at += TAGGED_CHUNK) {
+        const part = bytes.subarray(at, at + TAGGED_CHUNK);
+        const out = new Uint8Array(2 * part.byteLength);
+        for (let i = 0; i < part.byteLength; i++) {
+          out[2 * i] = tag;
+          out[2 * i + 1] = part[i]!;
+        }
+        writeAll(fd, out);
+      }
+    },
+  };
+}
+
+const DROP: ByteSink = { write: () => undefined };
+
+function sinkFor(spec: SerialSinkSpec | undefined): ByteSink {
+  if (spec === undefined) return DROP;
+  return spec.tag === undefined ? fdSink(spec.fd) : taggedFdSink(spec.fd, spec.tag);
+}
+
+/**
+ * One device's connection to an ISA IRQ line that other devices may drive too: the line is
+ * the OR of every device's level (an ISA bus line with open-collector drivers), and KVM sees
+ * a change only when that OR changes, so a device asserting a line another device already
+ * holds high makes no edge. The update and the KVM_IRQ_LINE call happen under the lines'
+ * lock, so that levels reach the irqchip in the order the OR changed.
+ */
+export function sharedIrqLine(vmFd: number, lines: SharedState, irq: number, source: number, setLine = setIrqLine): IrqLine {
+  const bit = 1 << source;
+  return {
+    set: (level) => {
+      lines.lock();
+      try {
+        const old = lines.get(irq);
+        const now = level ? old | bit : old & ~bit;
+        if (now === old) return;
+        lines.set(irq, now);
+        if ((old !== 0) !== (now !== 0)) setLine(vmFd, irq, now !== 0);
+      } finally {
+        lines.unlock();
+      }
+    },
+  };
+}
+
 export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceSet {
   const pio = new Bus("port I/O", 0x10000);
   const mmio = new Bus("MMIO");
-  const serial = new Serial(spec.serial.state, fdSink(env.consoleFd), kvmIrqLine(env.vmFd, spec.serial.irq));
+  const lines = new SharedState(spec.isaIrqs, ISA_IRQ_LINES);
+  // Every UART gets its own source bit on its (possibly shared) line.
+  const uartIrq = (irq: number, source: number) => sharedIrqLine(env.vmFd, lines, irq, source);
+  const consoleSink = spec.serial.consoleTag !== undefined ? taggedFdSink(env.consoleFd, spec.serial.consoleTag) : fdSink(env.consoleFd);
+  const serial = new Serial(spec.serial.state, consoleSink, uartIrq(spec.serial.irq, 0));
   pio.register(spec.serial.base, SERIAL_PORT_COUNT, serial, "COM1 (16550A)");
+  const auxSerials = spec.auxSerials.map((p, i) => {
+    const uart = new Serial(p.state, sinkFor(p.sink), uartIrq(p.irq, 1 + i));
+    pio.register(p.base, SERIAL_PORT_COUNT, uart, p.name);
+    return uart;
+  });
   pio.register(spec.cmos.base, CMOS_PORT_COUNT, new Cmos(spec.cmos.state), "CMOS/RTC");
   pio.register(spec.i8042.base, I8042_PORT_COUNT, new I8042(spec.i8042.state, env.control, kvmIrqLine(env.vmFd, I8042_KBD_IRQ)), "i8042");
   const absent = new AbsentPorts();
@@ -117,7 +246,7 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
     }
     pci.registerOn(pio, mmio);
   }
-  return { pio, mmio, serial, pci };
+  return { pio, mmio, serial, auxSerials, pci };
 }
 
 const ONE = new Uint8Array(new BigUint64Array([1n]).buffer);

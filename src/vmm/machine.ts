@@ -25,7 +25,8 @@ import { defaultMac, formatMac, parseMac, probeOffloads } from "../devices/virti
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
 import { GuestMemory } from "../memory/guest-memory";
 import { ConfigError } from "./errors";
-import { createDeviceSetSpec, instantiateDevices, ioeventfdRecord, DeviceSet, DeviceSetSpec, VirtioFunctionSpec } from "./devices";
+import { createDeviceSetSpec, instantiateDevices, ioeventfdRecord, DeviceSet, DeviceSetSpec, VirtioFunctionSpec, type SerialSinkSpec } from "./devices";
+import type { Serial } from "../devices/legacy/serial";
 import { createHaltStatus, createRunControl, RunControlCell, ExitCounters, VcpuStop } from "../vcpu/exit-loop";
 import { VcpuThread, VcpuThreadResult, holdKickHandler } from "../vcpu/vcpu-thread";
 import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
@@ -38,6 +39,17 @@ export interface MachineConfig {
   boot: BootSource;
   /** Where the serial console's output goes (a file descriptor). */
   consoleFd: number;
+  /**
+   * Write the console's output to consoleFd as [tag, byte] pairs instead of raw bytes, so
+   * that it can share one pipe with the other UARTs' output (SerialSinkSpec).
+   */
+  consoleTag?: number;
+  /**
+   * Where COM2, COM3 and COM4 (the guest's ttyS1..ttyS3) send their output, in that order.
+   * The UARTs are always there; one without a sink drops what the guest writes to it.
+   * tskvm's guest agent uses them as its control channel and for command output (src/api).
+   */
+  auxSerialSinks?: readonly (SerialSinkSpec | undefined)[];
   /** "host", "emulated", or undefined for the host's default. */
   cpuTemplate?: string;
   /** Extra CPU features to hide (names as in /proc/cpuinfo). */
@@ -102,8 +114,7 @@ export class Machine {
   private haltTimer: NodeJS.Timeout | undefined;
   private firstStop: VcpuStop | undefined;
   private requestedBy: string | undefined;
-  private inputQueue: Uint8Array[] = [];
-  private inputTimer: NodeJS.Timeout | undefined;
+  private readonly inputs: SerialInput[];
   private destroyed = false;
   private running: Promise<MachineResult> | undefined;
   readonly devices: DeviceSet;
@@ -130,6 +141,8 @@ export class Machine {
       ...(virtio.controlFd !== undefined ? { ioControlFd: virtio.controlFd } : {}),
     });
     this.devices.pci?.assignResources();
+    const stopped = () => Atomics.load(this.control, RunControlCell.STOP) !== 0;
+    this.inputs = [this.devices.serial, ...this.devices.auxSerials].map((uart) => new SerialInput(uart, stopped));
     if (virtio.controlFd !== undefined) {
       this.io = new IoThread({
         memory: memory.describe(),
@@ -201,7 +214,13 @@ export class Machine {
       extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)],
       pciIrqs: virtio.functions.map((f) => ({ device: f.slot.device, pin: f.slot.intxPin, ioapicPin: f.slot.gsi })),
     });
-    const deviceSpec = createDeviceSetSpec({ memory, cpus: config.cpus, virtio: virtio.functions });
+    const deviceSpec = createDeviceSetSpec({
+      memory,
+      cpus: config.cpus,
+      virtio: virtio.functions,
+      ...(config.consoleTag !== undefined ? { consoleTag: config.consoleTag } : {}),
+      ...(config.auxSerialSinks !== undefined ? { auxSinks: config.auxSerialSinks } : {}),
+    });
 
     const supported = kvm.supportedCpuid();
     const runSize = kvm.vcpuMmapSize();
@@ -327,34 +346,21 @@ export class Machine {
    * finite; what does not fit waits here and is retried as the guest drains it.
    */
   sendInput(bytes: Uint8Array): void {
-    if (bytes.byteLength === 0) return;
-    this.inputQueue.push(bytes);
-    this.pumpInput();
+    this.inputs[0]!.send(bytes);
   }
 
-  private pumpInput(): void {
-    while (this.inputQueue.length > 0) {
-      const head = this.inputQueue[0]!;
-      const taken = this.devices.serial.receive(head);
-      if (taken === head.byteLength) {
-        this.inputQueue.shift();
-        continue;
-      }
-      if (taken > 0) this.inputQueue[0] = head.subarray(taken);
-      break;
-    }
-    if (this.inputQueue.length > 0 && this.inputTimer === undefined && Atomics.load(this.control, RunControlCell.STOP) === 0) {
-      this.inputTimer = setTimeout(() => {
-        this.inputTimer = undefined;
-        this.pumpInput();
-      }, 5);
-    }
+  /**
+   * Bytes for COM2 (index 1), COM3 (2) or COM4 (3), queued like sendInput's (index 0 is the
+   * console). tskvm's guest agent reads its requests from COM2.
+   */
+  sendSerialInput(index: number, bytes: Uint8Array): void {
+    const input = this.inputs[index];
+    if (input === undefined) throw new RangeError(`no serial port ${index}: use 0..${this.inputs.length - 1}`);
+    input.send(bytes);
   }
 
   private stopInput(): void {
-    if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
-    this.inputTimer = undefined;
-    this.inputQueue = [];
+    for (const input of this.inputs) input.clear();
   }
 
   /** Release every KVM object and guest RAM. Only after run() has resolved (or never ran). */
@@ -369,6 +375,48 @@ export class Machine {
     this.memory.free();
     this.vm.close();
     this.kvm.close();
+  }
+}
+
+/** Host input for one UART, queued while its receive FIFO is full and retried every 5 ms. */
+class SerialInput {
+  private queue: Uint8Array[] = [];
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly uart: Serial,
+    private readonly stopped: () => boolean,
+  ) {}
+
+  send(bytes: Uint8Array): void {
+    if (bytes.byteLength === 0) return;
+    this.queue.push(bytes);
+    this.pump();
+  }
+
+  private pump(): void {
+    while (this.queue.length > 0) {
+      const head = this.queue[0]!;
+      const taken = this.uart.receive(head);
+      if (taken === head.byteLength) {
+        this.queue.shift();
+        continue;
+      }
+      if (taken > 0) this.queue[0] = head.subarray(taken);
+      break;
+    }
+    if (this.queue.length > 0 && this.timer === undefined && !this.stopped()) {
+      this.timer = setTimeout(() => {
+        this.timer = undefined;
+        this.pump();
+      }, 5);
+    }
+  }
+
+  clear(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    this.queue = [];
   }
 }
 
