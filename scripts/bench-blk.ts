@@ -22,6 +22,7 @@ import { VirtioFeatureBit, feature } from "../src/devices/virtio/types";
 import { VirtioBlkRequest, VirtioBlkStatus, VirtioBlock } from "../src/devices/virtio/block";
 import { openDiskImage } from "../src/devices/virtio/disk-image";
 import { VirtqDriver } from "../test/helpers/virtq-driver";
+import { runStandalone } from "./lib/standalone";
 
 export interface BlockBenchResult {
   randRead4k: { ops: number; baselineOps: number; ratio: number };
@@ -236,21 +237,5 @@ export function formatBlockBench(r: BlockBenchResult): string {
 }
 
 if (require.main === module) {
-  const args = process.argv.slice(2);
-  const opt = (name: string): number | undefined => {
-    const i = args.indexOf(name);
-    return i >= 0 ? Number(args[i + 1]) : undefined;
-  };
-  const fileMiB = opt("--file-mib");
-  const seconds = opt("--seconds");
-  benchBlock({ ...(fileMiB !== undefined ? { fileMiB } : {}), ...(seconds !== undefined ? { seconds } : {}) }).then(
-    (r) => {
-      console.log(formatBlockBench(r));
-      console.log(JSON.stringify(r));
-    },
-    (e: Error) => {
-      console.error(`bench-blk: ${e.message}`);
-      process.exit(1);
-    },
-  );
+  runStandalone("bench-blk", { "--file-mib": "fileMiB", "--seconds": "seconds" }, benchBlock, formatBlockBench);
 }

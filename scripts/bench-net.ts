@@ -25,6 +25,7 @@ import { NET_QUEUE_SIZE, VirtioNet, VirtioNetFeature } from "../src/devices/virt
 import { configureHostSide, type Tap } from "../src/net/tap";
 import { type Buf, VirtqDriver } from "../test/helpers/virtq-driver";
 import { NetNs, ipv4, netTestSkipReason, udpFrame } from "../test/helpers/netns";
+import { runStandalone } from "./lib/standalone";
 
 export interface NetRate {
   /** Frames per second through the device model. */
@@ -221,21 +222,5 @@ export function formatNetBench(r: NetBenchResult): string {
 }
 
 if (require.main === module) {
-  const args = process.argv.slice(2);
-  const opt = (name: string): number | undefined => {
-    const i = args.indexOf(name);
-    return i >= 0 ? Number(args[i + 1]) : undefined;
-  };
-  const rounds = opt("--rounds");
-  const frames = opt("--frames");
-  benchNet({ ...(rounds !== undefined ? { rounds } : {}), ...(frames !== undefined ? { frames } : {}) }).then(
-    (r) => {
-      console.log(formatNetBench(r));
-      console.log(JSON.stringify(r));
-    },
-    (e: Error) => {
-      console.error(`bench-net: ${e.message}`);
-      process.exit(1);
-    },
-  );
+  runStandalone("bench-net", { "--rounds": "rounds", "--frames": "frames" }, benchNet, formatNetBench);
 }

@@ -165,33 +165,27 @@ export class VirtioPciTransport implements PciFunction {
   // ---- PciFunction: BARs ----
 
   barRead(bar: number, offset: number, data: Uint8Array): void {
-    switch (bar) {
-      case LEGACY_BAR:
-        this.locked(() => this.legacyAccess(offset, data, false));
-        return;
-      case MSIX_BAR:
-        this.locked(() => msixRead(this.regs, offset, data));
-        return;
-      case MODERN_BAR:
-        this.locked(() => this.modernRead(offset, data));
-        return;
-      default:
-        data.fill(0xff);
-    }
+    if (!this.barAccess(bar, offset, data, false)) data.fill(0xff);
   }
 
   barWrite(bar: number, offset: number, data: Uint8Array): void {
+    this.barAccess(bar, offset, data, true);
+  }
+
+  /** One access to one of our BARs, under the lock; false for a BAR we do not have. */
+  private barAccess(bar: number, offset: number, data: Uint8Array, write: boolean): boolean {
     switch (bar) {
       case LEGACY_BAR:
-        this.locked(() => this.legacyAccess(offset, data, true));
-        return;
+        this.locked(() => this.legacyAccess(offset, data, write));
+        return true;
       case MSIX_BAR:
-        this.locked(() => msixWrite(this.ctx, offset, data));
-        return;
+        this.locked(() => (write ? msixWrite(this.ctx, offset, data) : msixRead(this.regs, offset, data)));
+        return true;
       case MODERN_BAR:
-        this.locked(() => this.modernWrite(offset, data));
-        return;
+        this.locked(() => (write ? this.modernWrite(offset, data) : this.modernRead(offset, data)));
+        return true;
       default:
+        return false;
     }
   }
 
