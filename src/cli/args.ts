@@ -84,13 +84,27 @@ function parsePositiveInt(text: string, what: string, flag: string): number {
 }
 
 export function parseBootArgs(argv: readonly string[]): BootOptions {
-  let values: Record<string, unknown>;
+  return bootOptionsFrom(parseFlags(argv, BOOT_FLAGS, "boot"));
+}
+
+function parseFlags(
+  argv: readonly string[],
+  flags: Record<string, { type: "string" | "boolean"; short?: string; multiple?: boolean }>,
+  command: string,
+  onPositional?: (arg: string) => never,
+): Record<string, unknown> {
   try {
-    ({ values } = parseArgs({ args: [...argv], options: BOOT_FLAGS, allowPositionals: false, strict: true }));
+    const { values, positionals } = parseArgs({ args: [...argv], options: flags, allowPositionals: onPositional !== undefined, strict: true });
+    if (positionals.length > 0) onPositional!(positionals[0]!);
+    return values;
   } catch (e) {
+    if (e instanceof UsageError) throw e;
     // parseArgs' messages are already one line; make them name the fix.
-    throw new UsageError(`${(e as Error).message.replace(/\.$/, "")}; see tskvm boot --help`);
+    throw new UsageError(`${(e as Error).message.replace(/\.$/, "")}; see tskvm ${command} --help`);
   }
+}
+
+function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
   const str = (k: string) => values[k] as string | undefined;
   const list = (k: string) => (values[k] as string[] | undefined) ?? [];
   const cpus = str("cpus") === undefined ? 1 : parsePositiveInt(str("cpus")!, "vCPU count", "-c");
@@ -129,4 +143,155 @@ function parseSizeOrUsage(text: string): number {
   } catch (e) {
     throw new UsageError(`${(e as Error).message} (-m)`);
   }
+}
+
+export interface RunCliOptions {
+  boot: BootOptions;
+  /** The command: one argument is a shell command line, several a program and its arguments. */
+  command: string[];
+  /** Limit for the command, ms (undefined: none). */
+  timeoutMs: number | undefined;
+  /** Limit for the boot to the agent's ready report, ms (undefined: none). */
+  readyTimeoutMs: number | undefined;
+  consoleLog: string | undefined;
+  /** Boot without an initrd (your kernel's root file system runs the agent). */
+  noInitrd: boolean;
+  verbose: boolean;
+  help: boolean;
+}
+
+/** Default for --ready-timeout: generous, for emulating KVM hosts (a boot takes ~25 s there). */
+export const DEFAULT_READY_TIMEOUT_S = 300;
+
+const RUN_FLAGS = {
+  ...BOOT_FLAGS,
+  timeout: { type: "string" },
+  "ready-timeout": { type: "string" },
+  "console-log": { type: "string" },
+  "no-initrd": { type: "boolean" },
+  verbose: { type: "boolean", short: "v" },
+} as const;
+
+export const RUN_USAGE = `usage: tskvm run [options] -- CMD [ARG...]
+
+Boot a guest, run CMD in its shell, stream CMD's stdout and stderr here, power the guest
+off and exit with CMD's exit status. One argument is a shell command line
+(tskvm run -- 'make -C /mnt check'); several are a program and its arguments
+(tskvm run -- sh -c 'exit 3'). CMD runs in / as root with stdin from /dev/null.
+Without -k the default guest boots; with -k and no -i, the default guest's initrd
+(whose /init runs tskvm's guest agent) goes with your kernel.
+
+      --timeout SECONDS       stop the VM and exit 6 if CMD runs longer (default: no limit;
+                              also 90s, 10m, 1h)
+      --ready-timeout SECONDS exit 5 if the guest is not ready this long after start
+                              (default ${DEFAULT_READY_TIMEOUT_S}; 0: no limit)
+      --console-log FILE      write the kernel's console (ttyS0) to FILE (default: discarded)
+      --no-initrd             boot -k without an initrd (its root file system must run the agent)
+  -v, --verbose               say what happens (boot, ready, exit) on stderr
+${BOOT_USAGE.split("\n").slice(4, -2).join("\n")}
+
+Exit status: CMD's; or 1 the guest failed (KVM could not run it), 2 bad command line,
+3 a file cannot be used, 4 the host cannot run VMs, 5 the guest did not become ready
+in time (or ended before), 6 CMD timed out, 7 the guest ended before CMD did,
+128+N a signal. tskvm's own failures print one line starting "tskvm:" on stderr.`;
+
+/** "30", "2.5", "90s", "10m", "1h" -> milliseconds; "0" -> undefined (no limit). */
+export function parseDuration(text: string, flag: string): number | undefined {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/.exec(text);
+  if (m === null) throw new UsageError(`bad ${flag} '${text}': give seconds, e.g. 300, or 90s, 10m, 1h`);
+  const ms = Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? "s") as "s"];
+  if (!Number.isFinite(ms) || ms > 2 ** 31 - 1) throw new UsageError(`bad ${flag} '${text}': at most 24 days`);
+  return ms === 0 ? undefined : Math.max(1, Math.round(ms));
+}
+
+export function parseRunArgs(argv: readonly string[]): RunCliOptions {
+  const dash = argv.indexOf("--");
+  const optionArgs = dash < 0 ? argv : argv.slice(0, dash);
+  const command = dash < 0 ? [] : argv.slice(dash + 1);
+  const values = parseFlags(optionArgs, RUN_FLAGS, "run", (arg) => {
+    throw new UsageError(
+      dash < 0 ? `give the command after --: tskvm run [options] -- CMD [ARG...] (found '${arg}')` : `unexpected argument '${arg}' before --; see tskvm run --help`,
+    );
+  });
+  const help = values.help === true;
+  if (!help && command.length === 0) {
+    throw new UsageError(dash < 0 ? "give the command after --: tskvm run [options] -- CMD [ARG...]" : "no command after --: tskvm run [options] -- CMD [ARG...]");
+  }
+  if (!help && command.length === 1 && command[0]!.trim() === "") throw new UsageError("the command after -- is empty");
+  const str = (k: string) => values[k] as string | undefined;
+  const readyTimeout = str("ready-timeout");
+  const consoleLog = str("console-log");
+  if (consoleLog !== undefined && consoleLog.trim() === "") throw new UsageError("--console-log needs a file path");
+  const noInitrd = values["no-initrd"] === true;
+  if (noInitrd && values.initrd !== undefined) throw new UsageError("--no-initrd and -i contradict each other");
+  if (noInitrd && values.kernel === undefined) throw new UsageError("--no-initrd needs a kernel (-k)");
+  return {
+    boot: bootOptionsFrom(values),
+    command,
+    timeoutMs: str("timeout") === undefined ? undefined : parseDuration(str("timeout")!, "--timeout"),
+    readyTimeoutMs: readyTimeout === undefined ? DEFAULT_READY_TIMEOUT_S * 1000 : parseDuration(readyTimeout, "--ready-timeout"),
+    consoleLog,
+    noInitrd,
+    verbose: values.verbose === true,
+    help,
+  };
+}
+
+export interface MkdiskCliOptions {
+  dir: string;
+  out: string;
+  sizeBytes: number | undefined;
+  force: boolean;
+  label: string | undefined;
+  help: boolean;
+}
+
+export const MKDISK_USAGE = `usage: tskvm mkdisk DIR OUT.img [options]
+
+Make an ext4 disk image of directory DIR (mkfs.ext4 -d, from e2fsprogs), for
+tskvm boot/run -d OUT.img; the guest mounts it with: mount /dev/vda /mnt
+The image is sparse, built under a temporary name and renamed into place when complete.
+
+      --size SIZE   image size: 512M, 2G, ... (default: the content plus room to spare,
+                    at least 64 MiB free)
+      --label L     file system label (at most 16 bytes)
+  -f, --force       replace OUT.img if it exists (default: refuse)
+  -h, --help        this help`;
+
+const MKDISK_FLAGS = {
+  size: { type: "string" },
+  label: { type: "string" },
+  force: { type: "boolean", short: "f" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+export function parseMkdiskArgs(argv: readonly string[]): MkdiskCliOptions {
+  let parsed: { values: Record<string, unknown>; positionals: string[] };
+  try {
+    parsed = parseArgs({ args: [...argv], options: MKDISK_FLAGS, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new UsageError(`${(e as Error).message.replace(/\.$/, "")}; see tskvm mkdisk --help`);
+  }
+  const { values, positionals } = parsed;
+  const help = values.help === true;
+  if (!help && positionals.length !== 2) {
+    throw new UsageError(`give a directory and an image file: tskvm mkdisk DIR OUT.img (got ${positionals.length} argument${positionals.length === 1 ? "" : "s"})`);
+  }
+  const size = values.size as string | undefined;
+  let sizeBytes: number | undefined;
+  if (size !== undefined) {
+    try {
+      sizeBytes = parseSize(size, "image size");
+    } catch (e) {
+      throw new UsageError(`${(e as Error).message} (--size)`);
+    }
+  }
+  return {
+    dir: positionals[0] ?? "",
+    out: positionals[1] ?? "",
+    sizeBytes,
+    force: values.force === true,
+    label: values.label as string | undefined,
+    help,
+  };
 }

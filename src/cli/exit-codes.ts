@@ -10,8 +10,27 @@ export const ExitCode = {
   BAD_INPUT: 3,
   /** The host cannot run VMs: no /dev/kvm, no permission, missing KVM capability, no memory. */
   HOST: 4,
+  /** tskvm run: the guest did not become ready in time (--ready-timeout), or ended before it did. */
+  NOT_READY: 5,
+  /** tskvm run: the command did not finish in time (--timeout); the VM was stopped. */
+  COMMAND_TIMEOUT: 6,
+  /** tskvm run: the guest ended (reset, power-off, halt) before the command reported its status. */
+  GUEST_ENDED: 7,
   /** A bug in tskvm. */
   INTERNAL: 70,
   /** 128 + signal number, as shells report it: SIGINT 130, SIGTERM 143. */
   SIGNAL_BASE: 128,
 } as const;
+
+/** The exit status for a VM (or disk image) that could not be started, by whose problem it is. */
+export function exitCodeForFailure(failure: "options" | "input" | "host" | "internal"): number {
+  return { options: ExitCode.USAGE, input: ExitCode.BAD_INPUT, host: ExitCode.HOST, internal: ExitCode.INTERNAL }[failure];
+}
+
+/** The signals the CLI stops a VM for, and the status each ends tskvm with (128 + N). */
+export const STOP_SIGNALS = { SIGHUP: 1, SIGINT: 2, SIGTERM: 15 } as const;
+export type StopSignal = keyof typeof STOP_SIGNALS;
+
+export function signalExitCode(signal: StopSignal): number {
+  return ExitCode.SIGNAL_BASE + STOP_SIGNALS[signal];
+}

@@ -43,6 +43,7 @@ interface Bindings {
   writev: Fn;
   pipe2: Fn;
   fcntlInt: Fn;
+  prctl: Fn;
 }
 
 let bound: Bindings | undefined;
@@ -88,6 +89,8 @@ function libc(): Bindings {
     pipe2: lib.func("pipe2", "int", ["void *", "int"]),
     // fcntl with an integer third argument (F_SETPIPE_SZ, F_GETFL, F_SETFL).
     fcntlInt: lib.func("fcntl", "int", ["int", "int", "long"]),
+    // prctl is variadic; every option used here takes unsigned long arguments.
+    prctl: lib.func("prctl", "int", ["int", "unsigned long", "unsigned long", "unsigned long", "unsigned long"]),
   };
   return bound;
 }
@@ -494,6 +497,16 @@ export function pipe2(flags = 0): [number, number] {
 /** fcntl(2) with an integer argument; returns the call's result. */
 export function fcntl(fd: number, cmd: number, arg = 0): number {
   return check("fcntl", libc().fcntlInt(fd, cmd, arg));
+}
+
+export const PR_SET_PDEATHSIG = 1;
+
+/**
+ * prctl(PR_SET_PDEATHSIG): have the kernel send `signal` to this process when the thread
+ * that started it (its parent) ends, however it ends (0 turns it off).
+ */
+export function setParentDeathSignal(signal: number): void {
+  check("prctl", libc().prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0), "PR_SET_PDEATHSIG");
 }
 
 export { SysError, Errno, errnoName } from "./errors";

@@ -1,0 +1,183 @@
+/**
+ * From VmOptions to a MachineConfig: validate the options, choose the kernel, initrd and
+ * command line (the default guest's when none is given), read the files. Every failure
+ * becomes a VmStartError whose `failure` says whose problem it is.
+ */
+import { readFileSync } from "node:fs";
+import { totalmem } from "node:os";
+import { ConfigError } from "../vmm/errors";
+import { formatBytes, type DiskConfig, type NicConfig } from "../vmm/machine";
+import { KvmUnavailableError } from "../kvm/kvm";
+import { CpuidError } from "../kvm/cpuid";
+import { detectHostKvm } from "../kvm/host";
+import { BootError } from "../boot/errors";
+import { GuestBuildError, bootFilesFor, buildDefaultGuest, findDefaultGuest, type GuestManifest } from "../guest/default-guest";
+import { DiskImageError, parseDiskOption } from "../devices/virtio/disk-image";
+import { TapError, parseCidr } from "../net/tap";
+import { MacAddressError, parseMac } from "../devices/virtio/net";
+import { SizeError, parseSize } from "../cli/sizes";
+import { VmStartError, VmError } from "./errors";
+import { AGENT_CMDLINE_ARG } from "./protocol";
+import type { VmOptions } from "./types";
+
+export const DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024;
+/** The command line for a kernel that is not the default guest's. */
+export const DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1";
+
+/** A file named in the options that cannot be used as what it was meant to be. */
+export class InputFileError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "InputFileError";
+  }
+}
+
+export function readInputFile(path: string, what: string): Uint8Array {
+  let data: Buffer;
+  try {
+    data = readFileSync(path);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why =
+      code === "ENOENT" ? "does not exist"
+      : code === "EACCES" || code === "EPERM" ? "cannot be read (permission denied)"
+      : code === "EISDIR" ? "is a directory"
+      : `cannot be read (${code ?? (e as Error).message})`;
+    throw new InputFileError(`${what} '${path}' ${why}`);
+  }
+  if (data.byteLength === 0) throw new InputFileError(`${what} '${path}' is empty`);
+  return data;
+}
+
+/** Which VmStartError an error from the layers below becomes. */
+export function toStartError(e: unknown): VmError {
+  if (e instanceof VmError) return e;
+  const message = e instanceof Error ? e.message.split("\n")[0]! : String(e);
+  const wrap = (failure: VmStartError["failure"]) => new VmStartError(failure, message, { cause: e });
+  if (e instanceof SizeError || e instanceof ConfigError || e instanceof CpuidError || e instanceof MacAddressError) return wrap("options");
+  if (e instanceof InputFileError || e instanceof BootError || e instanceof GuestBuildError || e instanceof DiskImageError) return wrap("input");
+  if (e instanceof TapError) return wrap(e.kind === "NameTooLong" || e.kind === "InvalidName" ? "options" : "host");
+  if (e instanceof KvmUnavailableError) return wrap("host");
+  return wrap("internal");
+}
+
+function optionsError(message: string): VmStartError {
+  return new VmStartError("options", message);
+}
+
+/** The options, checked, in the machine's terms. */
+export interface CheckedOptions {
+  memoryBytes: number;
+  cpus: number;
+  disks: DiskConfig[];
+  nics: NicConfig[];
+  /** Arguments for the end of the command line (ip=, tskvm.agent=1, appendCmdline). */
+  extraArgs: string[];
+  agent: boolean;
+}
+
+/** Validate everything that needs no file and no KVM. Throws VmStartError("options"/"input"). */
+export function checkOptions(o: VmOptions): CheckedOptions {
+  let memoryBytes = DEFAULT_MEMORY_BYTES;
+  if (typeof o.memory === "string") {
+    try {
+      memoryBytes = parseSize(o.memory, "memory size");
+    } catch (e) {
+      throw optionsError((e as Error).message);
+    }
+  } else if (o.memory !== undefined) {
+    if (!Number.isSafeInteger(o.memory) || o.memory <= 0 || o.memory % 4096 !== 0) {
+      throw optionsError(`bad memory size ${o.memory}: give a positive number of bytes, a multiple of 4 KiB`);
+    }
+    memoryBytes = o.memory;
+  }
+  if (memoryBytes > totalmem()) {
+    throw optionsError(`guest memory ${formatBytes(memoryBytes)} is more than this host's ${formatBytes(totalmem())} of RAM: use a smaller -m`);
+  }
+  const cpus = o.cpus ?? 1;
+  if (!Number.isInteger(cpus) || cpus < 1) throw optionsError(`bad vCPU count ${cpus}: a guest needs at least 1 (-c)`);
+  const disks: DiskConfig[] = (o.disks ?? []).map((d) => {
+    if (typeof d === "string") {
+      const p = parseDiskOption(d);
+      return { path: p.path, readOnly: p.readOnly, ...(p.serial !== undefined ? { serial: p.serial } : {}) };
+    }
+    if (typeof d.path !== "string" || d.path === "") throw optionsError("a disk needs a path");
+    return { path: d.path, readOnly: d.readOnly ?? false, ...(d.serial !== undefined ? { serial: d.serial } : {}) };
+  });
+  const nics: NicConfig[] = (o.nics ?? []).map((n) => {
+    if (n.hostCidr !== undefined) {
+      try {
+        parseCidr(n.hostCidr);
+      } catch (e) {
+        throw optionsError(`bad --tap-ip: ${(e as Error).message}`);
+      }
+    }
+    if (n.mac !== undefined) parseMac(n.mac);
+    return { tap: n.tap, ...(n.mac !== undefined ? { mac: n.mac } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) };
+  });
+  const extraArgs: string[] = [];
+  if (o.guestIp !== undefined) {
+    if (nics.length === 0) throw optionsError("--guest-ip needs a network interface: add --tap NAME");
+    extraArgs.push(guestIpArgument(o.guestIp, nics[0]!.hostCidr));
+  }
+  const agent = o.agent ?? true;
+  if (agent) extraArgs.push(AGENT_CMDLINE_ARG);
+  const append = o.appendCmdline === undefined ? [] : typeof o.appendCmdline === "string" ? [o.appendCmdline] : [...o.appendCmdline];
+  extraArgs.push(...append.map((a) => a.trim()).filter((a) => a !== ""));
+  if (o.entry !== undefined && o.entry !== "pvh" && o.entry !== "linux64") throw optionsError(`bad --entry '${String(o.entry)}': use pvh or linux64`);
+  if (o.consoleLog !== undefined && o.console !== undefined && o.console !== "capture") {
+    throw optionsError("consoleLog needs console: \"capture\"");
+  }
+  return { memoryBytes, cpus, disks, nics, extraArgs, agent };
+}
+
+/**
+ * The kernel's static IP argument for eth0 ("ip=client::gateway:netmask::eth0:off"), with
+ * the gateway and netmask taken from the host end of the first TAP.
+ */
+export function guestIpArgument(guestIp: string, hostCidr: string | undefined): string {
+  if (!/^\d{1,3}(\.\d{1,3}){3}$/.test(guestIp) || guestIp.split(".").some((o) => Number(o) > 255)) {
+    throw optionsError(`bad --guest-ip '${guestIp}': give an IPv4 address such as 192.168.100.2`);
+  }
+  if (hostCidr === undefined) return `ip=${guestIp}:::255.255.255.0::eth0:off`;
+  const { address, prefix } = parseCidr(hostCidr);
+  const mask = prefix === 0 ? 0 : (0xffffffff << (32 - prefix)) >>> 0;
+  const dotted = [24, 16, 8, 0].map((s) => (mask >>> s) & 0xff).join(".");
+  return `ip=${guestIp}::${[...address].join(".")}:${dotted}::eth0:off`;
+}
+
+export interface BootFiles {
+  kernelPath: string;
+  initrdPath: string | undefined;
+  cmdline: string;
+  defaultGuest: boolean;
+}
+
+/** The kernel, initrd and command line to boot: the caller's, completed from the default guest. */
+export function resolveBootFiles(o: VmOptions, agent: boolean): BootFiles {
+  const needGuest = o.kernel === undefined || (o.initrd === undefined && agent);
+  let guest: GuestManifest | undefined;
+  if (needGuest) {
+    o.onProgress?.(
+      o.kernel === undefined
+        ? "using the default guest (building it on first use, which takes minutes)"
+        : "using the default guest's initrd for its agent (building the guest on first use, which takes minutes)",
+    );
+    guest = o.buildGuest === false ? findDefaultGuest() : buildDefaultGuest();
+    if (guest === undefined) {
+      throw new VmStartError("input", "the default guest is not built: run `npm run guest` (bash guest/build.sh), or give a kernel and an initrd");
+    }
+  }
+  const files = guest !== undefined ? bootFilesFor(guest, detectHostKvm().kind === "emulated-pvm") : undefined;
+  if (o.kernel !== undefined) {
+    if (o.kernel.trim() === "") throw optionsError("--kernel needs a file path");
+    const initrdPath = o.initrd === null ? undefined : (o.initrd ?? files?.initrd);
+    return { kernelPath: o.kernel, initrdPath, cmdline: o.cmdline ?? DEFAULT_CMDLINE, defaultGuest: false };
+  }
+  return {
+    kernelPath: files!.kernel,
+    initrdPath: o.initrd === null ? undefined : (o.initrd ?? files!.initrd),
+    cmdline: o.cmdline ?? guest!.cmdline ?? DEFAULT_CMDLINE,
+    defaultGuest: o.initrd === undefined,
+  };
+}

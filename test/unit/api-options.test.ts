@@ -1,0 +1,86 @@
+/**
+ * startVm()'s option checks and typed errors, and the package entry point. None of these
+ * cases gets as far as running a guest.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import * as pkg from "../../src/index";
+import { startVm, VmStartError, VmError, type VmOptions, type VmStartFailure } from "../../src/api";
+import { checkOptions, guestIpArgument } from "../../src/api/start";
+import { classifyError } from "../../src/cli/main";
+import { ExitCode } from "../../src/cli/exit-codes";
+import { makeBzImage } from "../helpers/images";
+
+const dir = mkdtempSync(join(tmpdir(), "tskvm-api-"));
+process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
+const kernel = join(dir, "bzImage");
+writeFileSync(kernel, makeBzImage({ codeBytes: 64 * 1024 }));
+
+async function startFails(options: VmOptions, failure: VmStartFailure, message: RegExp): Promise<void> {
+  const e = await startVm(options).then(
+    async (vm) => {
+      await vm.stop();
+      return undefined;
+    },
+    (err: unknown) => err,
+  );
+  assert.ok(e instanceof VmStartError, `expected a VmStartError, got ${String(e)}`);
+  assert.ok(e instanceof VmError);
+  assert.equal(e.failure, failure, e.message);
+  assert.match(e.message, message);
+  assert.equal(e.message.includes("\n"), false, "one line");
+}
+
+test("the package exports the API", () => {
+  for (const name of ["startVm", "Vm", "VmError", "VmStartError", "VmTimeoutError", "VmExitedError", "GuestAgentError", "makeDiskImage", "DiskBuildError", "commandLine"]) {
+    assert.ok(name in pkg, name);
+  }
+});
+
+test("bad options: VmStartError with failure 'options', one line each", async () => {
+  const base = { kernel, initrd: null, agent: false } as const;
+  await startFails({ ...base, memory: "12X" }, "options", /bad memory size '12X'/);
+  await startFails({ ...base, memory: 1000 }, "options", /multiple of 4 KiB/);
+  await startFails({ ...base, memory: "100T" }, "options", /more than this host's/);
+  await startFails({ ...base, cpus: 0 }, "options", /at least 1/);
+  await startFails({ ...base, guestIp: "10.0.0.2" }, "options", /needs a network interface/);
+  await startFails({ ...base, nics: [{ tap: "t0", hostCidr: "1.2.3/24" }] }, "options", /bad --tap-ip/);
+  await startFails({ ...base, nics: [{ tap: "t0", mac: "zz" }] }, "options", /MAC/i);
+  await startFails({ ...base, console: { fd: 1 }, consoleLog: join(dir, "log") }, "options", /consoleLog needs console: "capture"/);
+  await startFails({ ...base, disks: ["a.img,bogus"] }, "input", /unknown disk option/);
+});
+
+test("files that cannot be used: failure 'input'", async () => {
+  await startFails({ kernel: join(dir, "missing"), initrd: null }, "input", /kernel image '.*missing' does not exist/);
+  await startFails({ kernel, initrd: join(dir, "nord") }, "input", /initrd '.*nord' does not exist/);
+  await startFails({ kernel, initrd: null, consoleLog: join(dir, "no", "such", "log") }, "input", /console log .* cannot be written/);
+});
+
+test("no KVM device: failure 'host'", async () => {
+  await startFails({ kernel, initrd: null, kvmPath: join(dir, "no-kvm") }, "host", /does not exist/);
+});
+
+test("the CLI maps start failures to its exit statuses", () => {
+  const code = (failure: VmStartFailure) => classifyError(new VmStartError(failure, "x")).code;
+  assert.equal(code("options"), ExitCode.USAGE);
+  assert.equal(code("input"), ExitCode.BAD_INPUT);
+  assert.equal(code("host"), ExitCode.HOST);
+  assert.equal(code("internal"), ExitCode.INTERNAL);
+  assert.match(classifyError(new Error("boom")).message, /^internal error: boom/);
+});
+
+test("checkOptions: defaults, the agent's argument, appended arguments, ip=", () => {
+  const d = checkOptions({});
+  assert.equal(d.memoryBytes, 256 * 1024 * 1024);
+  assert.equal(d.cpus, 1);
+  assert.equal(d.agent, true);
+  assert.deepEqual(d.extraArgs, ["tskvm.agent=1"]);
+  const o = checkOptions({ agent: false, memory: "1G", appendCmdline: ["quiet", " "], nics: [{ tap: "t0", hostCidr: "192.168.7.1/24" }], guestIp: "192.168.7.2", disks: ["x.img,readonly", { path: "y.img", serial: "s" }] });
+  assert.equal(o.memoryBytes, 1024 ** 3);
+  assert.deepEqual(o.extraArgs, ["ip=192.168.7.2::192.168.7.1:255.255.255.0::eth0:off", "quiet"]);
+  assert.deepEqual(o.disks, [{ path: "x.img", readOnly: true }, { path: "y.img", readOnly: false, serial: "s" }]);
+  assert.equal(guestIpArgument("10.0.0.2", undefined), "ip=10.0.0.2:::255.255.255.0::eth0:off");
+});
