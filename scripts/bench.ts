@@ -210,7 +210,7 @@ async function main(): Promise<void> {
   if (args.includes("--no-boot") || !want("boot")) {
     results.boot = "skipped: --no-boot or --only";
   } else {
-    const boot = await bootComparison(3);
+    const boot = await bootComparison(Number(args.find((a) => a.startsWith("--boot-rounds="))?.split("=")[1] ?? 3));
     results.boot = boot;
     if (typeof boot === "string") console.log(`boot         ${boot}`);
     else {
