@@ -90,6 +90,22 @@ function driverOk(regs: VirtioPciRegs): boolean {
 }
 
 /** Reading ISR returns it and clears it (the INTx line itself is the machine's). */
+/** The selected queue's MSI-X vector: one register at different offsets in the two layouts. */
+function queueVectorField(ctx: RegisterContext, offset: number): Field {
+  const regs = ctx.regs;
+  const sel = (): number => regs.selectedQueue();
+  return {
+    offset,
+    width: 2,
+    read: () => (sel() >= 0 ? regs.q(sel(), Q_VECTOR) : VIRTIO_MSI_NO_VECTOR),
+    write: (v) => {
+      if (sel() < 0) return;
+      regs.setQ(sel(), Q_VECTOR, regs.validVector(v));
+      ctx.later({ kind: "msixChanged" });
+    },
+  };
+}
+
 export function takeIsr(regs: VirtioPciRegs): number {
   const isr = regs.get(R_ISR);
   regs.set(R_ISR, 0);
@@ -163,16 +179,7 @@ export function commonConfigFields(ctx: RegisterContext): Field[] {
         if (configurable(q) && v > 0 && v <= regs.maxQueueSize && (v & (v - 1)) === 0) regs.setQ(q, Q_SIZE, v);
       },
     },
-    {
-      offset: COMMON_Q_MSIX,
-      width: 2,
-      read: () => (sel() >= 0 ? regs.q(sel(), Q_VECTOR) : VIRTIO_MSI_NO_VECTOR),
-      write: (v) => {
-        if (sel() < 0) return;
-        regs.setQ(sel(), Q_VECTOR, regs.validVector(v));
-        ctx.later({ kind: "msixChanged" });
-      },
-    },
+    queueVectorField(ctx, COMMON_Q_MSIX),
     {
       offset: COMMON_Q_ENABLE,
       width: 2,
@@ -265,16 +272,7 @@ export function legacyFields(ctx: RegisterContext, withMsix: boolean): Field[] {
           ctx.later({ kind: "msixChanged" });
         },
       },
-      {
-        offset: LEGACY_MSI_QUEUE_VECTOR,
-        width: 2,
-        read: () => (sel() >= 0 ? regs.q(sel(), Q_VECTOR) : VIRTIO_MSI_NO_VECTOR),
-        write: (v) => {
-          if (sel() < 0) return;
-          regs.setQ(sel(), Q_VECTOR, regs.validVector(v));
-          ctx.later({ kind: "msixChanged" });
-        },
-      },
+      queueVectorField(ctx, LEGACY_MSI_QUEUE_VECTOR),
     );
   }
   return fields;
