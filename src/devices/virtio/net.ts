@@ -280,12 +280,7 @@ export class VirtioNet implements VirtioDeviceBackend {
     this.mergeable = has(VirtioNetFeature.MRG_RXBUF);
     this.hdrSize = has(VirtioFeatureBit.VERSION_1) || this.mergeable ? NetHdr.MRG_SIZE : NetHdr.SIZE;
     this.guestCsum = has(VirtioNetFeature.GUEST_CSUM);
-    this.rxLen = 0;
-    this.rxDirect = 0;
-    this.rxHeld = 0;
-    this.rxCapacity = 0;
-    this.rxWaiting = false;
-    this.txPendingLen = 0;
+    this.clearTransfers();
     this.direct =
       this.tap.readv !== undefined && this.tap.writev !== undefined && ctx.memory.regions.every((r) => r.hostAddress !== undefined);
     // rxBuf is an ArrayBuffer of its own, which V8 never moves: its address is fixed.
@@ -347,15 +342,20 @@ export class VirtioNet implements VirtioDeviceBackend {
     if ((revents & sys.POLLIN) !== 0) this.receive();
   }
 
-  reset(): void {
-    if (this.rxLen > 0) this.stats.rxDropped++;
-    if (this.txPendingLen > 0) this.stats.txDropped++;
+  /** Forget any half-received frame and any TX chain waiting for the TAP. */
+  private clearTransfers(): void {
     this.rxLen = 0;
     this.rxDirect = 0;
     this.rxHeld = 0;
     this.rxCapacity = 0;
     this.rxWaiting = false;
     this.txPendingLen = 0;
+  }
+
+  reset(): void {
+    if (this.rxLen > 0) this.stats.rxDropped++;
+    if (this.txPendingLen > 0) this.stats.txDropped++;
+    this.clearTransfers();
     this.ctx = undefined;
     this.rxq = undefined;
     this.txq = undefined;
