@@ -19,8 +19,8 @@ import { join } from "node:path";
 import * as sys from "../src/sys/libc";
 import { GuestMemory } from "../src/memory/guest-memory";
 import { VirtioFeatureBit, feature } from "../src/devices/virtio/types";
-import { VirtioBlkRequest, VirtioBlkStatus, VirtioBlock } from "../src/devices/virtio/block";
-import { openDiskImage } from "../src/devices/virtio/disk-image";
+import { VirtioBlkRequest, VirtioBlkStatus, VirtioBlock } from "../src/devices/virtio/blk/device";
+import { openDiskImage } from "../src/host/disk-image";
 import { VirtqDriver } from "../test/helpers/virtq-driver";
 import { runStandalone } from "./lib/standalone";
 

@@ -21,8 +21,8 @@
 import * as sys from "../src/sys/libc";
 import { GuestMemory } from "../src/memory/guest-memory";
 import { VirtioFeatureBit, feature } from "../src/devices/virtio/types";
-import { NET_QUEUE_SIZE, VirtioNet, VirtioNetFeature } from "../src/devices/virtio/net";
-import { configureHostSide, type Tap } from "../src/net/tap";
+import { NET_QUEUE_SIZE, VirtioNet, VirtioNetFeature } from "../src/devices/virtio/net/device";
+import { configureHostSide, type Tap } from "../src/host/tap";
 import { type Buf, VirtqDriver } from "../test/helpers/virtq-driver";
 import { NetNs, ipv4, netTestSkipReason, udpFrame } from "../test/helpers/netns";
 import { runStandalone } from "./lib/standalone";

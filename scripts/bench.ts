@@ -21,7 +21,7 @@ import { join } from "node:path";
 import { buildNative, repoRoot } from "./lib/native";
 import { Machine } from "../src/vmm/machine";
 import { pioLoop } from "../test/helpers/guest-code";
-import { bootFilesFor, findDefaultGuest } from "../src/guest/default-guest";
+import { bootFilesFor, findDefaultGuest } from "../src/api/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
 import { benchBlock, formatBlockBench } from "./bench-blk";
 import { benchNet, formatNetBench } from "./bench-net";

@@ -9,7 +9,7 @@ import { closeSync, openSync, writeSync } from "node:fs";
 import * as sys from "../sys/libc";
 import { Machine, type MachineResult } from "../vmm/machine";
 import { InitrdError, KernelImageError } from "../boot/errors";
-import type { SerialSinkSpec } from "../vmm/devices";
+import type { SerialSinkSpec } from "../board/devices";
 import { VmError, VmExitedError, VmTimeoutError, GuestAgentError, VmStartError, type VmWait } from "./errors";
 import { Channel, ChannelDemux, LineSplitter, POWEROFF_REQUEST, commandLine, parseControlLine, runRequest } from "./protocol";
 import { checkOptions, readInputFile, resolveBootFiles, toStartError } from "./start";

@@ -10,7 +10,7 @@ import { Worker } from "node:worker_threads";
 import { join } from "node:path";
 import * as sys from "../sys/libc";
 import type { RegionDescriptor } from "../memory/guest-memory";
-import type { IoDeviceSpec } from "../vmm/io-devices";
+import type { IoDeviceSpec } from "../board/virtio-devices";
 
 export const IoControlCell = { STOP: 0, COUNT: 1 } as const;
 

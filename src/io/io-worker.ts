@@ -5,7 +5,7 @@ import { parentPort, workerData } from "node:worker_threads";
 import * as sys from "../sys/libc";
 import { GuestMemory } from "../memory/guest-memory";
 import { IoControlCell, IoWorkerInit, IoWorkerMessage } from "./io-thread";
-import { instantiateIoDevice, IoDeviceInstance } from "../vmm/io-devices";
+import { instantiateIoDevice, IoDeviceInstance } from "../board/virtio-devices";
 
 function post(m: IoWorkerMessage): void {
   parentPort!.postMessage(m);

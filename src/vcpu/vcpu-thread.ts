@@ -9,7 +9,7 @@ import { constants } from "node:os";
 import { pthreadKill } from "../sys/libc";
 import type { Vcpu, VcpuHandle } from "../kvm/vcpu";
 import type { RegionDescriptor } from "../memory/guest-memory";
-import type { DeviceSetSpec } from "../vmm/devices";
+import type { DeviceSetSpec } from "../board/devices";
 import { RunControlCell, type ExitCounters, type VcpuStop } from "./exit-loop";
 
 export interface VcpuWorkerInit {

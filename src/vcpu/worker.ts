@@ -8,7 +8,7 @@ import { pthreadSelf } from "../sys/libc";
 import { Vcpu } from "../kvm/vcpu";
 import { GuestMemory } from "../memory/guest-memory";
 import { ExitLoop, VcpuStop } from "./exit-loop";
-import { instantiateDevices } from "../vmm/devices";
+import { instantiateDevices } from "../board/devices";
 import type { VcpuWorkerInit, VcpuWorkerMessage } from "./vcpu-thread";
 
 function post(msg: VcpuWorkerMessage): void {

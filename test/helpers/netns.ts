@@ -12,7 +12,7 @@
 import { type SpawnSyncReturns, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as sys from "../../src/sys/libc";
-import { type OpenTapOptions, type Tap, openTap } from "../../src/net/tap";
+import { type OpenTapOptions, type Tap, openTap } from "../../src/host/tap";
 
 const PREFIX = "tskvm-";
 const RUN_NETNS = "/run/netns";

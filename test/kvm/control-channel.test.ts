@@ -15,7 +15,7 @@ import { RunningCli, TSKVM_BIN, runCli } from "../helpers/cli";
 import { startVm, VmTimeoutError, VmExitedError, GuestAgentError, VmError, type Vm } from "../../src/api";
 import { ExitCode } from "../../src/cli/exit-codes";
 import { ChannelDemux, commandLine, shellAnsiQuote } from "../../src/api/protocol";
-import { sharedIrqLine, taggedFdSink, AUX_SERIAL_PORTS } from "../../src/vmm/devices";
+import { sharedIrqLine, taggedFdSink, AUX_SERIAL_PORTS } from "../../src/board/devices";
 import { SharedState } from "../../src/devices/shared-state";
 import * as sys from "../../src/sys/libc";
 

@@ -7,7 +7,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { bootFilesFor, findDefaultGuest } from "../../src/guest/default-guest";
+import { bootFilesFor, findDefaultGuest } from "../../src/api/default-guest";
 import { detectHostKvm } from "../../src/kvm/host";
 import { buildE820 } from "../../src/arch/x86/e820";
 import { ramLayout } from "../../src/memory/guest-memory";

@@ -12,7 +12,7 @@ import { createHash } from "node:crypto";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { bootFilesFor, findDefaultGuest } from "../../src/guest/default-guest";
+import { bootFilesFor, findDefaultGuest } from "../../src/api/default-guest";
 import { detectHostKvm } from "../../src/kvm/host";
 import { RunningCli } from "../helpers/cli";
 

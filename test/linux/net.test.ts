@@ -13,7 +13,7 @@ import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { bootFilesFor, findDefaultGuest } from "../../src/guest/default-guest";
+import { bootFilesFor, findDefaultGuest } from "../../src/api/default-guest";
 import { detectHostKvm } from "../../src/kvm/host";
 import { RunningCli } from "../helpers/cli";
 import { NetNs, netTestSkipReason } from "../helpers/netns";

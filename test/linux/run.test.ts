@@ -11,7 +11,7 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
-import { findDefaultGuest } from "../../src/guest/default-guest";
+import { findDefaultGuest } from "../../src/api/default-guest";
 import { detectHostKvm } from "../../src/kvm/host";
 import { RunningCli, runCli } from "../helpers/cli";
 import { startVm, makeDiskImage } from "../../src/api";

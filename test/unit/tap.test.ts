@@ -8,8 +8,8 @@ import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import * as path from "node:path";
-import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TapError, TunAbi, configureHostSide, openTap, parseCidr, validateTapName } from "../../src/net/tap";
-import * as net from "../../src/devices/virtio/net";
+import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TapError, TunAbi, configureHostSide, openTap, parseCidr, validateTapName } from "../../src/host/tap";
+import * as net from "../../src/devices/virtio/net/device";
 import { buildNative } from "../../scripts/lib/native";
 import { NetNs, netTestSkipReason } from "../helpers/netns";
 

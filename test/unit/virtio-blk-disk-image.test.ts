@@ -5,7 +5,7 @@ import * as os from "node:os";
 import { join, resolve } from "node:path";
 import { spawnSync } from "node:child_process";
 import * as sys from "../../src/sys/libc";
-import { DiskImageError, openDiskImage, parseDiskOption } from "../../src/devices/virtio/disk-image";
+import { DiskImageError, openDiskImage, parseDiskOption } from "../../src/host/disk-image";
 
 let dir: string;
 before(() => {

@@ -19,8 +19,8 @@ import {
   VirtioBlock,
   defaultSerial,
   fileIo,
-} from "../../src/devices/virtio/block";
-import { type DiskImage, openDiskImage } from "../../src/devices/virtio/disk-image";
+} from "../../src/devices/virtio/blk/device";
+import { type DiskImage, openDiskImage } from "../../src/host/disk-image";
 import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../../src/devices/virtio/queue";
 import { type Buf, VirtqDriver } from "../helpers/virtq-driver";
 

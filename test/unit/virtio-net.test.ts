@@ -23,8 +23,8 @@ import {
   defaultMac,
   formatMac,
   parseMac,
-} from "../../src/devices/virtio/net";
-import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapLike } from "../../src/net/tap";
+} from "../../src/devices/virtio/net/device";
+import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapLike } from "../../src/host/tap";
 import { VIRTQ_DESC_F_WRITE } from "../../src/devices/virtio/queue";
 import * as sys from "../../src/sys/libc";
 import { type Buf, VirtqDriver } from "../helpers/virtq-driver";

@@ -49,8 +49,8 @@ import {
   type VirtioPciState,
 } from "./transport-state";
 
-export { VirtioTransportIo } from "./transport-io";
-export type { IoSnapshot } from "./transport-io";
+export { VirtioTransportIo } from "./pci-device-side";
+export type { IoSnapshot } from "./pci-device-side";
 export {
   TRANSPORT_FEATURES,
   createVirtioPciState,

@@ -21,10 +21,10 @@
  * NET_MAX_IOV buffers) through host buffers. docs/net.md has the whole story.
  */
 import { createHash } from "node:crypto";
-import * as sys from "../../sys/libc";
-import { type VirtioActivation, type VirtioDeviceBackend, VirtioDeviceType, VirtioFeatureBit, feature } from "./types";
-import { DescriptorChain, Virtqueue, VirtqueueError } from "./queue";
-import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapLike } from "../../net/tap";
+import * as sys from "../../../sys/libc";
+import { type VirtioActivation, type VirtioDeviceBackend, VirtioDeviceType, VirtioFeatureBit, feature } from "../types";
+import { DescriptorChain, Virtqueue, VirtqueueError } from "../queue";
+import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapLike } from "../../../host/tap";
 
 /** Device feature bits (section 5.1.3). */
 export const VirtioNetFeature = {

@@ -7,11 +7,11 @@ import { Vm } from "../kvm/kvm";
 import type { GuestMemory } from "../memory/guest-memory";
 import { VirtioTransportIo } from "../devices/virtio/pci-transport";
 import type { VirtioPciState } from "../devices/virtio/transport-state";
-import { VirtioBlock } from "../devices/virtio/block";
-import { VirtioNet } from "../devices/virtio/net";
-import { Tap } from "../net/tap";
+import { VirtioBlock } from "../devices/virtio/blk/device";
+import { VirtioNet } from "../devices/virtio/net/device";
+import { Tap } from "../host/tap";
 import type { VirtioDeviceBackend } from "../devices/virtio/types";
-import { VirtioIoDevice, type DeviceLog, type InterruptSink } from "../io/virtio-io-device";
+import { VirtioIoDevice, type DeviceLog, type InterruptSink } from "../devices/virtio/runner";
 
 /** An open disk image, as plain data (the fd is valid in every thread of the process). */
 export interface DiskSpec {

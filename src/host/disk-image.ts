@@ -10,7 +10,7 @@
  * locks the way QEMU does, and so conflicts with a QEMU using the image, both ways.
  */
 import * as fs from "node:fs";
-import * as sys from "../../sys/libc";
+import * as sys from "../sys/libc";
 
 export const SECTOR_SIZE = 512;
 

@@ -4,9 +4,9 @@
  * to it, and delivers its interrupts (MSI through KVM_SIGNAL_MSI, INTx through an irqfd
  * whose resample fd tells us when to assert the line again).
  */
-import type { GuestMemory } from "../memory/guest-memory";
-import type { VirtioDeviceBackend } from "../devices/virtio/types";
-import type { InterruptDelivery, VirtioTransportIo } from "../devices/virtio/pci-transport";
+import type { GuestMemory } from "../../memory/guest-memory";
+import type { VirtioDeviceBackend } from "./types";
+import type { InterruptDelivery, VirtioTransportIo } from "./pci-transport";
 
 /** How the worker reaches KVM and the interrupt eventfds; faked in tests. */
 export interface InterruptSink {

@@ -9,10 +9,10 @@
  */
 import { createHash } from "node:crypto";
 import { resolve } from "node:path";
-import * as sys from "../../sys/libc";
-import { type VirtioActivation, type VirtioDeviceBackend, VirtioDeviceType, feature } from "./types";
-import { type ChainCursor, DescriptorChain, Virtqueue, VirtqueueError } from "./queue";
-import { MAX_SERIAL_LENGTH, SECTOR_SIZE } from "./disk-image";
+import * as sys from "../../../sys/libc";
+import { type VirtioActivation, type VirtioDeviceBackend, VirtioDeviceType, feature } from "../types";
+import { type ChainCursor, DescriptorChain, Virtqueue, VirtqueueError } from "../queue";
+import { MAX_SERIAL_LENGTH, SECTOR_SIZE } from "../../../host/disk-image";
 
 /** Device feature bits (section 5.2.3). */
 export const VirtioBlkFeature = {
