@@ -62,7 +62,7 @@ async function tskvmPioRate(): Promise<number> {
       await m.allStarted();
       await new Promise((r) => setTimeout(r, ms));
       m.stop("benchmark");
-      return (await running).counters.io;
+      return (await running).counters.pio;
     } finally {
       m.destroy();
     }

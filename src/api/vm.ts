@@ -210,7 +210,7 @@ export class Vm extends EventEmitter {
     this.exited = running.then(
       async (result) => this.finish(result, muxEnded),
       async (e: unknown) =>
-        this.finish({ stop: { kind: "error", reason: `the VM failed: ${(e as Error).message}` }, requestedBy: undefined, vcpus: [], counters: { io: 0, mmio: 0, unclaimedIo: 0, unclaimedMmio: 0, other: 0 } }, muxEnded),
+        this.finish({ stop: { kind: "error", reason: `the VM failed: ${(e as Error).message}` }, requestedBy: undefined, vcpus: [], counters: { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 } }, muxEnded),
     );
   }
 

@@ -5,13 +5,13 @@
 import * as sys from "../sys/libc";
 import { Vm } from "../kvm/kvm";
 import type { GuestMemory } from "../memory/guest-memory";
-import { VirtioTransportIo } from "../devices/virtio/pci-transport";
+import { VirtioPciDeviceSide } from "../devices/virtio/pci-transport";
 import type { VirtioPciState } from "../devices/virtio/transport-state";
 import { VirtioBlock } from "../devices/virtio/blk/device";
 import { VirtioNet } from "../devices/virtio/net/device";
 import { Tap } from "../host/tap";
-import type { VirtioDeviceBackend } from "../devices/virtio/types";
-import { VirtioIoDevice, type DeviceLog, type InterruptSink } from "../devices/virtio/runner";
+import type { VirtioDevice } from "../devices/virtio/types";
+import { VirtioDeviceRunner, type DeviceLog, type InterruptSink } from "../devices/virtio/runner";
 
 /** An open disk image, as plain data (the fd is valid in every thread of the process). */
 export interface DiskSpec {
@@ -46,14 +46,14 @@ export type IoDeviceSpec = BackendSpec & {
 };
 
 export interface IoDeviceInstance {
-  readonly io: VirtioIoDevice;
+  readonly io: VirtioDeviceRunner;
   readonly kickFds: readonly number[];
   readonly resampleFd: number | undefined;
   close(): void;
 }
 
 /** The back end a spec describes; also used on the main thread for the device's identity. */
-export function createBackend(spec: BackendSpec, log?: (line: string) => void): VirtioDeviceBackend {
+export function createBackend(spec: BackendSpec, log?: (line: string) => void): VirtioDevice {
   const logOpt = log !== undefined ? { log } : {};
   switch (spec.kind) {
     case "virtio-blk":
@@ -80,6 +80,6 @@ export function instantiateIoDevice(
     },
   };
   const backend = createBackend(spec, (line) => env.log.warn(`${spec.name}: ${line}`));
-  const io = new VirtioIoDevice(spec.name, new VirtioTransportIo(spec.transport), backend, env.memory, irq, env.log);
+  const io = new VirtioDeviceRunner(spec.name, new VirtioPciDeviceSide(spec.transport), backend, env.memory, irq, env.log);
   return { io, kickFds: spec.kickFds, resampleFd: spec.resampleFd, close: () => undefined };
 }

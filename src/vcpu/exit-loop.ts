@@ -48,16 +48,16 @@ export function createHaltStatus(cpus: number): Int32Array {
 
 /** Per-vCPU exit counters, for `tskvm` statistics and benchmarks. */
 export interface ExitCounters {
-  io: number;
+  pio: number;
   mmio: number;
-  unclaimedIo: number;
+  unclaimedPio: number;
   unclaimedMmio: number;
   other: number;
 }
 
 export class ExitLoop implements VmControl {
   private pending: VcpuStop | undefined;
-  readonly counters: ExitCounters = { io: 0, mmio: 0, unclaimedIo: 0, unclaimedMmio: 0, other: 0 };
+  readonly counters: ExitCounters = { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 };
   /** Windows into the PIO data area, by access size: allocated once, reused every exit. */
   private pioWindows = new Map<number, Uint8Array>();
   private dumpSeen = 0;
@@ -135,8 +135,8 @@ export class ExitLoop implements VmControl {
   handleExit(reason: number): VcpuStop | undefined {
     switch (reason) {
       case ExitReason.IO:
-        this.counters.io++;
-        this.handleIo();
+        this.counters.pio++;
+        this.handlePio();
         return undefined;
       case ExitReason.MMIO:
         this.counters.mmio++;
@@ -165,7 +165,7 @@ export class ExitLoop implements VmControl {
     }
   }
 
-  private handleIo(): void {
+  private handlePio(): void {
     const dv = this.vcpu.runView;
     const direction = dv.getUint8(KvmRun.io.direction);
     const size = dv.getUint8(KvmRun.io.size);
@@ -176,7 +176,7 @@ export class ExitLoop implements VmControl {
     for (let i = 0; i < count; i++) {
       const data = this.pioWindow(offset + i * size, size);
       const claimed = direction === IoDirection.OUT ? this.pio.write(port, data) : this.pio.read(port, data);
-      if (!claimed) this.counters.unclaimedIo++;
+      if (!claimed) this.counters.unclaimedPio++;
     }
   }
 

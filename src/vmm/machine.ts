@@ -270,7 +270,7 @@ export class Machine {
       if (this.io?.failure !== undefined) process.stderr.write(`tskvm: I/O worker failed: ${this.io.failure}\n`);
       releaseKick();
       this.stopInput();
-      const counters: ExitCounters = { io: 0, mmio: 0, unclaimedIo: 0, unclaimedMmio: 0, other: 0 };
+      const counters: ExitCounters = { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 };
       for (const r of results) {
         if (r.counters === undefined) continue;
         for (const k of Object.keys(counters) as (keyof ExitCounters)[]) counters[k] += r.counters[k];

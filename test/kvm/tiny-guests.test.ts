@@ -36,7 +36,7 @@ test("an unbacked MMIO address and an unclaimed port read all-ones, writes are d
   assert.deepEqual([...console], [0xff, 0xff]);
   assert.equal(result.stop.kind, "reset");
   assert.equal(result.counters.unclaimedMmio, 2, "one read and one write");
-  assert.equal(result.counters.unclaimedIo, 1);
+  assert.equal(result.counters.unclaimedPio, 1);
 });
 
 test("HLT without an in-kernel irqchip stops the vCPU with a reason", { skip: noKvm }, async () => {

@@ -6,7 +6,7 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { Worker } from "node:worker_threads";
-import { VirtioPciTransport, VirtioTransportIo, type VirtioPciState } from "../../src/devices/virtio/pci-transport";
+import { VirtioPciTransport, VirtioPciDeviceSide, type VirtioPciState } from "../../src/devices/virtio/pci-transport";
 import { PCI_COMMAND, PCI_COMMAND_MEMORY } from "../../src/devices/pci/config-space";
 import * as L from "../../src/devices/virtio/transport-layout";
 import { feature, VirtioFeatureBit } from "../../src/devices/virtio/types";
@@ -38,7 +38,7 @@ function write(dev: VirtioPciTransport, bar: number, offset: number, size: numbe
 /** Each worker owns one vector: mask it, signal (held), unmask (released once), signal (sent). */
 const MSIX_WORKER = `
 const { workerData } = require("node:worker_threads");
-const { VirtioPciTransport, VirtioTransportIo } = require(workerData.modulePath);
+const { VirtioPciTransport, VirtioPciDeviceSide } = require(workerData.modulePath);
 const { state, control, results, tid, rounds } = workerData;
 const ctl = new Int32Array(control);
 const out = new Int32Array(results);
@@ -50,7 +50,7 @@ const hooks = {
   msixUnmasked(v, message) { if (v === vector) { released++; lastMessage = message; } else out[tid * 4 + 3]++; },
 };
 const dev = new VirtioPciTransport(state, hooks);
-const io = new VirtioTransportIo(state);
+const io = new VirtioPciDeviceSide(state);
 const ctrl = vector * 16 + 12;
 const masked = Uint8Array.of(1, 0, 0, 0);
 const unmasked = Uint8Array.of(0, 0, 0, 0);
@@ -185,7 +185,7 @@ describe("virtio-pci shared between threads", () => {
 
   it("shows the I/O worker what a vCPU thread configured", async () => {
     const state = makeState();
-    const io = new VirtioTransportIo(state);
+    const io = new VirtioPciDeviceSide(state);
     const control = new Int32Array(new SharedArrayBuffer(4));
     const layout = Object.fromEntries(Object.entries(L).filter(([, v]) => typeof v === "number"));
     await exited(startWorker(INIT_WORKER, { state, control: control.buffer, L: layout }));

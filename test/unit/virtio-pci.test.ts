@@ -5,7 +5,7 @@ import { Bus } from "../../src/devices/bus";
 import { PciRootComplex } from "../../src/devices/pci/root-complex";
 import {
   VirtioPciTransport,
-  VirtioTransportIo,
+  VirtioPciDeviceSide,
   type MsiMessage,
   type NotifyAddress,
   type VirtioDeviceInfo,
@@ -101,12 +101,12 @@ class Guest {
   readonly state: VirtioPciState;
   readonly hooks = new RecordingHooks();
   readonly dev: VirtioPciTransport;
-  readonly io: VirtioTransportIo;
+  readonly io: VirtioPciDeviceSide;
 
   constructor(info: VirtioDeviceInfo = blkInfo()) {
     this.state = VirtioPciTransport.createState(info, { intxPin: 0 });
     this.dev = new VirtioPciTransport(this.state, this.hooks);
-    this.io = new VirtioTransportIo(this.state);
+    this.io = new VirtioPciDeviceSide(this.state);
     this.root.add({ device: SLOT, intxPin: 0, gsi: GSI }, this.dev);
     this.root.registerOn(this.pio, this.mmio);
     this.root.assignResources();
@@ -716,7 +716,7 @@ describe("virtio-pci: construction", () => {
     const g = new Guest();
     fullInit(g);
     const posted = structuredClone(g.state);
-    const io = new VirtioTransportIo(posted);
+    const io = new VirtioPciDeviceSide(posted);
     assert.equal(io.queueCount, 2);
     assert.equal(io.deviceType, 2);
     assert.equal(io.queueConfigs()[0]!.size, 128);

@@ -21,14 +21,14 @@ import {
 const NONE: InterruptDelivery = Object.freeze({ kind: "none" });
 
 /** A consistent picture of the driver's setup, taken under one lock. */
-export interface IoSnapshot {
+export interface DriverSnapshot {
   readonly resetGeneration: number;
   readonly status: number;
   readonly features: bigint;
   readonly queues: readonly QueueConfig[];
 }
 
-export class VirtioTransportIo {
+export class VirtioPciDeviceSide {
   readonly regs: VirtioPciRegs;
 
   constructor(state: VirtioPciState) {
@@ -69,7 +69,7 @@ export class VirtioTransportIo {
     return this.regs.get(R_RESET_GENERATION);
   }
 
-  snapshot(): IoSnapshot {
+  snapshot(): DriverSnapshot {
     return this.regs.s.locked(() => ({
       resetGeneration: this.regs.get(R_RESET_GENERATION),
       status: this.regs.get(R_STATUS),

@@ -8,7 +8,7 @@
  * the modern BAR (common configuration, ISR, device configuration, notifications), and
  * keeps every register in shared state under one lock, so several vCPUs may drive the same
  * device. The queue side runs elsewhere (the I/O worker) and reads the same state through
- * VirtioTransportIo (transport-io.ts).
+ * VirtioPciDeviceSide (transport-io.ts).
  *
  * What it does not do: touch KVM. Everything that needs the VM goes through the hooks the
  * machine supplies (VirtioTransportHooks), so the transport is tested with fakes.
@@ -49,8 +49,8 @@ import {
   type VirtioPciState,
 } from "./transport-state";
 
-export { VirtioTransportIo } from "./pci-device-side";
-export type { IoSnapshot } from "./pci-device-side";
+export { VirtioPciDeviceSide } from "./pci-device-side";
+export type { DriverSnapshot } from "./pci-device-side";
 export {
   TRANSPORT_FEATURES,
   createVirtioPciState,
@@ -77,7 +77,7 @@ export interface VirtioTransportHooks {
   kick(queue: number): void;
   /** The driver reset the device (status 0); the registers are already back to reset values. */
   reset(): void;
-  /** The driver set DRIVER_OK: activate the back end (VirtioTransportIo has the queues). */
+  /** The driver set DRIVER_OK: activate the back end (VirtioPciDeviceSide has the queues). */
   driverOk(): void;
   /**
    * The BARs holding notification addresses moved, or decoding was turned on or off:

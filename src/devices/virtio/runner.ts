@@ -5,8 +5,8 @@
  * whose resample fd tells us when to assert the line again).
  */
 import type { GuestMemory } from "../../memory/guest-memory";
-import type { VirtioDeviceBackend } from "./types";
-import type { InterruptDelivery, VirtioTransportIo } from "./pci-transport";
+import type { VirtioDevice } from "./types";
+import type { InterruptDelivery, VirtioPciDeviceSide } from "./pci-transport";
 
 /** How the worker reaches KVM and the interrupt eventfds; faked in tests. */
 export interface InterruptSink {
@@ -20,14 +20,14 @@ export interface DeviceLog {
   warn(message: string): void;
 }
 
-export class VirtioIoDevice {
+export class VirtioDeviceRunner {
   private active = false;
   private generation = -1;
 
   constructor(
     readonly name: string,
-    private readonly transport: VirtioTransportIo,
-    private readonly backend: VirtioDeviceBackend,
+    private readonly transport: VirtioPciDeviceSide,
+    private readonly backend: VirtioDevice,
     private readonly memory: GuestMemory,
     private readonly irq: InterruptSink,
     private readonly log: DeviceLog,

@@ -27,7 +27,7 @@ import {
   VirtioStatus,
   feature,
   type QueueConfig,
-  type VirtioDeviceBackend,
+  type VirtioDevice,
 } from "./types";
 import {
   COMMON_CFG_LENGTH,
@@ -62,7 +62,7 @@ import {
 
 /** What the transport needs to know about a device: the constant part of its back end. */
 export type VirtioDeviceInfo = Pick<
-  VirtioDeviceBackend,
+  VirtioDevice,
   "deviceType" | "queueCount" | "maxQueueSize" | "deviceFeatures" | "config"
 >;
 

@@ -46,7 +46,7 @@ export interface QueueConfig {
  * The queue side of a virtio device, run by the I/O worker. The transport activates it when
  * the driver sets DRIVER_OK and resets it when the driver writes status 0.
  */
-export interface VirtioDeviceBackend {
+export interface VirtioDevice {
   readonly deviceType: number;
   readonly queueCount: number;
   readonly maxQueueSize: number;

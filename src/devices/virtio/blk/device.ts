@@ -10,7 +10,7 @@
 import { createHash } from "node:crypto";
 import { resolve } from "node:path";
 import * as sys from "../../../sys/libc";
-import { type VirtioActivation, type VirtioDeviceBackend, VirtioDeviceType, feature } from "../types";
+import { type VirtioActivation, type VirtioDevice, VirtioDeviceType, feature } from "../types";
 import { type ChainCursor, DescriptorChain, Virtqueue, VirtqueueError } from "../queue";
 import { MAX_SERIAL_LENGTH, SECTOR_SIZE } from "../../../host/disk-image";
 
@@ -153,7 +153,7 @@ const ZERO_CHUNK = 1024 * 1024;
 /** Per-request log lines before the device stops logging them (until a reset). */
 const MAX_NOTES = 20;
 
-export class VirtioBlock implements VirtioDeviceBackend {
+export class VirtioBlock implements VirtioDevice {
   readonly deviceType = VirtioDeviceType.BLOCK;
   readonly queueCount = 1;
   readonly maxQueueSize = BLK_QUEUE_SIZE;

@@ -22,7 +22,7 @@
  */
 import { createHash } from "node:crypto";
 import * as sys from "../../../sys/libc";
-import { type VirtioActivation, type VirtioDeviceBackend, VirtioDeviceType, VirtioFeatureBit, feature } from "../types";
+import { type VirtioActivation, type VirtioDevice, VirtioDeviceType, VirtioFeatureBit, feature } from "../types";
 import { DescriptorChain, Virtqueue, VirtqueueError } from "../queue";
 import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapLike } from "../../../host/tap";
 
@@ -182,7 +182,7 @@ class NetChainError extends Error {}
 const NO_FDS: readonly { fd: number; events: number }[] = [];
 const LOG_LIMIT = 10;
 
-export class VirtioNet implements VirtioDeviceBackend {
+export class VirtioNet implements VirtioDevice {
   readonly deviceType = VirtioDeviceType.NET;
   readonly queueCount = 2;
   readonly maxQueueSize = NET_QUEUE_SIZE;
