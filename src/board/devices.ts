@@ -22,7 +22,6 @@ import type { PciRootState } from "../devices/pci/root-complex";
 import type { PciSlot } from "../devices/pci/types";
 import { VirtioPciTransport, type VirtioTransportHooks } from "../devices/virtio/pci-transport";
 import type { NotifyAddress, VirtioPciState } from "../devices/virtio/transport-state";
-import { pokeControl } from "../io/io-thread";
 import { PCI_HOLE_END } from "../arch/x86/layout";
 import type { GuestMemory } from "../memory/guest-memory";
 
@@ -249,18 +248,16 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
   return { pio, mmio, serial, auxSerials, pci };
 }
 
-const ONE = new Uint8Array(new BigUint64Array([1n]).buffer);
-
 /** What a virtio transport asks of the machine, in whichever thread took the exit. */
 function virtioHooks(f: VirtioFunctionSpec, env: DeviceEnv): VirtioTransportHooks {
   const vm = new Vm(env.vmFd);
   const pokeIo = () => {
-    if (env.ioControlFd !== undefined) pokeControl(env.ioControlFd);
+    if (env.ioControlFd !== undefined) sys.signalEventfd(env.ioControlFd);
   };
   return {
     kick: (queue) => {
       const fd = f.kickFds[queue];
-      if (fd !== undefined) sys.write(fd, ONE);
+      if (fd !== undefined) sys.signalEventfd(fd);
     },
     reset: pokeIo,
     driverOk: pokeIo,

@@ -66,8 +66,6 @@ export function createBackend(spec: BackendSpec, log?: (line: string) => void): 
   }
 }
 
-const one = new Uint8Array(new BigUint64Array([1n]).buffer);
-
 export function instantiateIoDevice(
   spec: IoDeviceSpec,
   env: { memory: GuestMemory; vmFd: number; log: DeviceLog },
@@ -75,9 +73,7 @@ export function instantiateIoDevice(
   const vm = new Vm(env.vmFd);
   const irq: InterruptSink = {
     msi: (address, data) => vm.signalMsi(address % 0x1_0000_0000, Math.floor(address / 0x1_0000_0000), data),
-    intx: () => {
-      sys.write(spec.intxFd, one);
-    },
+    intx: () => sys.signalEventfd(spec.intxFd),
   };
   const backend = createBackend(spec, (line) => env.log.warn(`${spec.name}: ${line}`));
   const io = new VirtioDeviceRunner(spec.name, new VirtioPciDeviceSide(spec.transport), backend, env.memory, irq, env.log);

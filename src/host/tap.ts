@@ -13,7 +13,7 @@
  */
 import { spawnSync } from "node:child_process";
 import * as sys from "../sys/libc";
-import { ior, iow } from "../kvm/abi";
+import { ior, iow } from "../sys/ioctl-number";
 
 const T = 0x54; // 'T'
 

@@ -61,7 +61,7 @@ export class IoThread {
 
   /** Wake the worker to re-read device state (a driver set DRIVER_OK or reset). */
   poke(): void {
-    pokeControl(this.init.controlFd);
+    sys.signalEventfd(this.init.controlFd);
   }
 
   /** Stop the worker after its back ends have flushed; resolves when it has exited. */
@@ -71,11 +71,4 @@ export class IoThread {
     else this.resolveDone();
     return this.done;
   }
-}
-
-const one = new Uint8Array(new BigUint64Array([1n]).buffer);
-
-/** Signal an eventfd from any thread. */
-export function pokeControl(eventFd: number): void {
-  sys.write(eventFd, one);
 }

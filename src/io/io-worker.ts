@@ -35,8 +35,6 @@ function main(init: IoWorkerInit): void {
     d.kickFds.forEach((fd, queue) => watch(fd, { kind: "kick", device: d, queue }));
     if (d.resampleFd !== undefined) watch(d.resampleFd, { kind: "resample", device: d });
   }
-  const counter = new Uint8Array(8);
-  const drain = (fd: number) => sys.read(fd, counter);
 
   for (;;) {
     const fds = fixed.slice();
@@ -57,7 +55,7 @@ function main(init: IoWorkerInit): void {
         s.device.io.pollReady(p.fd, p.revents);
         continue;
       }
-      drain(p.fd);
+      sys.drainEventfd(p.fd);
       if (s.kind === "kick") s.device.io.kicked(s.queue);
       else if (s.kind === "resample") s.device.io.resampled();
       else {

@@ -219,6 +219,20 @@ export function eventfd(initial = 0, flags = EFD_CLOEXEC): number {
   return check("eventfd", libc().eventfd(initial, flags | EFD_CLOEXEC));
 }
 
+/** The 8-byte counter an eventfd is written with: 1, signalled from any thread. */
+const EVENTFD_ONE = new Uint8Array(new BigUint64Array([1n]).buffer);
+const eventfdCounter = new Uint8Array(8);
+
+/** Add 1 to an eventfd's counter: wakes whoever polls it (or, for an irqfd, interrupts). */
+export function signalEventfd(fd: number): void {
+  write(fd, EVENTFD_ONE);
+}
+
+/** Read (and so reset) a non-blocking eventfd's counter; 0 when it was not signalled. */
+export function drainEventfd(fd: number): number {
+  return read(fd, eventfdCounter) > 0 ? 1 : 0;
+}
+
 /** read(2); returns bytes read, or -EAGAIN for a non-blocking fd with nothing to read. */
 export function read(fd: number, buf: Bytes, length = buf.byteLength): number {
   const r = Number(libc().read(fd, buf, length));
