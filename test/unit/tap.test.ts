@@ -1,5 +1,5 @@
 /**
- * src/net/tap.ts: the ioctl numbers against <linux/if_tun.h> (native/tun_abi.c), name
+ * src/host/tap.ts: the ioctl numbers against <linux/if_tun.h> (native/tun_abi.c), name
  * checks, and, as root, real TAPs in a network namespace the test creates: created vs
  * attached, gone when the fd closes (also when the process is killed), and one clear
  * error line for each way opening fails.
@@ -127,7 +127,7 @@ describe("real TAPs in a network namespace", { skip: skip ?? false }, () => {
   });
 
   it("a TAP created by a process that is killed goes away too", async () => {
-    const tapJs = path.resolve(__dirname, "../../src/net/tap.js");
+    const tapJs = path.resolve(__dirname, "../../src/host/tap.js");
     const script = `const t = require(${JSON.stringify(tapJs)}).openTap("tskkill0"); process.stdout.write("ready " + t.created + "\\n"); setInterval(() => {}, 1e6);`;
     const child = spawn("ip", ["netns", "exec", ns.name, process.execPath, "-e", script], { stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
@@ -183,7 +183,7 @@ describe("real TAPs in a network namespace", { skip: skip ?? false }, () => {
   });
 
   it("without CAP_NET_ADMIN the error says what to do", (t) => {
-    const tapJs = path.resolve(__dirname, "../../src/net/tap.js");
+    const tapJs = path.resolve(__dirname, "../../src/host/tap.js");
     const script =
       `try { require(${JSON.stringify(tapJs)}).openTap("tskperm0"); console.log("opened"); }` +
       ` catch (e) { console.log(JSON.stringify({ kind: e.kind, message: e.message })); }`;

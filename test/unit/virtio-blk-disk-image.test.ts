@@ -51,7 +51,7 @@ function openAsUser(path: string, readOnly: boolean): string {
       return (e as Error).message;
     }
   }
-  const module = resolve(__dirname, "../../src/devices/virtio/disk-image.js");
+  const module = resolve(__dirname, "../../src/host/disk-image.js");
   const script = `
     const { openDiskImage } = require(${JSON.stringify(module)});
     try { openDiskImage(${JSON.stringify(path)}, { readOnly: ${readOnly} }).close(); console.log("ok"); }
