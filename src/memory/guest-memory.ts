@@ -2,9 +2,14 @@
  * Guest physical memory: a few regions of host memory, and the one place where every
  * guest-physical access is bounds-checked. Device models and loaders go through this class
  * and never index a region's bytes with an unchecked guest address.
+ *
+ * It is also the one map from guest addresses to host memory: the region index (regionOf,
+ * and the flat per-region arrays the virtqueue's hot path reads), runs() for a range that
+ * may cross regions, and host addresses for building iovecs (iovec.ts). Where RAM sits in
+ * the address space is the caller's choice (an architecture's layout); this module knows
+ * nothing of holes.
  */
 import * as sys from "../sys/libc";
-import { PCI_HOLE_START, PCI_HOLE_END } from "../arch/x86/layout";
 
 /** A guest-physical access outside RAM (or an integer overflow dressed as an address). */
 export class GuestMemoryError extends Error {
@@ -32,45 +37,87 @@ export interface GuestRegion {
   readonly hostAddress: bigint | undefined;
 }
 
-/** koffi's per-view limit; regions larger than this are split. */
-const MAX_REGION_BYTES = sys.MAX_VIEW_BYTES;
+/** koffi's per-view limit: no region is larger. */
+export const MAX_REGION_BYTES = sys.MAX_VIEW_BYTES;
+
+/** Where one range of RAM sits in the guest-physical address space. */
+export interface RamRange {
+  readonly base: number;
+  readonly size: number;
+}
 
 /**
- * Where RAM of a given size lives in the guest-physical address space: below the 32-bit
- * PCI hole, and whatever does not fit there continues at 4 GiB.
+ * `totalBytes` of RAM from guest address 0 in regions of at most MAX_REGION_BYTES: the
+ * layout of memory that has no holes (tests, benchmarks). A machine passes its
+ * architecture's layout instead (arch/x86/layout.ts: ramLayout).
  */
-export function ramLayout(totalBytes: number): { base: number; size: number }[] {
-  const low = Math.min(totalBytes, PCI_HOLE_START);
-  const out: { base: number; size: number }[] = [{ base: 0, size: low }];
-  let rest = totalBytes - low;
-  let base = PCI_HOLE_END;
-  while (rest > 0) {
-    const size = Math.min(rest, MAX_REGION_BYTES);
-    out.push({ base, size });
-    base += size;
-    rest -= size;
+export function contiguousLayout(totalBytes: number): RamRange[] {
+  const out: RamRange[] = [];
+  for (let base = 0; base < totalBytes; base += MAX_REGION_BYTES) {
+    out.push({ base, size: Math.min(MAX_REGION_BYTES, totalBytes - base) });
   }
   return out;
+}
+
+/** A Run of guest memory: one contiguous piece of a guest range, inside one region. */
+export interface Run {
+  /** Index of the region (in GuestMemory.regions) holding it. */
+  readonly region: number;
+  /** Guest address and offset in the region of its first byte. */
+  readonly address: number;
+  readonly offset: number;
+  readonly length: number;
+  /** Host address of its first byte; NaN for test memory (no mmap). */
+  readonly host: number;
 }
 
 export class GuestMemory {
   readonly regions: readonly GuestRegion[];
   readonly totalBytes: number;
+  /**
+   * The region index as flat arrays, by region: first guest address, end (exclusive), the
+   * bytes, a little-endian view of them, and the host address of the first byte (NaN for
+   * test memory). For hot paths that have found a region with regionOf.
+   */
+  readonly regionBases: readonly number[];
+  readonly regionEnds: readonly number[];
+  readonly regionBytes: readonly Uint8Array[];
+  readonly regionViews: readonly DataView[];
+  readonly regionHosts: readonly number[];
+  /** Every region has a host address (mmap'd memory): buffers can be handed to the kernel. */
+  readonly hasHostAddresses: boolean;
+  /** The region found last: accesses cluster, so it is tried first. */
+  private lastRegion = 0;
   private mapping: { address: bigint; length: number } | undefined;
 
   private constructor(regions: GuestRegion[], mapping?: { address: bigint; length: number }) {
     this.regions = regions.slice().sort((a, b) => a.base - b.base);
     this.totalBytes = regions.reduce((n, r) => n + r.size, 0);
+    this.regionBases = this.regions.map((r) => r.base);
+    this.regionEnds = this.regions.map((r) => r.base + r.size);
+    this.regionBytes = this.regions.map((r) => r.bytes);
+    this.regionViews = this.regions.map((r) => r.view);
+    this.regionHosts = this.regions.map((r) => (r.hostAddress === undefined ? NaN : Number(r.hostAddress)));
+    this.hasHostAddresses = this.regions.every((r) => r.hostAddress !== undefined);
     this.mapping = mapping;
   }
 
   /**
    * Reserve guest RAM with one anonymous mapping (MAP_NORESERVE: pages are only committed
-   * when the guest touches them) and lay it out around the PCI hole.
+   * when the guest touches them), laid out as `layout` says: a byte count is that much RAM
+   * from address 0 (contiguousLayout), a list of ranges is used as given (in order, each
+   * at most MAX_REGION_BYTES).
    */
-  static allocate(totalBytes: number): GuestMemory {
+  static allocate(layout: number | readonly RamRange[]): GuestMemory {
+    const ranges = typeof layout === "number" ? contiguousLayout(layout) : layout;
+    const totalBytes = ranges.reduce((n, r) => n + r.size, 0);
     if (!Number.isSafeInteger(totalBytes) || totalBytes <= 0 || totalBytes % 4096 !== 0) {
       throw new RangeError(`guest memory must be a positive multiple of 4 KiB, not ${totalBytes}`);
+    }
+    for (const r of ranges) {
+      if (r.size <= 0 || r.size > MAX_REGION_BYTES || r.size % 4096 !== 0 || r.base % 4096 !== 0) {
+        throw new RangeError(`a RAM region must be page-aligned and 4 KiB to 4 GiB, not 0x${r.base.toString(16)}+0x${r.size.toString(16)}`);
+      }
     }
     const address = sys.mmap(
       totalBytes,
@@ -81,7 +128,7 @@ export class GuestMemory {
     // page-table levels for KVM to walk or shadow, as QEMU does for guest RAM.
     sys.madvise(address, totalBytes, sys.MADV_HUGEPAGE);
     let offset = 0n;
-    const descriptors: RegionDescriptor[] = ramLayout(totalBytes).map((r) => {
+    const descriptors: RegionDescriptor[] = ranges.map((r) => {
       const d = { base: r.base, size: r.size, hostAddress: address + offset };
       offset += BigInt(r.size);
       return d;
@@ -106,11 +153,9 @@ export class GuestMemory {
     return new GuestMemory(regions.map((r) => makeRegion(r.base, r.bytes, undefined)));
   }
 
-  /** Convenience: fake RAM of `size` bytes laid out like the real thing. */
-  static forTest(totalBytes: number): GuestMemory {
-    return GuestMemory.fromBuffers(
-      ramLayout(totalBytes).map((r) => ({ base: r.base, bytes: new Uint8Array(r.size) })),
-    );
+  /** Convenience: fake RAM of `totalBytes` from address 0, or laid out as `layout` says. */
+  static forTest(totalBytes: number, layout: readonly RamRange[] = contiguousLayout(totalBytes)): GuestMemory {
+    return GuestMemory.fromBuffers(layout.map((r) => ({ base: r.base, bytes: new Uint8Array(r.size) })));
   }
 
   describe(): RegionDescriptor[] {
@@ -128,20 +173,64 @@ export class GuestMemory {
     }
   }
 
-  /** The region holding [address, address+length), or undefined. */
-  private find(address: number, length: number): GuestRegion | undefined {
+  /**
+   * The index of the region holding guest address `address`, or -1. `address` must be a
+   * number; anything not inside a region (negative, fractional, past 2^53) gives -1.
+   */
+  regionOf(address: number): number {
+    const bases = this.regionBases;
+    const ends = this.regionEnds;
+    const l = this.lastRegion;
+    if (address >= bases[l]! && address < ends[l]!) return l;
+    for (let i = 0; i < bases.length; i++) {
+      if (address >= bases[i]! && address < ends[i]!) {
+        this.lastRegion = i;
+        return i;
+      }
+    }
+    return -1;
+  }
+
+  /** The region holding all of [address, address+length), or -1. */
+  private find(address: number, length: number): number {
+    if (!Number.isSafeInteger(address) || !Number.isSafeInteger(length) || address < 0 || length < 0) return -1;
+    const r = this.regionOf(address);
+    if (r < 0 || address - this.regionBases[r]! > this.regions[r]!.size - length) {
+      // A zero-length range at the very end of a region is still "in" it.
+      if (length === 0) {
+        for (let i = 0; i < this.regions.length; i++) if (address === this.regionEnds[i]) return i;
+      }
+      return -1;
+    }
+    return r;
+  }
+
+  /**
+   * The pieces of guest range [address, address+length) region by region, in order (as
+   * vm-memory's get_slices): a range across adjacent regions (guest-physically contiguous
+   * RAM split at a region boundary) gives one run per region. Throws GuestMemoryError when
+   * any byte is not RAM.
+   */
+  *runs(address: number, length: number): Generator<Run> {
     if (!Number.isSafeInteger(address) || !Number.isSafeInteger(length) || address < 0 || length < 0) {
-      return undefined;
+      throw new GuestMemoryError(address, length);
     }
-    for (const r of this.regions) {
-      if (address >= r.base && address - r.base <= r.size - length) return r;
+    let a = address;
+    let left = length;
+    while (left > 0) {
+      const r = this.regionOf(a);
+      if (r < 0) throw new GuestMemoryError(address, length);
+      const n = Math.min(left, this.regionEnds[r]! - a);
+      const offset = a - this.regionBases[r]!;
+      yield { region: r, address: a, offset, length: n, host: this.regionHosts[r]! + offset };
+      a += n;
+      left -= n;
     }
-    return undefined;
   }
 
   /** True when the whole range is guest RAM (in one region). */
   contains(address: number, length: number): boolean {
-    return this.find(address, length) !== undefined;
+    return this.find(address, length) >= 0;
   }
 
   /**
@@ -150,9 +239,9 @@ export class GuestMemory {
    */
   slice(address: number, length: number): Uint8Array {
     const r = this.find(address, length);
-    if (r === undefined) throw new GuestMemoryError(address, length);
-    const start = address - r.base;
-    return r.bytes.subarray(start, start + length);
+    if (r < 0) throw new GuestMemoryError(address, length);
+    const start = address - this.regionBases[r]!;
+    return this.regionBytes[r]!.subarray(start, start + length);
   }
 
   read(address: number, into: Uint8Array): void {
@@ -169,8 +258,8 @@ export class GuestMemory {
 
   private at(address: number, length: number): { view: DataView; offset: number } {
     const r = this.find(address, length);
-    if (r === undefined) throw new GuestMemoryError(address, length);
-    return { view: r.view, offset: address - r.base };
+    if (r < 0) throw new GuestMemoryError(address, length);
+    return { view: this.regionViews[r]!, offset: address - this.regionBases[r]! };
   }
 
   readU8(address: number): number {

@@ -7,6 +7,7 @@ import {
   KVM_IDENTITY_MAP_ADDR,
   KVM_TSS_ADDR,
   MIN_GUEST_MEMORY,
+  ramLayout,
 } from "../arch/x86/layout";
 import type { BootCpuState } from "../arch/x86/cpu-state";
 import { Kvm, KvmUnavailableError, Vm } from "../kvm/kvm";
@@ -478,7 +479,7 @@ function openVirtioDevices(
 
 function allocateMemory(bytes: number): GuestMemory {
   try {
-    return GuestMemory.allocate(bytes);
+    return GuestMemory.allocate(ramLayout(bytes));
   } catch (e) {
     throw new ConfigError(`cannot reserve ${formatBytes(bytes)} of guest memory on this host (${(e as Error).message}): use a smaller -m`);
   }

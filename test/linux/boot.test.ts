@@ -10,7 +10,7 @@ import { existsSync } from "node:fs";
 import { bootFilesFor, findDefaultGuest } from "../../src/api/default-guest";
 import { detectHostKvm } from "../../src/kvm/host";
 import { buildE820 } from "../../src/arch/x86/e820";
-import { ramLayout } from "../../src/memory/guest-memory";
+import { ramLayout } from "../../src/arch/x86/layout";
 import { RunningCli } from "../helpers/cli";
 
 const MEMORY = 128 * 1024 * 1024;

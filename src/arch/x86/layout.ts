@@ -19,6 +19,7 @@
  *                KVM's TSS and identity-map pages (0xfffb_c000)
  *   0x1_0000_0000 RAM above the hole, when the guest has more than 3 GiB
  */
+import { MAX_REGION_BYTES, type RamRange } from "../../memory/guest-memory";
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -63,3 +64,22 @@ export const KVM_TSS_ADDR = 0xfffb_d000;
 
 /** Smallest guest RAM tskvm accepts: room for the boot structures, a kernel and an initrd. */
 export const MIN_GUEST_MEMORY = 16 * MiB;
+
+/**
+ * Where RAM of a given size lives in the guest-physical address space: below the 32-bit
+ * PCI hole, and whatever does not fit there continues at 4 GiB (in regions no larger than
+ * one host view can be).
+ */
+export function ramLayout(totalBytes: number): RamRange[] {
+  const low = Math.min(totalBytes, PCI_HOLE_START);
+  const out: RamRange[] = [{ base: 0, size: low }];
+  let rest = totalBytes - low;
+  let base = PCI_HOLE_END;
+  while (rest > 0) {
+    const size = Math.min(rest, MAX_REGION_BYTES);
+    out.push({ base, size });
+    base += size;
+    rest -= size;
+  }
+  return out;
+}

@@ -18,7 +18,8 @@
  * Ring fields are accessed through typed arrays in host byte order: tskvm is x86-64 only,
  * which is little-endian like the virtio 1.x rings.
  */
-import type { GuestMemory } from "../../memory/guest-memory";
+import { GuestMemoryError, type GuestMemory } from "../../memory/guest-memory";
+import type { IovecArray } from "../../memory/iovec";
 import { type QueueConfig, VirtioFeatureBit, feature } from "./types";
 
 export const VIRTQ_DESC_F_NEXT = 1;
@@ -76,53 +77,6 @@ const hex = (n: number): string => `0x${n.toString(16)}`;
 const isPowerOf2 = (n: number): boolean => n > 0 && (n & (n - 1)) === 0;
 
 /**
- * Where the RAM regions of a GuestMemory are, as flat arrays, to turn a guest range that
- * GuestMemory.contains has accepted into region bytes (or a host address) without
- * allocating. One per GuestMemory object (cached); regions never change.
- */
-export class RegionTable {
-  readonly bases: number[];
-  readonly ends: number[];
-  readonly bytes: Uint8Array[];
-  /** Little-endian views of the same bytes, for reading fields in place. */
-  readonly views: DataView[];
-  /** Host address of each region's first byte; NaN for test memory (no mmap). */
-  readonly hosts: number[];
-  private last = 0;
-  private static readonly cache = new WeakMap<GuestMemory, RegionTable>();
-
-  private constructor(memory: GuestMemory) {
-    this.bases = memory.regions.map((r) => r.base);
-    this.ends = memory.regions.map((r) => r.base + r.size);
-    this.bytes = memory.regions.map((r) => r.bytes);
-    this.views = memory.regions.map((r) => r.view);
-    this.hosts = memory.regions.map((r) => (r.hostAddress === undefined ? NaN : Number(r.hostAddress)));
-  }
-
-  static of(memory: GuestMemory): RegionTable {
-    let t = RegionTable.cache.get(memory);
-    if (t === undefined) {
-      t = new RegionTable(memory);
-      RegionTable.cache.set(memory, t);
-    }
-    return t;
-  }
-
-  /** The region holding guest address `addr`, or -1. */
-  indexOf(addr: number): number {
-    const l = this.last;
-    if (addr >= this.bases[l]! && addr < this.ends[l]!) return l;
-    for (let i = 0; i < this.bases.length; i++) {
-      if (addr >= this.bases[i]! && addr < this.ends[i]!) {
-        this.last = i;
-        return i;
-      }
-    }
-    return -1;
-  }
-}
-
-/**
  * A descriptor chain as the device sees it: the head index (for addUsed) and the buffers,
  * device-readable ones first, as segments each inside one RAM region (a buffer that spans
  * two regions of contiguous guest-physical memory is split). Zero-length buffers are
@@ -142,12 +96,10 @@ export class DescriptorChain {
   segLen = new Float64Array(8);
   segRegion = new Int32Array(8);
   segOffset = new Float64Array(8);
-  readonly regions: RegionTable;
   readonly reader: ChainReader;
   readonly writer: ChainWriter;
 
   constructor(readonly memory: GuestMemory) {
-    this.regions = RegionTable.of(memory);
     this.reader = new ChainReader(this);
     this.writer = new ChainWriter(this);
   }
@@ -163,7 +115,38 @@ export class DescriptorChain {
   setLastWritableByte(value: number): boolean {
     if (this.writableBytes === 0) return false;
     const i = this.segmentCount - 1;
-    this.regions.bytes[this.segRegion[i]!]![this.segOffset[i]! + this.segLen[i]! - 1] = value;
+    this.memory.regionBytes[this.segRegion[i]!]![this.segOffset[i]! + this.segLen[i]! - 1] = value;
+    return true;
+  }
+
+  /**
+   * Store `value` at byte `offset` of the device-writable stream (a header field, in
+   * place); false when the stream is shorter.
+   */
+  setWritableByte(offset: number, value: number): boolean {
+    let o = offset;
+    for (let i = this.readableSegments; i < this.segmentCount; i++) {
+      const len = this.segLen[i]!;
+      if (o < len) {
+        this.memory.regionBytes[this.segRegion[i]!]![this.segOffset[i]! + o] = value;
+        return true;
+      }
+      o -= len;
+    }
+    return false;
+  }
+
+  /**
+   * Append the device-writable (`writable`) or device-readable buffers to `iov` as host
+   * addresses, for a readv/writev straight to or from guest memory. False, with nothing
+   * appended, when they do not all fit or the memory has no host addresses (test memory).
+   */
+  appendIovecs(iov: IovecArray, writable: boolean): boolean {
+    const first = writable ? this.readableSegments : 0;
+    const end = writable ? this.segmentCount : this.readableSegments;
+    if (iov.count + end - first > iov.capacity || !this.memory.hasHostAddresses) return false;
+    const hosts = this.memory.regionHosts;
+    for (let i = first; i < end; i++) iov.push(hosts[this.segRegion[i]!]! + this.segOffset[i]!, this.segLen[i]!);
     return true;
   }
 
@@ -184,7 +167,7 @@ export class DescriptorChain {
     this.segAddr[i] = addr;
     this.segLen[i] = len;
     this.segRegion[i] = region;
-    this.segOffset[i] = addr - this.regions.bases[region]!;
+    this.segOffset[i] = addr - this.memory.regionBases[region]!;
     if (writable) {
       this.writableBytes += len;
     } else {
@@ -233,7 +216,7 @@ export abstract class ChainCursor {
   /** The region bytes holding the last run, and where in them it starts. */
   runBytes: Uint8Array = EMPTY;
   runOffset = 0;
-  /** Index of the region (in chain.regions) holding the last run. */
+  /** Index of the region (in the chain's GuestMemory) holding the last run. */
   runRegion = 0;
   /** Host address of the last run; NaN for memory that has none (tests). */
   runHost = NaN;
@@ -264,13 +247,18 @@ export abstract class ChainCursor {
     const n = Math.min(c.segLen[this.seg]! - this.off, max, this.left);
     const r = c.segRegion[this.seg]!;
     this.runRegion = r;
-    this.runBytes = c.regions.bytes[r]!;
+    this.runBytes = c.memory.regionBytes[r]!;
     this.runOffset = c.segOffset[this.seg]! + this.off;
-    this.runHost = c.regions.hosts[r]! + this.runOffset;
+    this.runHost = c.memory.regionHosts[r]! + this.runOffset;
     this.off += n;
     this.left -= n;
     this.done += n;
     return n;
+  }
+
+  /** The little-endian u32 at byte `at` of the last run (the caller keeps `at + 4` inside it). */
+  runU32(at: number): number {
+    return this.chain.memory.regionViews[this.runRegion]!.getUint32(this.runOffset + at, true);
   }
 
   /**
@@ -563,9 +551,9 @@ export class Virtqueue {
           throw new VirtqueueError("BadIndirectTable", this.index, `${where(table, i, head)}: indirect table ${hex(addr)}+${hex(len)} is outside guest RAM`);
         }
         // The WRITE flag of the descriptor naming the table is ignored (2.7.5.3.2).
-        const r = chain.regions.indexOf(addr);
-        table = chain.regions.bytes[r]!;
-        tbase = addr - chain.regions.bases[r]!;
+        const r = this.memory.regionOf(addr);
+        table = this.memory.regionBytes[r]!;
+        tbase = addr - this.memory.regionBases[r]!;
         limit = len / DESCRIPTOR_SIZE;
         count = 0;
         i = 0;
@@ -605,22 +593,15 @@ export class Virtqueue {
     table: Uint8Array | undefined,
     i: number,
   ): void {
-    const regions = chain.regions;
     if (this.memory.contains(addr, len)) {
-      chain.pushSegment(addr, len, writable, regions.indexOf(addr));
+      chain.pushSegment(addr, len, writable, this.memory.regionOf(addr));
       return;
     }
-    let a = addr;
-    let left = len;
-    while (left > 0) {
-      const r = Number.isSafeInteger(a) ? regions.indexOf(a) : -1;
-      const n = r < 0 ? 0 : Math.min(left, regions.ends[r]! - a);
-      if (n <= 0 || !this.memory.contains(a, n)) {
-        throw new VirtqueueError("DescriptorOutOfRange", this.index, `${where(table, i, chain.head)}: buffer ${hex(addr)}+${hex(len)} is outside guest RAM`);
-      }
-      chain.pushSegment(a, n, writable, r);
-      a += n;
-      left -= n;
+    try {
+      for (const run of this.memory.runs(addr, len)) chain.pushSegment(run.address, run.length, writable, run.region);
+    } catch (e) {
+      if (!(e instanceof GuestMemoryError)) throw e;
+      throw new VirtqueueError("DescriptorOutOfRange", this.index, `${where(table, i, chain.head)}: buffer ${hex(addr)}+${hex(len)} is outside guest RAM`);
     }
   }
 

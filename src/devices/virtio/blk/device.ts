@@ -318,9 +318,7 @@ export class VirtioBlock implements VirtioDevice {
     const r = chain.reader;
     if (r.nextRun(BLK_REQUEST_HEADER_BYTES) === BLK_REQUEST_HEADER_BYTES) {
       // The usual case: the header in one descriptor, read in place.
-      const v = chain.regions.views[r.runRegion]!;
-      const o = r.runOffset;
-      status = this.execute(chain, v.getUint32(o, true), v.getUint32(o + 12, true) * 0x100000000 + v.getUint32(o + 8, true));
+      status = this.execute(chain, r.runU32(0), r.runU32(12) * 0x100000000 + r.runU32(8));
     } else {
       r.reset();
       if (r.readInto(this.header) < BLK_REQUEST_HEADER_BYTES) {

@@ -24,6 +24,7 @@ import { createHash } from "node:crypto";
 import * as sys from "../../../sys/libc";
 import { type VirtioActivation, type VirtioDevice, VirtioDeviceType, VirtioFeatureBit, feature } from "../types";
 import { DescriptorChain, Virtqueue, VirtqueueError } from "../queue";
+import { IovecArray, hostAddressOf } from "../../../memory/iovec";
 import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapLike } from "../../../host/tap";
 
 /** Device feature bits (section 5.1.3). */
@@ -208,8 +209,8 @@ export class VirtioNet implements VirtioDevice {
   /** Guest memory has host addresses and the TAP takes iovecs: move frames in place. */
   private direct = false;
   /** struct iovec arrays: RX (chains + rxBuf) and TX (kept while a blocked frame waits). */
-  private readonly rxIov = new Uint8Array(16 * (NET_MAX_IOV + 1));
-  private readonly txIov = new Uint8Array(16 * NET_MAX_IOV);
+  private readonly rxIov = new IovecArray(NET_MAX_IOV + 1);
+  private readonly txIov = new IovecArray(NET_MAX_IOV);
   private rxBufAddress = 0;
 
   /**
@@ -284,7 +285,7 @@ export class VirtioNet implements VirtioDevice {
     this.direct =
       this.tap.readv !== undefined && this.tap.writev !== undefined && ctx.memory.regions.every((r) => r.hostAddress !== undefined);
     // rxBuf is an ArrayBuffer of its own, which V8 never moves: its address is fixed.
-    if (this.direct && this.rxBufAddress === 0) this.rxBufAddress = sys.addressOf(this.rxBuf.buffer);
+    if (this.direct && this.rxBufAddress === 0) this.rxBufAddress = hostAddressOf(this.rxBuf);
     try {
       this.tap.setVnetHeaderSize(this.hdrSize);
       let tun = 0;
@@ -419,15 +420,18 @@ export class VirtioNet implements VirtioDevice {
     try {
       if (this.direct) {
         if (this.rxHeld === 0 && !this.holdChain(q)) return false;
-        let count = 0;
-        for (let i = 0; i < this.rxHeld && count >= 0; i++) count = addIov(this.rxIov, this.rxChains[i]!, count, false);
-        if (count < 0) {
+        const iov = this.rxIov;
+        iov.clear();
+        let fits = true;
+        for (let i = 0; i < this.rxHeld && fits; i++) fits = this.rxChains[i]!.appendIovecs(iov, true);
+        // One entry stays for rxBuf.
+        if (!fits || iov.count > NET_MAX_IOV) {
           // Too scattered to read in place: into rxBuf, then copied.
           this.rxDirect = 0;
           n = this.tap.read(this.rxBuf);
         } else {
-          setIov(this.rxIov, count, this.rxBufAddress, this.rxBuf.length);
-          n = this.tap.readv!(this.rxIov, count + 1);
+          iov.push(this.rxBufAddress, this.rxBuf.length);
+          n = this.tap.readv!(iov.bytes, iov.count);
           this.rxDirect = Math.min(n, this.rxCapacity);
         }
       } else {
@@ -501,10 +505,10 @@ export class VirtioNet implements VirtioDevice {
       const first = this.rxChains[0]!;
       // Without GUEST_CSUM the device must hand over flags 0 (section 5.1.6.4.1); the TAP
       // may say DATA_VALID. (It gives no partial checksums or GSO: offloads are off then.)
-      if (!this.guestCsum) pokeWritable(first, NetHdr.FLAGS, 0);
+      if (!this.guestCsum) first.setWritableByte(NetHdr.FLAGS, 0);
       if (this.hdrSize === NetHdr.MRG_SIZE) {
-        pokeWritable(first, NetHdr.NUM_BUFFERS, used & 0xff);
-        pokeWritable(first, NetHdr.NUM_BUFFERS + 1, used >>> 8);
+        first.setWritableByte(NetHdr.NUM_BUFFERS, used & 0xff);
+        first.setWritableByte(NetHdr.NUM_BUFFERS + 1, used >>> 8);
       }
     }
     let at = 0; // stream offset of the chain's first byte
@@ -570,7 +574,8 @@ export class VirtioNet implements VirtioDevice {
             throw new NetChainError(`TX chain (head ${c.head}) has ${len} readable bytes, less than the ${this.hdrSize}-byte header`);
           }
           // In place (writev from guest memory) when possible, else copied into txBuf.
-          let iovs = this.direct ? addIov(this.txIov, c, 0, true) : -1;
+          this.txIov.clear();
+          let iovs = this.direct && c.appendIovecs(this.txIov, false) ? this.txIov.count : -1;
           if (iovs < 0) {
             if (len > this.txBuf.length) {
               this.stats.txDropped++;
@@ -605,7 +610,7 @@ export class VirtioNet implements VirtioDevice {
    */
   private sendFrame(head: number, len: number, iovs: number, q: Virtqueue): boolean {
     try {
-      const n = iovs > 0 ? this.tap.writev!(this.txIov, iovs) : this.tap.write(this.txBuf, len);
+      const n = iovs > 0 ? this.tap.writev!(this.txIov.bytes, iovs) : this.tap.write(this.txBuf, len);
       if (n === 0) return false;
       this.stats.txFrames++;
       this.stats.txBytes += len;
@@ -661,51 +666,4 @@ export function probeOffloads(tap: TapLike): boolean {
     // nothing to undo
   }
   return ok;
-}
-
-/** Store `value` at byte `offset` of a chain's device-writable stream (the header, in place). */
-function pokeWritable(c: DescriptorChain, offset: number, value: number): void {
-  let o = offset;
-  for (let i = c.readableSegments; i < c.segmentCount; i++) {
-    const len = c.segLen[i]!;
-    if (o < len) {
-      c.regions.bytes[c.segRegion[i]!]![c.segOffset[i]! + o] = value;
-      return;
-    }
-    o -= len;
-  }
-}
-
-/**
- * Append a chain's device-writable (or, with `readable`, device-readable) segments to the
- * struct iovec array `iov` from entry `count`, as host addresses; the new count, or -1
- * when more than NET_MAX_IOV entries would be needed.
- */
-function addIov(iov: Uint8Array, c: DescriptorChain, count: number, readable: boolean): number {
-  const first = readable ? 0 : c.readableSegments;
-  const end = readable ? c.readableSegments : c.segmentCount;
-  if (count + end - first > NET_MAX_IOV) return -1;
-  const hosts = c.regions.hosts;
-  for (let i = first; i < end; i++) setIov(iov, count++, hosts[c.segRegion[i]!]! + c.segOffset[i]!, c.segLen[i]!);
-  return count;
-}
-
-/** iov entry i = {u64 host address, u64 length}, little-endian. */
-function setIov(iov: Uint8Array, i: number, address: number, length: number): void {
-  const o = 16 * i;
-  const lo = address % 0x100000000;
-  const hi = Math.floor(address / 0x100000000);
-  iov[o] = lo & 0xff;
-  iov[o + 1] = (lo >>> 8) & 0xff;
-  iov[o + 2] = (lo >>> 16) & 0xff;
-  iov[o + 3] = lo >>> 24;
-  iov[o + 4] = hi & 0xff;
-  iov[o + 5] = (hi >>> 8) & 0xff;
-  iov[o + 6] = (hi >>> 16) & 0xff;
-  iov[o + 7] = hi >>> 24;
-  iov[o + 8] = length & 0xff;
-  iov[o + 9] = (length >>> 8) & 0xff;
-  iov[o + 10] = (length >>> 16) & 0xff;
-  iov[o + 11] = length >>> 24;
-  iov[o + 12] = iov[o + 13] = iov[o + 14] = iov[o + 15] = 0;
 }
