@@ -1,7 +1,7 @@
 /**
  * A vCPU file descriptor and its shared kvm_run page. The same vCPU may be wrapped in two
  * threads: the main thread configures it (registers, CPUID, MSRs, LAPIC) and sets
- * immediate_exit to stop it; its worker thread calls KVM_RUN and reads exits.
+ * immediate_exit to stop it; its worker thread calls run() and gets decoded exits.
  */
 import * as sys from "../sys/libc";
 import {
@@ -19,6 +19,7 @@ import {
   RegName,
 } from "./abi";
 import { encodeCpuidEntries } from "./kvm";
+import { VcpuExitDecoder, type VcpuExit } from "./vcpu-exit";
 import type { CpuidEntry } from "./cpuid";
 import type { DescriptorTable, Segment } from "../arch/x86/cpu-state";
 
@@ -61,16 +62,23 @@ export interface VcpuHandle {
 
 export class Vcpu {
   /** The whole kvm_run mapping (exit data, and the PIO data page after it). */
-  readonly run: Uint8Array;
-  readonly runView: DataView;
-
-  /** KVM_RUN, bound once: called for every exit. */
-  readonly runOnce: () => number;
+  private readonly kvmRun: Uint8Array;
+  /** The KVM_RUN ioctl, bound once: called for every exit. */
+  private readonly kvmRunIoctl: () => number;
+  private readonly exits: VcpuExitDecoder;
 
   private constructor(readonly handle: VcpuHandle) {
-    this.runOnce = sys.ioctlNoArg(handle.fd, Ioctl.RUN);
-    this.run = new Uint8Array(sys.view(handle.runAddress, handle.runSize));
-    this.runView = new DataView(this.run.buffer, this.run.byteOffset, this.run.byteLength);
+    this.kvmRunIoctl = sys.ioctlNoArg(handle.fd, Ioctl.RUN);
+    this.kvmRun = new Uint8Array(sys.view(handle.runAddress, handle.runSize));
+    this.exits = new VcpuExitDecoder(this.kvmRun);
+  }
+
+  /**
+   * Enter the guest (KVM_RUN) until it exits; why, decoded. The exit object is reused by
+   * the next run(): take what you need from it before calling again.
+   */
+  run(): VcpuExit {
+    return this.exits.decode(this.kvmRunIoctl());
   }
 
   /** Map the kvm_run page of a freshly created vCPU fd. */
@@ -98,13 +106,9 @@ export class Vcpu {
     sys.close(this.handle.fd);
   }
 
-  get exitReason(): number {
-    return this.runView.getUint32(KvmRun.exit_reason, true);
-  }
-
   /** Ask KVM_RUN to return at once (now, or on its next entry). */
   setImmediateExit(on: boolean): void {
-    Atomics.store(this.run, KvmRun.immediate_exit, on ? 1 : 0);
+    Atomics.store(this.kvmRun, KvmRun.immediate_exit, on ? 1 : 0);
   }
 
   private call(name: IoctlName, buf: Uint8Array | null): void {

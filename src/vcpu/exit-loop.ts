@@ -3,17 +3,9 @@
  * (handing an exit to another thread costs more than the exit itself), until the guest or
  * the VMM ends the run. Mirrors Firecracker's run_emulation()/handle_kvm_exit().
  */
-import { Errno } from "../sys/errors";
-import {
-  ExitReason,
-  InternalErrorSuberror,
-  IoDirection,
-  KvmRun,
-  MpState,
-  SystemEvent,
-  exitReasonName,
-} from "../kvm/abi";
+import { InternalErrorSuberror, MpState, SystemEvent, exitReasonName } from "../kvm/abi";
 import { Vcpu, formatRegisterDump } from "../kvm/vcpu";
+import type { InternalErrorExit, MmioExit, PioExit, VcpuExit } from "../kvm/vcpu-exit";
 import type { Bus } from "../devices/bus";
 import type { VmControl } from "../devices/device";
 
@@ -58,8 +50,6 @@ export interface ExitCounters {
 export class ExitLoop implements VmControl {
   private pending: VcpuStop | undefined;
   readonly counters: ExitCounters = { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 };
-  /** Windows into the PIO data area, by access size: allocated once, reused every exit. */
-  private pioWindows = new Map<number, Uint8Array>();
   private dumpSeen = 0;
   private haltProbeSeen = 0;
 
@@ -71,13 +61,9 @@ export class ExitLoop implements VmControl {
     readonly haltStatus?: Int32Array,
   ) {}
 
-  /** VmControl: a device (i8042, ...) asks to end the VM; the loop stops after this exit. */
+  /** VmControl: a device (the i8042's reset line) asks to end the VM; the loop stops after this exit. */
   requestReset(reason: string): void {
     this.pending ??= { kind: "reset", reason };
-  }
-
-  requestPoweroff(reason: string): void {
-    this.pending ??= { kind: "poweroff", reason };
   }
 
   private stopRequested(): boolean {
@@ -90,16 +76,7 @@ export class ExitLoop implements VmControl {
     for (;;) {
       if (this.pending !== undefined) return this.pending;
       if (this.stopRequested()) return { kind: "stopped" };
-      const r = vcpu.runOnce();
-      if (r < 0) {
-        if (r === -Errno.EINTR || r === -Errno.EAGAIN) {
-          this.dumpIfAsked();
-          this.probeHaltIfAsked();
-          continue;
-        }
-        return this.failure(`KVM_RUN failed: errno ${-r}`);
-      }
-      const stop = this.handleExit(vcpu.exitReason);
+      const stop = this.handleExit(vcpu.run());
       if (stop !== undefined) return stop;
     }
   }
@@ -132,80 +109,59 @@ export class ExitLoop implements VmControl {
   }
 
   /** Handle one exit; undefined means "keep running". */
-  handleExit(reason: number): VcpuStop | undefined {
-    switch (reason) {
-      case ExitReason.IO:
+  handleExit(exit: VcpuExit): VcpuStop | undefined {
+    switch (exit.kind) {
+      case "pio":
         this.counters.pio++;
-        this.handlePio();
+        this.handlePio(exit);
         return undefined;
-      case ExitReason.MMIO:
+      case "mmio":
         this.counters.mmio++;
-        this.handleMmio();
+        this.handleMmio(exit);
         return undefined;
-      case ExitReason.INTR:
+      case "interrupted":
+        // A kick (immediate_exit or a signal): STOP is checked by the loop; answer the rest.
+        this.dumpIfAsked();
+        this.probeHaltIfAsked();
+        return undefined;
+      case "intr":
         // A signal kicked us out; the loop checks STOP.
         return undefined;
-      case ExitReason.HLT:
+      case "hlt":
         // Only without an in-kernel irqchip: nothing can wake the vCPU again.
         return { kind: "halted", reason: `vCPU ${this.vcpu.id} halted with no interrupt controller to wake it` };
-      case ExitReason.SHUTDOWN:
+      case "shutdown":
         // A triple fault: what a PC does is reset, and Linux reboots this way (reboot=t).
         return { kind: "reset", reason: `guest reset (triple fault on vCPU ${this.vcpu.id})` };
-      case ExitReason.SYSTEM_EVENT:
-        return this.systemEvent();
-      case ExitReason.FAIL_ENTRY: {
-        const hw = this.vcpu.runView.getBigUint64(KvmRun.fail_entry.hardware_entry_failure_reason, true);
-        return this.failure(`KVM could not enter the guest (hardware entry failure reason 0x${hw.toString(16)})`);
-      }
-      case ExitReason.INTERNAL_ERROR:
-        return this.failure(this.describeInternalError());
-      default:
+      case "system-event":
+        return this.systemEvent(exit.type);
+      case "fail-entry":
+        return this.failure(`KVM could not enter the guest (hardware entry failure reason 0x${exit.hardwareReason.toString(16)})`);
+      case "internal-error":
+        return this.failure(describeInternalError(exit));
+      case "run-failed":
+        return this.failure(`KVM_RUN failed: errno ${exit.errno}`);
+      case "unknown":
         this.counters.other++;
-        return this.failure(`unhandled KVM exit: ${exitReasonName(reason)}`);
+        return this.failure(`unhandled KVM exit: ${exitReasonName(exit.reason)}`);
     }
   }
 
-  private handlePio(): void {
-    const dv = this.vcpu.runView;
-    const direction = dv.getUint8(KvmRun.io.direction);
-    const size = dv.getUint8(KvmRun.io.size);
-    const port = dv.getUint16(KvmRun.io.port, true);
-    const count = dv.getUint32(KvmRun.io.count, true);
-    // data_offset is a u64 but always inside the kvm_run mapping: the low half is enough.
-    const offset = dv.getUint32(KvmRun.io.data_offset, true);
-    for (let i = 0; i < count; i++) {
-      const data = this.pioWindow(offset + i * size, size);
-      const claimed = direction === IoDirection.OUT ? this.pio.write(port, data) : this.pio.read(port, data);
+  private handlePio(exit: PioExit): void {
+    const port = exit.port;
+    for (let i = 0; i < exit.count; i++) {
+      const data = exit.data(i);
+      const claimed = exit.isWrite ? this.pio.write(port, data) : this.pio.read(port, data);
       if (!claimed) this.counters.unclaimedPio++;
     }
   }
 
-  private pioWindow(offset: number, size: number): Uint8Array {
-    const key = offset * 16 + size;
-    let w = this.pioWindows.get(key);
-    if (w === undefined) {
-      // KVM places the data inside the kvm_run mapping; refuse anything that is not.
-      if (offset < KvmRun.size || offset + size > this.vcpu.run.byteLength) {
-        throw new Error(`KVM reported PIO data at offset ${offset}, outside kvm_run`);
-      }
-      w = this.vcpu.run.subarray(offset, offset + size);
-      if (this.pioWindows.size < 64) this.pioWindows.set(key, w);
-    }
-    return w;
-  }
-
-  private handleMmio(): void {
-    const dv = this.vcpu.runView;
-    const address = dv.getUint32(KvmRun.mmio.phys_addr, true) + dv.getUint32(KvmRun.mmio.phys_addr + 4, true) * 0x1_0000_0000;
-    const len = Math.min(dv.getUint32(KvmRun.mmio.len, true), 8);
-    const isWrite = dv.getUint8(KvmRun.mmio.is_write) !== 0;
-    const data = this.vcpu.run.subarray(KvmRun.mmio.data, KvmRun.mmio.data + len);
-    const claimed = isWrite ? this.mmio.write(address, data) : this.mmio.read(address, data);
+  private handleMmio(exit: MmioExit): void {
+    const claimed = exit.isWrite ? this.mmio.write(exit.address, exit.data) : this.mmio.read(exit.address, exit.data);
     if (!claimed) this.counters.unclaimedMmio++;
   }
 
-  private systemEvent(): VcpuStop {
-    const type = this.vcpu.runView.getUint32(KvmRun.system_event.type, true);
+  private systemEvent(type: number): VcpuStop {
     switch (type) {
       case SystemEvent.SHUTDOWN:
         return { kind: "poweroff", reason: "guest powered off" };
@@ -218,23 +174,6 @@ export class ExitLoop implements VmControl {
     }
   }
 
-  private describeInternalError(): string {
-    const dv = this.vcpu.runView;
-    const sub = dv.getUint32(KvmRun.internal.suberror, true);
-    const ndata = Math.min(dv.getUint32(KvmRun.internal.ndata, true), 16);
-    const data: string[] = [];
-    for (let i = 0; i < ndata; i++) data.push("0x" + dv.getBigUint64(KvmRun.internal.data + 8 * i, true).toString(16));
-    const what =
-      sub === InternalErrorSuberror.EMULATION
-        ? "KVM could not emulate a guest instruction (on an emulating host KVM, try --cpu-template emulated)"
-        : sub === InternalErrorSuberror.SIMUL_EX
-          ? "KVM met an exception while delivering another"
-          : sub === InternalErrorSuberror.DELIVERY_EV
-            ? "KVM could not deliver an event to the guest"
-            : `KVM internal error (suberror ${sub})`;
-    return `${what}${data.length ? ` [${data.join(" ")}]` : ""}`;
-  }
-
   private failure(reason: string): VcpuStop {
     let dump: string | undefined;
     try {
@@ -244,4 +183,18 @@ export class ExitLoop implements VmControl {
     }
     return dump === undefined ? { kind: "error", reason: `vCPU ${this.vcpu.id}: ${reason}` } : { kind: "error", reason: `vCPU ${this.vcpu.id}: ${reason}`, dump };
   }
+}
+
+function describeInternalError(exit: InternalErrorExit): string {
+  const sub = exit.suberror;
+  const what =
+    sub === InternalErrorSuberror.EMULATION
+      ? "KVM could not emulate a guest instruction (on an emulating host KVM, try --cpu-template emulated)"
+      : sub === InternalErrorSuberror.SIMUL_EX
+        ? "KVM met an exception while delivering another"
+        : sub === InternalErrorSuberror.DELIVERY_EV
+          ? "KVM could not deliver an event to the guest"
+          : `KVM internal error (suberror ${sub})`;
+  const data = exit.data.map((d) => "0x" + d.toString(16));
+  return `${what}${data.length ? ` [${data.join(" ")}]` : ""}`;
 }
