@@ -19,8 +19,10 @@ import { join } from "node:path";
 import * as sys from "../src/sys/libc";
 import { GuestMemory } from "../src/memory/guest-memory";
 import { VirtioFeatureBit, feature } from "../src/devices/virtio/types";
-import { VirtioBlkRequest, VirtioBlkStatus, VirtioBlock } from "../src/devices/virtio/blk/device";
+import { VirtioBlock } from "../src/devices/virtio/blk/device";
+import { VirtioBlkRequest, VirtioBlkStatus } from "../src/devices/virtio/blk/request";
 import { openDiskImage } from "../src/host/disk-image";
+import { FileBlockEngine } from "../src/host/block-file-engine";
 import { VirtqDriver } from "../test/helpers/virtq-driver";
 import { runStandalone } from "./lib/standalone";
 
@@ -69,7 +71,7 @@ export async function benchBlock(options: BlockBenchOptions = {}): Promise<Block
   const mem = GuestMemory.allocate(64 * MiB);
   const image = openDiskImage(path);
   try {
-    const dev = new VirtioBlock(image);
+    const dev = new VirtioBlock(new FileBlockEngine(image));
     const drv = new VirtqDriver(mem, { size: 256 });
     let failures = 0;
     dev.activate({

@@ -8,6 +8,7 @@ import type { GuestMemory } from "../memory/guest-memory";
 import { VirtioPciDeviceSide } from "../devices/virtio/pci-transport";
 import type { VirtioPciState } from "../devices/virtio/transport-state";
 import { VirtioBlock } from "../devices/virtio/blk/device";
+import { FileBlockEngine } from "../host/block-file-engine";
 import { VirtioNet } from "../devices/virtio/net/device";
 import { Tap } from "../host/tap";
 import type { VirtioDevice } from "../devices/virtio/types";
@@ -57,7 +58,7 @@ export function createBackend(spec: BackendSpec, log?: (line: string) => void): 
   const logOpt = log !== undefined ? { log } : {};
   switch (spec.kind) {
     case "virtio-blk":
-      return new VirtioBlock(spec.disk, { serial: spec.disk.serial, ...logOpt });
+      return new VirtioBlock(new FileBlockEngine(spec.disk), { serial: spec.disk.serial, ...logOpt });
     case "virtio-net": {
       // A second handle on the main thread's TAP fd: never closed from here.
       const tap = new Tap(spec.nic.tapName, spec.nic.tapFd, spec.nic.created, 12);

@@ -11,8 +11,7 @@
  */
 import * as fs from "node:fs";
 import * as sys from "../sys/libc";
-
-export const SECTOR_SIZE = 512;
+import { SECTOR_SIZE, VIRTIO_BLK_ID_BYTES } from "../devices/virtio/blk/request";
 
 export class DiskImageError extends Error {
   constructor(
@@ -31,7 +30,7 @@ export interface DiskOption {
   serial?: string;
 }
 
-export const MAX_SERIAL_LENGTH = 20;
+export const MAX_SERIAL_LENGTH = VIRTIO_BLK_ID_BYTES;
 
 /**
  * Parse "path[,readonly][,serial=ID]". A path containing a comma cannot be given (as in
@@ -62,7 +61,7 @@ export function parseDiskOption(spec: string): DiskOption {
   return out;
 }
 
-/** An open image: what the virtio-blk back end needs. close() drops the locks. */
+/** An open image: what the virtio-blk file engine needs. close() drops the locks. */
 export interface DiskImage {
   readonly fd: number;
   readonly sizeBytes: number;

@@ -6,20 +6,15 @@ import { join } from "node:path";
 import { createHash } from "node:crypto";
 import { GuestMemory } from "../../src/memory/guest-memory";
 import { type VirtioActivation, VirtioFeatureBit, feature } from "../../src/devices/virtio/types";
+import { BLK_SEG_MAX, BlkConfig, VirtioBlkFeature, VirtioBlock, defaultSerial } from "../../src/devices/virtio/blk/device";
 import {
-  BLK_SEG_MAX,
   BLK_MAX_DISCARD_SECTORS,
   BLK_MAX_DISCARD_SEG,
-  BlkConfig,
-  type BlockIo,
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-  VirtioBlkFeature,
   VirtioBlkRequest,
   VirtioBlkStatus,
-  VirtioBlock,
-  defaultSerial,
-  fileIo,
-} from "../../src/devices/virtio/blk/device";
+} from "../../src/devices/virtio/blk/request";
+import { FileBlockEngine, type FileOps as BlockIo, systemFileOps as fileIo } from "../../src/host/block-file-engine";
 import { type DiskImage, openDiskImage } from "../../src/host/disk-image";
 import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../../src/devices/virtio/queue";
 import { type Buf, VirtqDriver } from "../helpers/virtq-driver";
@@ -88,10 +83,7 @@ function harness(opts: {
   const drv = new VirtqDriver(mem, { size: 256 });
   const calls = { flush: 0, punch: 0, zeroRange: 0 };
   const logs: string[] = [];
-  const dev = new VirtioBlock(image, {
-    ...(opts.serial !== undefined ? { serial: opts.serial } : {}),
-    log: (l) => logs.push(l),
-    io: {
+  const ops: Partial<BlockIo> = {
       flush: (fd) => {
         calls.flush++;
         fileIo.flush(fd);
@@ -105,7 +97,10 @@ function harness(opts: {
         return fileIo.zeroRange(fd, o, l);
       },
       ...opts.io,
-    },
+  };
+  const dev = new VirtioBlock(new FileBlockEngine(image, { ops }), {
+    ...(opts.serial !== undefined ? { serial: opts.serial } : {}),
+    log: (l) => logs.push(l),
   });
   const signals: number[] = [];
   const resets: string[] = [];
@@ -637,7 +632,7 @@ describe("virtio-blk and a broken driver", () => {
     const path = makeImage();
     const image = openDiskImage(path);
     const mem = GuestMemory.forTest(4 * MiB);
-    const dev = new VirtioBlock(image);
+    const dev = new VirtioBlock(new FileBlockEngine(image));
     const resets: string[] = [];
     dev.activate({
       memory: mem,

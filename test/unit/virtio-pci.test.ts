@@ -1,6 +1,6 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { feature, VirtioFeatureBit, VirtioStatus, VIRTIO_MSI_NO_VECTOR } from "../../src/devices/virtio/types";
+import { feature, VirtioFeatureBit, VirtioStatus, VIRTIO_MSI_NO_VECTOR, type VirtioDeviceDescription } from "../../src/devices/virtio/types";
 import { Bus } from "../../src/devices/bus";
 import { PciRootComplex } from "../../src/devices/pci/root-complex";
 import {
@@ -8,7 +8,6 @@ import {
   VirtioPciDeviceSide,
   type MsiMessage,
   type NotifyAddress,
-  type VirtioDeviceInfo,
   type VirtioPciState,
   type VirtioTransportHooks,
 } from "../../src/devices/virtio/pci-transport";
@@ -23,7 +22,7 @@ const SLOT = 3;
 const GSI = 18;
 
 /** virtio-blk-like: SEG_MAX (2) and BLK_SIZE (6); config = capacity (8 bytes) and more. */
-function blkInfo(overrides: Partial<VirtioDeviceInfo> = {}): VirtioDeviceInfo {
+function blkInfo(overrides: Partial<VirtioDeviceDescription> = {}): VirtioDeviceDescription {
   const config = new Uint8Array(24);
   for (let i = 0; i < config.length; i++) config[i] = i + 1;
   return {
@@ -103,7 +102,7 @@ class Guest {
   readonly dev: VirtioPciTransport;
   readonly io: VirtioPciDeviceSide;
 
-  constructor(info: VirtioDeviceInfo = blkInfo()) {
+  constructor(info: VirtioDeviceDescription = blkInfo()) {
     this.state = VirtioPciTransport.createState(info, { intxPin: 0 });
     this.dev = new VirtioPciTransport(this.state, this.hooks);
     this.io = new VirtioPciDeviceSide(this.state);

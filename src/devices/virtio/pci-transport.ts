@@ -44,10 +44,10 @@ import {
   createVirtioPciState,
   type MsiMessage,
   type NotifyAddress,
-  type VirtioDeviceInfo,
   type VirtioPciOptions,
   type VirtioPciState,
 } from "./transport-state";
+import type { VirtioDeviceDescription } from "./types";
 
 export { VirtioPciDeviceSide } from "./pci-device-side";
 export type { DriverSnapshot } from "./pci-device-side";
@@ -57,7 +57,6 @@ export {
   type InterruptDelivery,
   type MsiMessage,
   type NotifyAddress,
-  type VirtioDeviceInfo,
   type VirtioPciOptions,
   type VirtioPciState,
 } from "./transport-state";
@@ -101,7 +100,7 @@ const TYPE_NAMES: Record<number, string> = { 1: "net", 2: "blk" };
 
 export class VirtioPciTransport implements PciFunction {
   /** Build the shared state for a device (main thread, once); post it to every thread. */
-  static createState(info: VirtioDeviceInfo, opts: VirtioPciOptions = {}): VirtioPciState {
+  static createState(info: VirtioDeviceDescription, opts: VirtioPciOptions = {}): VirtioPciState {
     return createVirtioPciState(info, opts);
   }
 

@@ -27,7 +27,7 @@ import {
   VirtioStatus,
   feature,
   type QueueConfig,
-  type VirtioDevice,
+  type VirtioDeviceDescription,
 } from "./types";
 import {
   COMMON_CFG_LENGTH,
@@ -59,12 +59,6 @@ import {
   legacyBarSize,
   virtioClassCode,
 } from "./transport-layout";
-
-/** What the transport needs to know about a device: the constant part of its back end. */
-export type VirtioDeviceInfo = Pick<
-  VirtioDevice,
-  "deviceType" | "queueCount" | "maxQueueSize" | "deviceFeatures" | "config"
->;
 
 /** Plain data for postMessage. */
 export interface VirtioPciState {
@@ -176,7 +170,7 @@ function layout(queueCount: number, configLength: number): Layout {
  * Build a function's state: its configuration header (IDs, BARs, capabilities) and its
  * registers as after a reset. Run once, in the thread that creates the machine.
  */
-export function createVirtioPciState(info: VirtioDeviceInfo, opts: VirtioPciOptions = {}): VirtioPciState {
+export function createVirtioPciState(info: VirtioDeviceDescription, opts: VirtioPciOptions = {}): VirtioPciState {
   const { deviceType, queueCount, maxQueueSize } = info;
   if (!Number.isInteger(deviceType) || deviceType < 1 || deviceType > 0x3f) {
     throw new RangeError(`virtio-pci: device type ${deviceType} has no transitional device ID`);

@@ -43,10 +43,11 @@ export interface QueueConfig {
 }
 
 /**
- * The queue side of a virtio device, run by the I/O worker. The transport activates it when
- * the driver sets DRIVER_OK and resets it when the driver writes status 0.
+ * What a virtio device is, fixed when it is made and known without its back end: all the
+ * transport needs (the device ID, queues, features offered, initial configuration space).
+ * Each device model has a function that computes it from the device's spec.
  */
-export interface VirtioDevice {
+export interface VirtioDeviceDescription {
   readonly deviceType: number;
   readonly queueCount: number;
   readonly maxQueueSize: number;
@@ -54,6 +55,16 @@ export interface VirtioDevice {
   readonly deviceFeatures: bigint;
   /** Initial contents of the device-specific configuration space. */
   readonly config: Uint8Array;
+}
+
+/**
+ * A virtio device model: the queue side of a device, run by the thread that serves its
+ * queues (the I/O worker). VirtioDeviceRunner activates it when the driver sets
+ * DRIVER_OK and resets it when the driver writes status 0. A model makes no system call:
+ * it reaches the host through the back end interface it declares (blk/backend.ts,
+ * net/backend.ts).
+ */
+export interface VirtioDevice extends VirtioDeviceDescription {
   activate(ctx: VirtioActivation): void;
   /** The driver kicked queue `index` (an ioeventfd fired). */
   queueNotified(index: number): void;
@@ -61,13 +72,20 @@ export interface VirtioDevice {
   reset(): void;
   /**
    * Host file descriptors the I/O worker should poll for this device (a TAP, say), each with
-   * the poll(2) events wanted right now (0: not now, e.g. no guest RX buffers). Asked again
-   * before every poll.
+   * the readiness wanted right now (IoReady bits; 0: not now, e.g. no guest RX buffers).
+   * Asked again before every poll.
    */
   pollFds?(): readonly { fd: number; events: number }[];
-  /** One of pollFds() is ready with `revents`. */
+  /** One of pollFds() is ready with `revents` (IoReady bits). */
   pollReady?(fd: number, revents: number): void;
 }
+
+/**
+ * Readiness of a polled fd, as pollFds/pollReady speak it. The values are poll(2)'s
+ * POLLIN/POLLOUT/POLLERR/POLLHUP, so the I/O worker passes them through unchanged
+ * (io/io-worker.ts checks that they agree).
+ */
+export const IoReady = { READABLE: 0x001, WRITABLE: 0x004, ERROR: 0x008, HANGUP: 0x010 } as const;
 
 export interface VirtioActivation {
   memory: GuestMemory;
