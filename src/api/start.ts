@@ -15,7 +15,7 @@ import { GuestBuildError, bootFilesFor, buildDefaultGuest, findDefaultGuest, typ
 import { DiskImageError, parseDiskOption } from "../host/disk-image";
 import { TapError, parseCidr } from "../host/tap";
 import { MacAddressError, parseMac } from "../devices/virtio/net/device";
-import { SizeError, parseSize } from "./sizes";
+import { SizeError, parseSize } from "./option-values";
 import { VmStartError, VmError } from "./errors";
 import { AGENT_CMDLINE_ARG } from "./protocol";
 import type { VmOptions } from "./types";

@@ -3,7 +3,7 @@
  * pure (no files opened) so every bad input has a unit test.
  */
 import { parseArgs } from "node:util";
-import { parseSize } from "../api/sizes";
+import { parseSize } from "../api/option-values";
 
 export class UsageError extends Error {
   constructor(message: string) {

@@ -7,7 +7,7 @@ import { resolve } from "node:path";
 import { ExitCode, STOP_SIGNALS, exitCodeForFailure, signalExitCode, type StopSignal } from "./exit-codes";
 import { BOOT_USAGE, UsageError, parseBootArgs } from "./args";
 import { attachConsole, ESCAPE_HELP } from "./console";
-import { SizeError } from "../api/sizes";
+import { SizeError } from "../api/option-values";
 import { runProbe } from "./probe";
 import { bootBanner, runCommand, vmOptionsFrom } from "./run";
 import { mkdiskCommand } from "./mkdisk";

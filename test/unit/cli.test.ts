@@ -11,7 +11,7 @@ import { spawnSync } from "node:child_process";
 import { runCli, CliResult } from "../helpers/cli";
 import { makeBzImage } from "../helpers/images";
 import { parseBootArgs, UsageError, DEFAULT_MEMORY } from "../../src/cli/args";
-import { parseSize, SizeError } from "../../src/api/sizes";
+import { parseSize, SizeError } from "../../src/api/option-values";
 import { EscapeParser } from "../../src/cli/console";
 import { ExitCode } from "../../src/cli/exit-codes";
 
