@@ -1,4 +1,8 @@
-/** Memory sizes on the command line: "512M", "2G", "1536" (a bare number is MiB). */
+/**
+ * Option values given as text, by the API's string options and the CLI's flags alike:
+ * sizes ("512M"), MAC addresses. Each parser throws an error of its own with a one-line
+ * message that names the value and says what would be right.
+ */
 
 export class SizeError extends Error {
   constructor(message: string) {
@@ -31,4 +35,28 @@ export function parseSize(text: string, what = "memory size"): number {
     throw new SizeError(`bad ${what} '${text}': it must be a multiple of 4 KiB`);
   }
   return bytes;
+}
+
+/** A MAC address string that does not parse. */
+export class MacAddressError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "MacAddressError";
+  }
+}
+
+/** "52:54:00:12:34:56" (or with "-") -> 6 bytes; a unicast address only. */
+export function parseMac(text: string): Uint8Array {
+  const parts = text.trim().split(/[:-]/);
+  if (parts.length !== 6 || parts.some((p) => !/^[0-9a-fA-F]{1,2}$/.test(p))) {
+    throw new MacAddressError(`MAC address "${text}" is not six hex bytes separated by colons (e.g. 52:54:00:12:34:56)`);
+  }
+  const mac = Uint8Array.from(parts.map((p) => parseInt(p, 16)));
+  if ((mac[0]! & 1) !== 0) throw new MacAddressError(`MAC address "${text}" is a multicast address: a NIC needs a unicast one (even first byte)`);
+  if (mac.every((b) => b === 0)) throw new MacAddressError(`MAC address "${text}" is all zeroes`);
+  return mac;
+}
+
+export function formatMac(mac: Uint8Array): string {
+  return Array.from(mac.subarray(0, 6), (b) => b.toString(16).padStart(2, "0")).join(":");
 }

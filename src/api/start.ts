@@ -14,8 +14,7 @@ import { BootError } from "../boot/errors";
 import { GuestBuildError, bootFilesFor, buildDefaultGuest, findDefaultGuest, type GuestManifest } from "./default-guest";
 import { DiskImageError, parseDiskOption } from "../host/disk-image";
 import { TapError, parseCidr } from "../host/tap";
-import { MacAddressError, parseMac } from "../devices/virtio/net/device";
-import { SizeError, parseSize } from "./option-values";
+import { MacAddressError, SizeError, parseMac, parseSize } from "./option-values";
 import { VmStartError, VmError } from "./errors";
 import { AGENT_CMDLINE_ARG } from "./protocol";
 import type { VmOptions } from "./types";
@@ -112,8 +111,7 @@ export function checkOptions(o: VmOptions): CheckedOptions {
         throw optionsError(`bad --tap-ip: ${(e as Error).message}`);
       }
     }
-    if (n.mac !== undefined) parseMac(n.mac);
-    return { tap: n.tap, ...(n.mac !== undefined ? { mac: n.mac } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) };
+    return { tap: n.tap, ...(n.mac !== undefined ? { mac: parseMac(n.mac) } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) };
   });
   const extraArgs: string[] = [];
   if (o.guestIp !== undefined) {

@@ -28,7 +28,7 @@ export interface NicSpec {
   tapFd: number;
   tapName: string;
   created: boolean;
-  mac: string;
+  mac: Uint8Array;
   /** Whether the TAP accepted TUNSETOFFLOAD (probed once, on the main thread). */
   offloads: boolean;
 }

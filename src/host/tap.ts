@@ -14,6 +14,7 @@
 import { spawnSync } from "node:child_process";
 import * as sys from "../sys/libc";
 import { ior, iow } from "../sys/ioctl-number";
+import { NetOffload, type NetBackend } from "../devices/virtio/net/backend";
 
 const T = 0x54; // 'T'
 
@@ -43,10 +44,11 @@ export const TunAbi = {
   IFR_FLAGS: 16,
 } as const;
 
-export const TUN_F_CSUM = TunAbi.TUN_F_CSUM;
-export const TUN_F_TSO4 = TunAbi.TUN_F_TSO4;
-export const TUN_F_TSO6 = TunAbi.TUN_F_TSO6;
-export const TUN_F_TSO_ECN = TunAbi.TUN_F_TSO_ECN;
+// virtio-net's offload bits are the TUN ones, so setOffload hands them over unchanged.
+export const TUN_F_CSUM: typeof NetOffload.CSUM = TunAbi.TUN_F_CSUM;
+export const TUN_F_TSO4: typeof NetOffload.TSO4 = TunAbi.TUN_F_TSO4;
+export const TUN_F_TSO6: typeof NetOffload.TSO6 = TunAbi.TUN_F_TSO6;
+export const TUN_F_TSO_ECN: typeof NetOffload.TSO_ECN = TunAbi.TUN_F_TSO_ECN;
 export const TUN_F_UFO = TunAbi.TUN_F_UFO;
 
 export const TUN_DEVICE = "/dev/net/tun";
@@ -81,31 +83,6 @@ export class TapError extends Error {
   }
 }
 
-/**
- * What virtio-net needs of a TAP: satisfied by Tap, and by in-memory fakes in tests.
- * read/write move one whole frame, starting with the virtio-net header.
- */
-export interface TapLike {
-  /** For poll(2): readable when a frame is waiting, writable when a write would not block. */
-  readonly fd: number;
-  readonly name: string;
-  /** Read one frame into buf; its length, or 0 when there is none (EAGAIN). */
-  read(buf: Uint8Array): number;
-  /** Write buf[0, length) as one frame; length, or 0 when it would block (EAGAIN). */
-  write(buf: Uint8Array, length: number): number;
-  /**
-   * Optional scatter/gather forms, for guest memory that has host addresses: `iov` holds
-   * `count` struct iovec {u64 base, u64 len}. readv: one frame spread over the buffers, its
-   * whole length (0: none); writev: the buffers as one frame, its length (0: would block).
-   */
-  readv?(iov: Uint8Array, count: number): number;
-  writev?(iov: Uint8Array, count: number): number;
-  /** TUNSETOFFLOAD: what the kernel may hand us (TUN_F_*); throws when refused. */
-  setOffload(flags: number): void;
-  /** TUNSETVNETHDRSZ: 10 (virtio_net_hdr) or 12 (with num_buffers). */
-  setVnetHeaderSize(bytes: number): void;
-}
-
 export interface OpenTapOptions {
   /** Bytes of virtio-net header before each frame: 10, or 12 with num_buffers (default). */
   vnetHeaderSize?: 10 | 12;
@@ -118,7 +95,7 @@ export interface OpenTapOptions {
  * can wrap the same fd with `new Tap(name, fd, created, vnetHeaderSize)`, and must leave
  * closing it to the owner.
  */
-export class Tap implements TapLike {
+export class Tap implements NetBackend {
   private closed = false;
   private hdrSize: number;
 
@@ -161,10 +138,12 @@ export class Tap implements TapLike {
     return n < 0 ? 0 : n;
   }
 
+  /** TUNSETOFFLOAD: what the kernel may hand us (TUN_F_*, the same bits as NetOffload); throws when refused. */
   setOffload(flags: number): void {
     sys.ioctlValue(this.fd, TunAbi.TUNSETOFFLOAD, flags >>> 0, "TUNSETOFFLOAD");
   }
 
+  /** TUNSETVNETHDRSZ: 10 (virtio_net_hdr) or 12 (with num_buffers). */
   setVnetHeaderSize(bytes: number): void {
     if (bytes !== 10 && bytes !== 12) throw new RangeError(`TAP ${this.name}: vnet header size must be 10 or 12, not ${bytes}`);
     const b = new Uint8Array(4);

@@ -4,8 +4,14 @@
 import { parentPort, workerData } from "node:worker_threads";
 import * as sys from "../sys/libc";
 import { GuestMemory } from "../memory/guest-memory";
+import { IoReady } from "../devices/virtio/types";
 import { IoControlCell, IoWorkerInit, IoWorkerMessage } from "./io-thread";
 import { instantiateIoDevice, IoDeviceInstance } from "../board/virtio-devices";
+
+// Device models speak IoReady; its bits are poll(2)'s, so they pass through unchanged.
+if (IoReady.READABLE !== sys.POLLIN || IoReady.WRITABLE !== sys.POLLOUT || IoReady.ERROR !== sys.POLLERR || IoReady.HANGUP !== sys.POLLHUP) {
+  throw new Error("IoReady and poll(2) disagree");
+}
 
 function post(m: IoWorkerMessage): void {
   parentPort!.postMessage(m);

@@ -22,7 +22,8 @@ import type { PciSlot } from "../devices/pci/types";
 import { IoThread, createIoControl } from "../io/io-thread";
 import { createBackend, type BackendSpec, type IoDeviceSpec } from "../board/virtio-devices";
 import { openTap, configureHostSide, type Tap } from "../host/tap";
-import { defaultMac, formatMac, parseMac, probeOffloads } from "../devices/virtio/net/device";
+import { defaultMac } from "../devices/virtio/net/device";
+import { probeOffloads } from "../devices/virtio/net/backend";
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
 import { GuestMemory } from "../memory/guest-memory";
 import { ConfigError } from "./errors";
@@ -67,8 +68,8 @@ export interface MachineConfig {
 export interface NicConfig {
   /** TAP name: created (and removed on exit) unless a persistent one exists. */
   tap: string;
-  /** The guest's MAC ("52:54:00:..."); default stable, derived from the TAP name. */
-  mac?: string;
+  /** The guest's MAC (6 bytes); default stable, derived from the TAP name. */
+  mac?: Uint8Array;
   /** Bring the host end up with this address ("192.168.100.1/24"). */
   hostCidr?: string;
 }
@@ -467,7 +468,7 @@ function openVirtioDevices(
     add(`virtio-blk vd${String.fromCharCode(0x61 + (i % 26))} (${d.path})`, { kind: "virtio-blk", disk });
   });
   nics.forEach((n, i) => {
-    const mac = formatMac(n.mac !== undefined ? parseMac(n.mac) : defaultMac(n.tap));
+    const mac = n.mac ?? defaultMac(n.tap);
     const tap = openTap(n.tap, { vnetHeaderSize: 12 });
     res.taps.push(tap);
     if (n.hostCidr !== undefined) configureHostSide(tap.name, n.hostCidr);

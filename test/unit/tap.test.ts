@@ -9,7 +9,8 @@ import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import * as path from "node:path";
 import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TapError, TunAbi, configureHostSide, openTap, parseCidr, validateTapName } from "../../src/host/tap";
-import * as net from "../../src/devices/virtio/net/device";
+import * as netDevice from "../../src/devices/virtio/net/device";
+import * as netHeader from "../../src/devices/virtio/net/header";
 import { buildNative } from "../../scripts/lib/native";
 import { NetNs, netTestSkipReason } from "../helpers/netns";
 
@@ -39,6 +40,7 @@ describe("TUN/TAP and virtio-net ABI against the host's headers", () => {
     const group = (prefix: string, obj: Record<string, number>) => {
       for (const [k, v] of Object.entries(obj)) ts.set(`${prefix}.${k}`, v);
     };
+    const net = { ...netDevice, ...netHeader };
     group("TunAbi", TunAbi);
     group("VirtioNetFeature", net.VirtioNetFeature);
     group("NetConfig", net.NetConfig);

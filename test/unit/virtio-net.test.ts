@@ -8,23 +8,11 @@ import { after, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { GuestMemory } from "../../src/memory/guest-memory";
 import { type VirtioActivation, VirtioDeviceType, VirtioFeatureBit, feature } from "../../src/devices/virtio/types";
-import {
-  MacAddressError,
-  NET_MAX_IOV,
-  NET_QUEUE_SIZE,
-  NetConfig,
-  NetHdr,
-  VIRTIO_NET_HDR_F_DATA_VALID,
-  VIRTIO_NET_HDR_F_NEEDS_CSUM,
-  VIRTIO_NET_S_LINK_UP,
-  VirtioNet,
-  VirtioNetFeature,
-  VirtioNetGso,
-  defaultMac,
-  formatMac,
-  parseMac,
-} from "../../src/devices/virtio/net/device";
-import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, type TapLike } from "../../src/host/tap";
+import { NET_QUEUE_SIZE, NetConfig, VIRTIO_NET_S_LINK_UP, VirtioNet, VirtioNetFeature, defaultMac } from "../../src/devices/virtio/net/device";
+import { NET_MAX_IOV, NetHdr, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VirtioNetGso } from "../../src/devices/virtio/net/header";
+import type { NetBackend } from "../../src/devices/virtio/net/backend";
+import { MacAddressError, formatMac, parseMac } from "../../src/api/option-values";
+import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN } from "../../src/host/tap";
 import { VIRTQ_DESC_F_WRITE } from "../../src/devices/virtio/queue";
 import * as sys from "../../src/sys/libc";
 import { type Buf, VirtqDriver } from "../helpers/virtq-driver";
@@ -41,7 +29,7 @@ const GUEST_TSO6 = f(VirtioNetFeature.GUEST_TSO6);
 const GUEST_ECN = f(VirtioNetFeature.GUEST_ECN);
 
 /** An in-memory TAP: frames queued for the guest, frames the guest sent. */
-class FakeTap implements TapLike {
+class FakeTap implements NetBackend {
   readonly fd: number = 777;
   readonly name: string;
   /** Frames (vnet header first) the TAP will hand out, oldest first. */
@@ -167,7 +155,7 @@ function harness(opts: { mode?: Mode; features?: bigint; tap?: FakeTap; activate
   const logs: string[] = [];
   const dev = new VirtioNet(tap, {
     log: (l) => logs.push(l),
-    ...(opts.mac !== undefined ? { mac: opts.mac } : {}),
+    ...(opts.mac !== undefined ? { mac: parseMac(opts.mac) } : {}),
     ...(opts.mtu !== undefined ? { mtu: opts.mtu } : {}),
   });
   const signals: number[] = [];
