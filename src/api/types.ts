@@ -67,6 +67,11 @@ export interface VmOptions {
   buildGuest?: boolean;
   /** One-line progress messages ("using the default guest ..."). */
   onProgress?: (message: string) => void;
+  /**
+   * One-line warnings while the VM runs: a guest broke its virtio device, a disk or TAP
+   * failed on the host. Default: the Vm's "warning" event.
+   */
+  onWarning?: (message: string) => void;
   /** Another KVM device node than /dev/kvm. */
   kvmPath?: string;
 }

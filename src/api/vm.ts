@@ -135,6 +135,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       mux,
       logFd,
       retain: options.consoleRetain ?? DEFAULT_CONSOLE_RETAIN,
+      ...(options.onWarning !== undefined ? { onWarning: options.onWarning } : {}),
     });
     await vm.started;
     return vm;
@@ -152,7 +153,9 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
 
 /**
  * A running VM. Events: "console" (Buffer: console output, with console "capture"),
- * "stdout" and "stderr" (Buffer: any command's output), "exit" (VmExit).
+ * "stdout" and "stderr" (Buffer: any command's output), "warning" (string, unless
+ * VmOptions.onWarning takes them), "registers" ({ vcpu, dump }: after dumpRegisters()),
+ * "exit" (VmExit).
  */
 export class Vm extends EventEmitter {
   /** Resolves when the VM has ended and everything it held is released. Never rejects. */
@@ -180,9 +183,20 @@ export class Vm extends EventEmitter {
   constructor(
     private readonly machine: Machine,
     readonly info: VmInfo,
-    io: { capture: boolean; mux: { read: number; write: number } | undefined; logFd: number | undefined; retain: number },
+    io: {
+      capture: boolean;
+      mux: { read: number; write: number } | undefined;
+      logFd: number | undefined;
+      retain: number;
+      onWarning?: (message: string) => void;
+    },
   ) {
     super();
+    const onWarning = io.onWarning ?? ((message: string) => this.emit("warning", message));
+    machine.onDiagnostic = (d) => {
+      if (d.kind === "warning") onWarning(d.message);
+      else this.emit("registers", { vcpu: d.vcpu, dump: d.dump });
+    };
     this.capture = io.capture;
     this.logFd = io.logFd;
     this.retain = Math.max(4096, io.retain);
@@ -249,7 +263,7 @@ export class Vm extends EventEmitter {
     return r;
   }
 
-  /** Have every vCPU print its registers to stderr (where is the guest?). */
+  /** Have every vCPU report its registers, each as a "registers" event (where is the guest?). */
   dumpRegisters(): void {
     this.machine.dumpRegisters();
   }

@@ -19,9 +19,9 @@ import * as sys from "../sys/libc";
 import { writeAll } from "../sys/libc";
 import { PciRootComplex } from "../devices/pci/root-complex";
 import type { PciRootState } from "../devices/pci/root-complex";
-import type { PciSlot } from "../devices/pci/types";
 import { VirtioPciTransport, type VirtioTransportHooks } from "../devices/virtio/pci-transport";
-import type { NotifyAddress, VirtioPciState } from "../devices/virtio/transport-state";
+import type { NotifyAddress } from "../devices/virtio/transport-state";
+import type { VirtioFunctionSpec } from "./virtio-devices";
 import { PCI_HOLE_END } from "../arch/x86/layout";
 import type { GuestMemory } from "../memory/guest-memory";
 
@@ -73,26 +73,6 @@ export interface DeviceSetSpec {
   i8042: { base: number; state: SharedArrayBuffer };
   /** Present when the machine has PCI devices. */
   pci?: { root: PciRootState; functions: VirtioFunctionSpec[] };
-}
-
-/** A virtio-pci function as every exit-handling thread needs it. */
-export interface VirtioFunctionSpec {
-  name: string;
-  slot: PciSlot;
-  transport: VirtioPciState;
-  /** One eventfd per queue; kicks that arrive as exits are written here too. */
-  kickFds: number[];
-  /**
-   * The ioeventfds currently registered for this function, shared so that whichever vCPU
-   * thread sees the guest move a BAR can take the old ones out: [count, then per entry
-   * address, pio, datamatch (-1: none), length, queue index].
-   */
-  ioeventfds: SharedArrayBuffer;
-}
-
-/** Room for the registrations of one function: the count and 5 numbers per queue. */
-export function ioeventfdRecord(queues: number): SharedArrayBuffer {
-  return new SharedArrayBuffer(8 * (1 + 5 * queues));
 }
 
 export function createDeviceSetSpec(opts: {
@@ -261,35 +241,30 @@ function virtioHooks(f: VirtioFunctionSpec, env: DeviceEnv): VirtioTransportHook
     },
     reset: pokeIo,
     driverOk: pokeIo,
-    notifyAddressChanged: (queues) => replaceIoeventfds(vm, f, queues),
+    notifyAddressChanged: (now, before) => moveIoeventfds(vm, f, now, before),
     msixUnmasked: (_vector, m) => vm.signalMsi(m.address % 0x1_0000_0000, Math.floor(m.address / 0x1_0000_0000), m.data),
   };
 }
 
 /**
- * Re-register the queue notification addresses with KVM_IOEVENTFD, so that a kick signals
- * the queue's eventfd inside the kernel with no exit. Runs under the transport's lock.
+ * Move the queue notification ioeventfds from where they were (`before`) to where they are
+ * now, so that a kick signals the queue's eventfd inside the kernel with no exit. Runs in
+ * whichever thread saw the change, under the transport's lock; the transport's registers
+ * are the one record of what is registered.
  */
-function replaceIoeventfds(vm: Vm, f: VirtioFunctionSpec, queues: readonly NotifyAddress[]): void {
-  const rec = new Float64Array(f.ioeventfds);
-  const fdOf = (index: number) => f.kickFds[index];
-  for (let i = 0; i < rec[0]!; i++) {
-    const [address, pio, datamatch, length, index] = [rec[1 + 5 * i]!, rec[2 + 5 * i]!, rec[3 + 5 * i]!, rec[4 + 5 * i]!, rec[5 + 5 * i]!];
-    const fd = fdOf(index);
+function moveIoeventfds(vm: Vm, f: VirtioFunctionSpec, now: readonly NotifyAddress[], before: readonly NotifyAddress[]): void {
+  for (const q of before) {
+    const fd = f.kickFds[q.index];
     if (fd === undefined) continue;
     try {
-      vm.ioeventfd(fd, address, { pio: pio === 1, length, deassign: true, ...(datamatch >= 0 ? { datamatch } : {}) });
+      vm.ioeventfd(fd, q.address, { pio: q.pio, length: q.length, deassign: true, ...(q.datamatch !== undefined ? { datamatch: q.datamatch } : {}) });
     } catch {
       // Already gone; nothing to undo.
     }
   }
-  let n = 0;
-  for (const q of queues) {
-    const fd = fdOf(q.index);
-    if (fd === undefined || 1 + 5 * (n + 1) > rec.length) continue;
+  for (const q of now) {
+    const fd = f.kickFds[q.index];
+    if (fd === undefined) continue;
     vm.ioeventfd(fd, q.address, { pio: q.pio, length: q.length, ...(q.datamatch !== undefined ? { datamatch: q.datamatch } : {}) });
-    rec.set([q.address, q.pio ? 1 : 0, q.datamatch ?? -1, q.length, q.index], 1 + 5 * n);
-    n++;
   }
-  rec[0] = n;
 }

@@ -1,18 +1,29 @@
 /**
- * The I/O side of each virtio device: what the machine hands the I/O worker (plain data)
- * and how the worker brings it to life (transport view + back end + interrupt sink).
+ * Virtio-pci functions as plain data, and what each thread makes of one.
+ *
+ * The machine (main thread) opens the host resources (disk image, TAP), allocates each
+ * function's shared transport state and eventfds, and writes it all into one
+ * VirtioFunctionSpec, posted as it is to every worker:
+ * - vCPU threads (and the main thread) put the register side on the PCI bus
+ *   (devices.ts: instantiateDevices, VirtioPciTransport);
+ * - the I/O worker builds the device model over its host back end and runs it
+ *   (instantiateIoSide: VirtioDeviceRunner, VirtioBlock over a FileBlockEngine,
+ *   VirtioNet over a Tap).
+ * A device's identity (type, queues, features, config space) comes from its spec alone
+ * (describeVirtioDevice), so no thread builds a back end just to learn it.
  */
 import * as sys from "../sys/libc";
 import { Vm } from "../kvm/kvm";
 import type { GuestMemory } from "../memory/guest-memory";
-import { VirtioPciDeviceSide } from "../devices/virtio/pci-transport";
+import type { PciSlot } from "../devices/pci/types";
+import { VirtioPciDeviceSide } from "../devices/virtio/pci-device-side";
 import type { VirtioPciState } from "../devices/virtio/transport-state";
-import { VirtioBlock } from "../devices/virtio/blk/device";
-import { FileBlockEngine } from "../host/block-file-engine";
-import { VirtioNet } from "../devices/virtio/net/device";
-import { Tap } from "../host/tap";
-import type { VirtioDevice } from "../devices/virtio/types";
+import type { VirtioDevice, VirtioDeviceDescription } from "../devices/virtio/types";
 import { VirtioDeviceRunner, type DeviceLog, type InterruptSink } from "../devices/virtio/runner";
+import { VirtioBlock, blkDescription } from "../devices/virtio/blk/device";
+import { VirtioNet, netDescription } from "../devices/virtio/net/device";
+import { FileBlockEngine } from "../host/block-file-engine";
+import { Tap } from "../host/tap";
 
 /** An open disk image, as plain data (the fd is valid in every thread of the process). */
 export interface DiskSpec {
@@ -29,54 +40,70 @@ export interface NicSpec {
   tapName: string;
   created: boolean;
   mac: Uint8Array;
-  /** Whether the TAP accepted TUNSETOFFLOAD (probed once, on the main thread). */
+  /** Whether the TAP takes the offloads (probed once, on the main thread). */
   offloads: boolean;
 }
 
-/** What a back end is made of. */
-export type BackendSpec = { kind: "virtio-blk"; disk: DiskSpec } | { kind: "virtio-net"; nic: NicSpec };
+/** What a virtio device is made of. */
+export type VirtioDeviceSpec = { kind: "virtio-blk"; disk: DiskSpec } | { kind: "virtio-net"; nic: NicSpec };
 
-export type IoDeviceSpec = BackendSpec & {
+/** One virtio-pci function, as every thread needs it. Plain data, safe for postMessage. */
+export interface VirtioFunctionSpec {
+  /** For messages: "virtio-blk vda (disk.img)". */
   name: string;
+  slot: PciSlot;
+  device: VirtioDeviceSpec;
+  /** The transport's registers, shared by every thread (transport-state.ts). */
   transport: VirtioPciState;
-  /** One eventfd per queue: KVM signals it through ioeventfd when the driver kicks. */
+  /**
+   * One eventfd per queue: KVM signals it through ioeventfd when the driver kicks, and a
+   * kick that arrives as an exit is written to it too. Whoever serves the queues polls it.
+   */
   kickFds: number[];
   /** irqfd for the INTx line, and the eventfd KVM signals when the guest EOIs it. */
   intxFd: number;
   resampleFd: number;
-};
-
-export interface IoDeviceInstance {
-  readonly io: VirtioDeviceRunner;
-  readonly kickFds: readonly number[];
-  readonly resampleFd: number | undefined;
-  close(): void;
 }
 
-/** The back end a spec describes; also used on the main thread for the device's identity. */
-export function createBackend(spec: BackendSpec, log?: (line: string) => void): VirtioDevice {
-  const logOpt = log !== undefined ? { log } : {};
+/** The device's identity, features and configuration space, from its spec alone. */
+export function describeVirtioDevice(spec: VirtioDeviceSpec): VirtioDeviceDescription {
   switch (spec.kind) {
     case "virtio-blk":
-      return new VirtioBlock(new FileBlockEngine(spec.disk), { serial: spec.disk.serial, ...logOpt });
+      return blkDescription(spec.disk);
+    case "virtio-net":
+      return netDescription({ mac: spec.nic.mac, offloads: spec.nic.offloads });
+  }
+}
+
+/** The device model over its host back end, in the thread that serves its queues. */
+export function createVirtioDevice(spec: VirtioDeviceSpec, log: (line: string) => void): VirtioDevice {
+  switch (spec.kind) {
+    case "virtio-blk":
+      return new VirtioBlock(new FileBlockEngine(spec.disk), { serial: spec.disk.serial, log });
     case "virtio-net": {
       // A second handle on the main thread's TAP fd: never closed from here.
       const tap = new Tap(spec.nic.tapName, spec.nic.tapFd, spec.nic.created, 12);
-      return new VirtioNet(tap, { mac: spec.nic.mac, offloads: spec.nic.offloads, ...logOpt });
+      return new VirtioNet(tap, { mac: spec.nic.mac, offloads: spec.nic.offloads, log });
     }
   }
 }
 
-export function instantiateIoDevice(
-  spec: IoDeviceSpec,
-  env: { memory: GuestMemory; vmFd: number; log: DeviceLog },
-): IoDeviceInstance {
+/** A function as the I/O worker runs it: the fds to poll and what to do when they fire. */
+export interface IoSideDevice {
+  readonly runner: VirtioDeviceRunner;
+  /** Polled for kicks of queue i (index i). */
+  readonly kickFds: readonly number[];
+  readonly resampleFd: number;
+}
+
+/** Bring a function to life in the I/O worker: its device model, runner and interrupt sink. */
+export function instantiateIoSide(spec: VirtioFunctionSpec, env: { memory: GuestMemory; vmFd: number; log: DeviceLog }): IoSideDevice {
   const vm = new Vm(env.vmFd);
   const irq: InterruptSink = {
     msi: (address, data) => vm.signalMsi(address % 0x1_0000_0000, Math.floor(address / 0x1_0000_0000), data),
     intx: () => sys.signalEventfd(spec.intxFd),
   };
-  const backend = createBackend(spec, (line) => env.log.warn(`${spec.name}: ${line}`));
-  const io = new VirtioDeviceRunner(spec.name, new VirtioPciDeviceSide(spec.transport), backend, env.memory, irq, env.log);
-  return { io, kickFds: spec.kickFds, resampleFd: spec.resampleFd, close: () => undefined };
+  const device = createVirtioDevice(spec.device, (line) => env.log.warn(`${spec.name}: ${line}`));
+  const runner = new VirtioDeviceRunner(spec.name, new VirtioPciDeviceSide(spec.transport), device, env.memory, irq, env.log);
+  return { runner, kickFds: spec.kickFds, resampleFd: spec.resampleFd };
 }

@@ -70,7 +70,7 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     return ExitCode.OK;
   }
   if (opts.kernel === undefined) say("no kernel given (-k): using the default guest (building it on first use, which takes minutes)");
-  const vm = await startVm({ ...vmOptionsFrom(opts), agent: false, console: { fd: 1 } });
+  const vm = await startVm({ ...vmOptionsFrom(opts), agent: false, console: { fd: 1 }, onWarning: say });
   say(`${bootBanner(vm)}; Ctrl-A x quits`);
   return runToEnd(vm);
 }
@@ -84,6 +84,10 @@ async function runToEnd(vm: Vm): Promise<number> {
   };
   const signals = Object.keys(STOP_SIGNALS) as StopSignal[];
   for (const s of signals) process.on(s, onSignal);
+  // The terminal is in raw mode: lines end in CR LF.
+  const onRegisters = (r: { vcpu: number; dump: string }) =>
+    process.stderr.write(`\r\n--- vCPU ${r.vcpu} registers ---\r\n${r.dump.replace(/\n/g, "\r\n")}\r\n`);
+  vm.on("registers", onRegisters);
   const attachment = attachConsole(
     process.stdin,
     (bytes) => vm.sendConsole(bytes),
@@ -98,6 +102,7 @@ async function runToEnd(vm: Vm): Promise<number> {
     exit = await vm.exited;
   } finally {
     attachment.detach();
+    vm.off("registers", onRegisters);
     for (const s of signals) process.off(s, onSignal);
   }
   if (signal !== undefined) {

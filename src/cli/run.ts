@@ -86,6 +86,7 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
       ...(opts.noInitrd ? { initrd: null } : {}),
       agent: true,
       console: "capture",
+      onWarning: say,
       ...(opts.consoleLog !== undefined ? { consoleLog: opts.consoleLog } : {}),
     });
     if (signal !== undefined) void vm.stop(`stopped by ${signal}`);

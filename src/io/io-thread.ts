@@ -1,8 +1,9 @@
 /**
- * The I/O worker: one thread that owns the device back ends (disk image files, later TAP
- * devices). It sleeps in poll(2) on the queue-kick eventfds (which KVM signals through
- * ioeventfd without any exit to user space), the INTx resample eventfds and a control
- * eventfd, and does the device work off the vCPU threads.
+ * The I/O worker: one thread that serves the virtio queues, owning the device models and
+ * their host back ends (disk image files, TAPs). It sleeps in poll(2) on the queue-kick
+ * eventfds (which KVM signals through ioeventfd without any exit to user space), the INTx
+ * resample eventfds, the back ends' fds and a control eventfd, and does the device work
+ * off the vCPU threads.
  *
  * This module is the main thread's handle; io-worker.ts is the thread itself.
  */
@@ -10,7 +11,7 @@ import { Worker } from "node:worker_threads";
 import { join } from "node:path";
 import * as sys from "../sys/libc";
 import type { RegionDescriptor } from "../memory/guest-memory";
-import type { IoDeviceSpec } from "../board/virtio-devices";
+import type { VirtioFunctionSpec } from "../board/virtio-devices";
 
 export const IoControlCell = { STOP: 0, COUNT: 1 } as const;
 
@@ -24,21 +25,21 @@ export interface IoWorkerInit {
   /** eventfd: written by any thread that wants the worker to look at its control cells / devices. */
   controlFd: number;
   control: Int32Array;
-  devices: IoDeviceSpec[];
+  devices: VirtioFunctionSpec[];
 }
 
-export type IoWorkerMessage =
-  | { type: "warning"; message: string }
-  | { type: "stopped" }
-  | { type: "failed"; message: string };
+/** From the worker: a device's warning (a line for the user), or why the worker died. */
+export type IoWorkerMessage = { type: "warning"; message: string } | { type: "failed"; message: string };
 
 export class IoThread {
   private worker: Worker | undefined;
+  /** Resolves when the worker has exited (after flushing its back ends, on stop()). */
   readonly done: Promise<void>;
   private resolveDone!: () => void;
   /** Set when the worker died of an error (its message). */
   failure: string | undefined;
-  onWarning: (message: string) => void = (m) => process.stderr.write(`tskvm: ${m}\n`);
+  /** Where device warnings go; the machine passes them on. */
+  onWarning: (message: string) => void = () => undefined;
 
   constructor(private readonly init: IoWorkerInit) {
     this.done = new Promise((r) => {
@@ -51,7 +52,7 @@ export class IoThread {
     this.worker = worker;
     worker.on("message", (m: IoWorkerMessage) => {
       if (m.type === "warning") this.onWarning(m.message);
-      else if (m.type === "failed") this.failure = m.message;
+      else this.failure = m.message;
     });
     worker.on("error", (e) => {
       this.failure = e.message;

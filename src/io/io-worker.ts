@@ -6,7 +6,7 @@ import * as sys from "../sys/libc";
 import { GuestMemory } from "../memory/guest-memory";
 import { IoReady } from "../devices/virtio/types";
 import { IoControlCell, IoWorkerInit, IoWorkerMessage } from "./io-thread";
-import { instantiateIoDevice, IoDeviceInstance } from "../board/virtio-devices";
+import { instantiateIoSide, type IoSideDevice } from "../board/virtio-devices";
 
 // Device models speak IoReady; its bits are poll(2)'s, so they pass through unchanged.
 if (IoReady.READABLE !== sys.POLLIN || IoReady.WRITABLE !== sys.POLLOUT || IoReady.ERROR !== sys.POLLERR || IoReady.HANGUP !== sys.POLLHUP) {
@@ -20,14 +20,14 @@ function post(m: IoWorkerMessage): void {
 /** What each polled fd means. */
 type Source =
   | { kind: "control" }
-  | { kind: "kick"; device: IoDeviceInstance; queue: number }
-  | { kind: "resample"; device: IoDeviceInstance }
-  | { kind: "backend"; device: IoDeviceInstance };
+  | { kind: "kick"; device: IoSideDevice; queue: number }
+  | { kind: "resample"; device: IoSideDevice }
+  | { kind: "backend"; device: IoSideDevice };
 
 function main(init: IoWorkerInit): void {
   const memory = GuestMemory.attach(init.memory);
   const log = { warn: (message: string) => post({ type: "warning", message }) };
-  const devices = init.devices.map((spec) => instantiateIoDevice(spec, { memory, vmFd: init.vmFd, log }));
+  const devices = init.devices.map((spec) => instantiateIoSide(spec, { memory, vmFd: init.vmFd, log }));
   // Eventfds are polled always; back-end fds (a TAP) as their device asks, so they are
   // appended afresh before every poll.
   const fixed: sys.PollFd[] = [];
@@ -39,14 +39,14 @@ function main(init: IoWorkerInit): void {
   watch(init.controlFd, { kind: "control" });
   for (const d of devices) {
     d.kickFds.forEach((fd, queue) => watch(fd, { kind: "kick", device: d, queue }));
-    if (d.resampleFd !== undefined) watch(d.resampleFd, { kind: "resample", device: d });
+    watch(d.resampleFd, { kind: "resample", device: d });
   }
 
   for (;;) {
     const fds = fixed.slice();
     const sources = fixedSources.slice();
     for (const d of devices) {
-      for (const p of d.io.pollFds()) {
+      for (const p of d.runner.pollFds()) {
         if (p.events === 0) continue;
         fds.push({ fd: p.fd, events: p.events, revents: 0 });
         sources.push({ kind: "backend", device: d });
@@ -58,20 +58,19 @@ function main(init: IoWorkerInit): void {
       if (p.revents === 0) continue;
       const s = sources[i]!;
       if (s.kind === "backend") {
-        s.device.io.pollReady(p.fd, p.revents);
+        s.device.runner.pollReady(p.fd, p.revents);
         continue;
       }
       sys.drainEventfd(p.fd);
-      if (s.kind === "kick") s.device.io.kicked(s.queue);
-      else if (s.kind === "resample") s.device.io.resampled();
+      if (s.kind === "kick") s.device.runner.kicked(s.queue);
+      else if (s.kind === "resample") s.device.runner.resampled();
       else {
         if (Atomics.load(init.control, IoControlCell.STOP) !== 0) {
-          for (const d of devices) d.io.stop();
-          for (const d of devices) d.close();
-          post({ type: "stopped" });
+          // The back ends flush; the worker's exit tells the main thread they are done.
+          for (const d of devices) d.runner.stop();
           return;
         }
-        for (const d of devices) d.io.sync();
+        for (const d of devices) d.runner.sync();
       }
     }
   }

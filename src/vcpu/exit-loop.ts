@@ -22,7 +22,7 @@ export type VcpuStop =
 /**
  * Cells of the run-control SharedArrayBuffer shared by the main thread and every vCPU.
  * STOP: set by whoever ends the VM; each vCPU checks it after every exit.
- * DUMP: a generation counter; a vCPU that sees it change prints its registers to stderr
+ * DUMP: a generation counter; a vCPU that sees it change reports its registers
  *       (Ctrl-A d on the console, for finding out where a guest is stuck).
  * HALT_PROBE: a generation counter; a vCPU that sees it change answers in the halt-status
  *       array whether it sits in HLT with interrupts disabled (see probeHalt).
@@ -51,6 +51,8 @@ export class ExitLoop implements VmControl {
   private pending: VcpuStop | undefined;
   readonly counters: ExitCounters = { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 };
   private dumpSeen = 0;
+  /** Where this vCPU's register dump goes when DUMP is bumped (the worker posts it to the main thread). */
+  onRegisterDump: (dump: string) => void = () => undefined;
   private haltProbeSeen = 0;
 
   constructor(
@@ -86,8 +88,7 @@ export class ExitLoop implements VmControl {
     if (gen === this.dumpSeen) return;
     this.dumpSeen = gen;
     this.vcpu.setImmediateExit(false);
-    const dump = formatRegisterDump(this.vcpu.getRegisters(), this.vcpu.getSpecialRegisters());
-    process.stderr.write(`\r\n--- vCPU ${this.vcpu.id} registers ---\r\n${dump.replace(/\n/g, "\r\n")}\r\n`);
+    this.onRegisterDump(formatRegisterDump(this.vcpu.getRegisters(), this.vcpu.getSpecialRegisters()));
   }
 
   /**

@@ -27,6 +27,7 @@ export interface VcpuWorkerInit {
 
 export type VcpuWorkerMessage =
   | { type: "started"; id: number; thread: bigint }
+  | { type: "registers"; id: number; dump: string }
   | { type: "stopped"; id: number; stop: VcpuStop; counters: ExitCounters };
 
 /** The signal that kicks a vCPU thread out of KVM_RUN; the VMM installs a no-op handler. */
@@ -61,6 +62,8 @@ export class VcpuThread {
   private finished = false;
   /** Called with the first stop this vCPU reports (the machine then stops the others). */
   onStop: ((r: VcpuThreadResult) => void) | undefined;
+  /** Called with the vCPU's register dump, when asked for one (RunControlCell.DUMP). */
+  onRegisterDump: ((dump: string) => void) | undefined;
 
   constructor(readonly vcpu: Vcpu, private readonly init: VcpuWorkerInit) {
     this.done = new Promise((resolve) => {
@@ -80,6 +83,8 @@ export class VcpuThread {
         this.resolveStarted();
         // A stop may have been requested before the thread id was known.
         if (Atomics.load(this.init.control, RunControlCell.STOP) !== 0) this.kick();
+      } else if (msg.type === "registers") {
+        this.onRegisterDump?.(msg.dump);
       } else {
         result = { id: msg.id, stop: msg.stop, counters: msg.counters };
         this.onStop?.(result);

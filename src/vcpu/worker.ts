@@ -29,6 +29,7 @@ function main(init: VcpuWorkerInit): void {
     },
   });
   loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control, init.haltStatus);
+  loop.onRegisterDump = (dump) => post({ type: "registers", id: vcpu.id, dump });
   post({ type: "started", id: vcpu.id, thread: pthreadSelf() });
   let stop: VcpuStop;
   try {

@@ -20,14 +20,14 @@ import { VirtioPciTransport } from "../devices/virtio/pci-transport";
 import { defaultSerial } from "../devices/virtio/blk/device";
 import type { PciSlot } from "../devices/pci/types";
 import { IoThread, createIoControl } from "../io/io-thread";
-import { createBackend, type BackendSpec, type IoDeviceSpec } from "../board/virtio-devices";
+import { describeVirtioDevice, type VirtioDeviceSpec, type VirtioFunctionSpec } from "../board/virtio-devices";
 import { openTap, configureHostSide, type Tap } from "../host/tap";
 import { defaultMac } from "../devices/virtio/net/device";
 import { probeOffloads } from "../devices/virtio/net/backend";
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
 import { GuestMemory } from "../memory/guest-memory";
 import { ConfigError } from "./errors";
-import { createDeviceSetSpec, instantiateDevices, ioeventfdRecord, DeviceSet, DeviceSetSpec, VirtioFunctionSpec, type SerialSinkSpec } from "../board/devices";
+import { createDeviceSetSpec, instantiateDevices, DeviceSet, DeviceSetSpec, type SerialSinkSpec } from "../board/devices";
 import type { Serial } from "../devices/legacy/serial";
 import { createHaltStatus, createRunControl, RunControlCell, ExitCounters, VcpuStop } from "../vcpu/exit-loop";
 import { VcpuThread, VcpuThreadResult, holdKickHandler } from "../vcpu/vcpu-thread";
@@ -92,12 +92,18 @@ const PCI_GSI_COUNT = 8;
 /** Everything the machine opened for its virtio devices, for closing. */
 interface VirtioResources {
   functions: VirtioFunctionSpec[];
-  io: IoDeviceSpec[];
   fds: number[];
   images: DiskImage[];
   taps: Tap[];
   controlFd: number | undefined;
 }
+
+/**
+ * What the machine reports while it runs that is not how the run ends: a device's warning
+ * (one line: a guest that broke its virtio device, a failing disk) or a vCPU's registers
+ * (asked for with dumpRegisters).
+ */
+export type MachineDiagnostic = { kind: "warning"; message: string } | { kind: "registers"; vcpu: number; dump: string };
 
 /** How a run ended, with the per-vCPU details. */
 export interface MachineResult {
@@ -120,6 +126,8 @@ export class Machine {
   private destroyed = false;
   private running: Promise<MachineResult> | undefined;
   readonly devices: DeviceSet;
+  /** Where diagnostics go; the caller (the API) sets it before run(). Default: dropped. */
+  onDiagnostic: (d: MachineDiagnostic) => void = () => undefined;
 
   private constructor(
     private readonly kvm: Kvm,
@@ -151,8 +159,9 @@ export class Machine {
         vmFd: vm.fd,
         controlFd: virtio.controlFd,
         control: createIoControl(),
-        devices: virtio.io,
+        devices: virtio.functions,
       });
+      this.io.onWarning = (message) => this.onDiagnostic({ kind: "warning", message });
     }
   }
 
@@ -263,13 +272,14 @@ export class Machine {
     if (this.irqchip) this.startHaltProbes();
     for (const t of this.threads) {
       t.onStop = (r) => this.onVcpuStop(r);
+      t.onRegisterDump = (dump) => this.onDiagnostic({ kind: "registers", vcpu: t.vcpu.id, dump });
       t.start();
     }
     this.running = Promise.all(this.threads.map((t) => t.done)).then(async (results) => {
       // The back ends finish and flush only after no vCPU can submit more work.
       this.stopHaltProbes();
       await this.io?.stop();
-      if (this.io?.failure !== undefined) process.stderr.write(`tskvm: I/O worker failed: ${this.io.failure}\n`);
+      if (this.io?.failure !== undefined) this.onDiagnostic({ kind: "warning", message: `I/O worker failed: ${this.io.failure}` });
       releaseKick();
       this.stopInput();
       const counters: ExitCounters = { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 };
@@ -326,7 +336,7 @@ export class Machine {
     this.haltTimer = undefined;
   }
 
-  /** Have every vCPU print its registers to stderr and carry on (Ctrl-A d). */
+  /** Have every vCPU report its registers (a "registers" diagnostic) and carry on (Ctrl-A d). */
   dumpRegisters(): void {
     Atomics.add(this.control, RunControlCell.DUMP, 1);
     for (const t of this.threads) t.kick();
@@ -435,7 +445,7 @@ function openVirtioDevices(
   irqchip: boolean,
   cleanups: (() => void)[],
 ): VirtioResources {
-  const res: VirtioResources = { functions: [], io: [], fds: [], images: [], taps: [], controlFd: undefined };
+  const res: VirtioResources = { functions: [], fds: [], images: [], taps: [], controlFd: undefined };
   if (disks.length + nics.length === 0) return res;
   if (!irqchip) throw new ConfigError("virtio devices need the in-kernel irqchip");
   const eventfd = () => {
@@ -449,17 +459,16 @@ function openVirtioDevices(
     for (const tap of res.taps) tap.close();
   });
   res.controlFd = eventfd();
-  const add = (name: string, spec: BackendSpec) => {
-    const backend = createBackend(spec);
+  const add = (name: string, device: VirtioDeviceSpec) => {
+    const description = describeVirtioDevice(device);
     const n = res.functions.length;
     const slot: PciSlot = { device: 1 + n, intxPin: 0, gsi: PCI_GSI_BASE + (n % PCI_GSI_COUNT) };
-    const transport = VirtioPciTransport.createState(backend, { intxPin: slot.intxPin });
-    const kickFds = Array.from({ length: backend.queueCount }, eventfd);
+    const transport = VirtioPciTransport.createState(description, { intxPin: slot.intxPin });
+    const kickFds = Array.from({ length: description.queueCount }, eventfd);
     const intxFd = eventfd();
     const resampleFd = eventfd();
     vm.assignIrqfd(intxFd, slot.gsi, resampleFd);
-    res.functions.push({ name, slot, transport, kickFds, ioeventfds: ioeventfdRecord(backend.queueCount) });
-    res.io.push({ ...spec, name, transport, kickFds, intxFd, resampleFd });
+    res.functions.push({ name, slot, device, transport, kickFds, intxFd, resampleFd });
   };
   disks.forEach((d, i) => {
     const image = openDiskImage(d.path, { readOnly: d.readOnly });

@@ -80,11 +80,11 @@ export interface VirtioTransportHooks {
   driverOk(): void;
   /**
    * The BARs holding notification addresses moved, or decoding was turned on or off:
-   * `queues` is every address notifications now arrive at (modern: one per queue in the
-   * notify region; legacy: QUEUE_NOTIFY with datamatch = queue). Replace whatever ioeventfds
-   * were registered before with these.
+   * `now` is every address notifications now arrive at (modern: one per queue in the
+   * notify region; legacy: QUEUE_NOTIFY with datamatch = queue), `before` what it was at
+   * the last call (empty at first). Move the ioeventfds from those to these.
    */
-  notifyAddressChanged(queues: readonly NotifyAddress[]): void;
+  notifyAddressChanged(now: readonly NotifyAddress[], before: readonly NotifyAddress[]): void;
   /** A vector held while masked can be sent now: inject `message` (KVM_SIGNAL_MSI). */
   msixUnmasked(vector: number, message: MsiMessage): void;
   /** The MSI-X table, its enable/mask bits or a virtio vector assignment changed. */
@@ -142,8 +142,8 @@ export class VirtioPciTransport implements PciFunction {
     if (!notify && !msix) return;
     this.locked(() => {
       if (notify) {
-        const addresses = this.regs.refreshNotifyLocked();
-        if (addresses !== undefined) this.hooks.notifyAddressChanged(addresses);
+        const moved = this.regs.refreshNotifyLocked();
+        if (moved !== undefined) this.hooks.notifyAddressChanged(moved.now, moved.before);
       }
       if (msix) {
         releasePending(this.ctx);

@@ -1,7 +1,8 @@
 /**
- * The I/O worker's side of one virtio device: it watches the transport's shared state for
- * DRIVER_OK and resets, activates or resets the back end accordingly, forwards queue kicks
- * to it, and delivers its interrupts (MSI through KVM_SIGNAL_MSI, INTx through an irqfd
+ * Runs one virtio device model in the thread that serves its queues (the I/O worker): it
+ * watches the transport's shared state for DRIVER_OK and resets, activates or resets the
+ * device model accordingly, forwards queue kicks to it, and delivers its interrupts
+ * through an InterruptSink (the board's: MSI through KVM_SIGNAL_MSI, INTx through an irqfd
  * whose resample fd tells us when to assert the line again).
  */
 import type { GuestMemory } from "../../memory/guest-memory";
@@ -27,21 +28,21 @@ export class VirtioDeviceRunner {
   constructor(
     readonly name: string,
     private readonly transport: VirtioPciDeviceSide,
-    private readonly backend: VirtioDevice,
+    private readonly device: VirtioDevice,
     private readonly memory: GuestMemory,
     private readonly irq: InterruptSink,
     private readonly log: DeviceLog,
   ) {}
 
   /**
-   * Bring the back end in line with the driver: activate after DRIVER_OK, reset after the
+   * Bring the device model in line with the driver: activate after DRIVER_OK, reset after the
    * driver reset the device (the transport bumps its reset generation). Called on every
    * control event and before each kick is handled.
    */
   sync(): void {
     const gen = this.transport.resetGeneration();
     if (this.active && gen !== this.generation) {
-      this.backend.reset();
+      this.device.reset();
       this.active = false;
     }
     this.generation = gen;
@@ -49,7 +50,7 @@ export class VirtioDeviceRunner {
       this.active = true;
       // Signals carry the generation they were activated in: after a reset the transport
       // drops them, so a late completion cannot interrupt the next driver.
-      this.backend.activate({
+      this.device.activate({
         memory: this.memory,
         features: this.transport.negotiatedFeatures(),
         queues: this.transport.queueConfigs(),
@@ -64,7 +65,7 @@ export class VirtioDeviceRunner {
 
   kicked(queue: number): void {
     this.sync();
-    if (this.active) this.backend.queueNotified(queue);
+    if (this.active) this.device.queueNotified(queue);
   }
 
   /** The guest EOI'd our level-triggered INTx: assert again if an interrupt is still pending. */
@@ -72,18 +73,18 @@ export class VirtioDeviceRunner {
     if (this.transport.isrPending()) this.irq.intx();
   }
 
-  /** Host fds the back end wants polled now (only while active). */
+  /** Host fds the device model wants polled now (only while active). */
   pollFds(): readonly { fd: number; events: number }[] {
-    return this.active && this.backend.pollFds !== undefined ? this.backend.pollFds() : [];
+    return this.active && this.device.pollFds !== undefined ? this.device.pollFds() : [];
   }
 
   pollReady(fd: number, revents: number): void {
-    if (this.active) this.backend.pollReady?.(fd, revents);
+    if (this.active) this.device.pollReady?.(fd, revents);
   }
 
-  /** VM stop: let the back end finish and flush. */
+  /** VM stop: let the device model finish and its back end flush. */
   stop(): void {
-    if (this.active) this.backend.reset();
+    if (this.active) this.device.reset();
     this.active = false;
   }
 

@@ -455,6 +455,11 @@ export class VirtioPciRegs {
   /** Every address a queue notification can be written to now (decoding BARs only). */
   notifyAddresses(): NotifyAddress[] {
     const { modern, legacy } = this.notifyBases();
+    return this.notifyAddressesAt(modern, legacy);
+  }
+
+  /** The notification addresses for a modern BAR at `modern` and a legacy one at `legacy` (-1: off). */
+  private notifyAddressesAt(modern: number, legacy: number): NotifyAddress[] {
     const out: NotifyAddress[] = [];
     for (let q = 0; q < this.queueCount; q++) {
       if (modern >= 0) out.push({ index: q, address: modern + NOTIFY_CFG_OFFSET + q * NOTIFY_OFF_MULTIPLIER, pio: false, length: 2 });
@@ -466,27 +471,27 @@ export class VirtioPciRegs {
   }
 
   /**
-   * Compare the notify BARs with what was last reported (shared, so that whichever thread
-   * sees a change reports it once); record and return the new addresses, or undefined.
+   * Compare the notify BARs with what was last reported (the R_NOTIFY_* cells: shared, so
+   * that whichever thread sees a change reports it once, and the one record of where the
+   * machine registered them); record the new ones and return both address lists, or
+   * undefined when nothing moved.
    */
-  refreshNotifyLocked(): NotifyAddress[] | undefined {
+  refreshNotifyLocked(): { now: NotifyAddress[]; before: NotifyAddress[] } | undefined {
     const { modern, legacy } = this.notifyBases();
     const valid = modern >= 0 ? 1 : 0;
     const lo = modern >= 0 ? modern % TWO_32 | 0 : 0;
     const hi = modern >= 0 ? Math.floor(modern / TWO_32) | 0 : 0;
-    if (
-      this.s.get(R_NOTIFY_MODERN_VALID) === valid &&
-      this.s.get(R_NOTIFY_MODERN_LO) === lo &&
-      this.s.get(R_NOTIFY_MODERN_HI) === hi &&
-      this.s.get(R_NOTIFY_LEGACY_PORT) === legacy
-    ) {
-      return undefined;
-    }
+    const wasValid = this.s.get(R_NOTIFY_MODERN_VALID);
+    const wasLo = this.s.get(R_NOTIFY_MODERN_LO);
+    const wasHi = this.s.get(R_NOTIFY_MODERN_HI);
+    const wasLegacy = this.s.get(R_NOTIFY_LEGACY_PORT);
+    if (wasValid === valid && wasLo === lo && wasHi === hi && wasLegacy === legacy) return undefined;
     this.s.set(R_NOTIFY_MODERN_VALID, valid);
     this.s.set(R_NOTIFY_MODERN_LO, lo);
     this.s.set(R_NOTIFY_MODERN_HI, hi);
     this.s.set(R_NOTIFY_LEGACY_PORT, legacy);
-    return this.notifyAddresses();
+    const wasModern = wasValid === 1 ? (wasLo >>> 0) + (wasHi >>> 0) * TWO_32 : -1;
+    return { now: this.notifyAddressesAt(modern, legacy), before: this.notifyAddressesAt(wasModern, wasLegacy) };
   }
 
   private notifyBases(): { modern: number; legacy: number } {
