@@ -23,13 +23,48 @@ export class VmError extends Error {
  */
 export type VmStartFailure = "options" | "input" | "host" | "internal";
 
+/** The options a message can be about: VmOptions fields ("nics.hostCidr": a NIC's hostCidr). */
+export type OptionName =
+  | "kernel"
+  | "initrd"
+  | "memory"
+  | "cpus"
+  | "disks"
+  | "nics"
+  | "nics.mac"
+  | "nics.hostCidr"
+  | "guestIp"
+  | "entry"
+  | "cpuTemplate";
+
+/**
+ * How a message names an option. The API names them by their VmOptions field; a caller
+ * with other names for them (the CLI: its flags) renders the message again with its own.
+ */
+export type OptionNames = (option: OptionName) => string;
+export const API_OPTION_NAMES: OptionNames = (option) => option;
+
+/** A message about an option, to be rendered with whichever names the reader knows. */
+export type OptionMessage = (names: OptionNames) => string;
+
 export class VmStartError extends VmError {
+  /** The option at fault, when one is: `message` names it the API's way, render() any way. */
+  readonly option: OptionName | undefined;
+  private readonly renderWith: OptionMessage | undefined;
+
   constructor(
     readonly failure: VmStartFailure,
-    message: string,
-    options?: { cause?: unknown },
+    message: string | OptionMessage,
+    options?: { cause?: unknown; option?: OptionName },
   ) {
-    super(message, options);
+    super(typeof message === "string" ? message : message(API_OPTION_NAMES), options);
+    this.option = options?.option;
+    this.renderWith = typeof message === "string" ? undefined : message;
+  }
+
+  /** The message with options named by `names` (the CLI's flags, say). */
+  render(names: OptionNames): string {
+    return this.renderWith === undefined ? this.message : this.renderWith(names);
   }
 }
 

@@ -1,8 +1,10 @@
 /**
  * Option values given as text, by the API's string options and the CLI's flags alike:
- * sizes ("512M"), MAC addresses. Each parser throws an error of its own with a one-line
- * message that names the value and says what would be right.
+ * sizes ("512M"), disks ("img,readonly"), MAC addresses. Each parser throws an error of
+ * its own with a one-line message that names the value and says what would be right.
  */
+import { DiskImageError } from "../host/disk-image";
+import { VIRTIO_BLK_ID_BYTES } from "../devices/virtio/blk/request";
 
 export class SizeError extends Error {
   constructor(message: string) {
@@ -20,6 +22,7 @@ const UNITS: Record<string, number> = {
   T: 1024 ** 4,
 };
 
+/** A memory or image size: "512M", "2G", "1536" (a bare number is MiB); a positive multiple of 4 KiB. */
 export function parseSize(text: string, what = "memory size"): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtT]?)(?:i?[bB])?\s*$/.exec(text);
   if (m === null) {
@@ -59,4 +62,44 @@ export function parseMac(text: string): Uint8Array {
 
 export function formatMac(mac: Uint8Array): string {
   return Array.from(mac.subarray(0, 6), (b) => b.toString(16).padStart(2, "0")).join(":");
+}
+
+export interface DiskOption {
+  path: string;
+  readOnly: boolean;
+  /** The GET_ID serial, when given (at most 20 ASCII characters). */
+  serial?: string;
+}
+
+/** A disk serial (GET_ID) has at most this many characters. */
+export const MAX_SERIAL_LENGTH = VIRTIO_BLK_ID_BYTES;
+
+/**
+ * A disk given as text, "path[,readonly][,serial=ID]" (the API's string disks, the CLI's
+ * --disk). Errors are DiskImageErrors, like those of the image itself. A path containing a comma cannot be given (as in
+ * QEMU's -drive without doubling commas); rename or symlink it.
+ */
+export function parseDiskOption(spec: string): DiskOption {
+  const parts = spec.split(",");
+  const path = parts[0]!;
+  if (path === "") throw new DiskImageError("", `disk option "${spec}" has no image path (expected path[,readonly][,serial=ID])`);
+  const out: DiskOption = { path, readOnly: false };
+  for (const opt of parts.slice(1)) {
+    const eq = opt.indexOf("=");
+    const key = eq < 0 ? opt : opt.slice(0, eq);
+    const value = eq < 0 ? undefined : opt.slice(eq + 1);
+    if (key === "readonly" || key === "ro") {
+      if (value === undefined || value === "on" || value === "true") out.readOnly = true;
+      else if (value === "off" || value === "false") out.readOnly = false;
+      else throw new DiskImageError(path, `disk option "${opt}" in "${spec}": readonly takes on or off`);
+    } else if (key === "serial") {
+      if (value === undefined || value.length > MAX_SERIAL_LENGTH || !/^[\x20-\x7e]*$/.test(value)) {
+        throw new DiskImageError(path, `disk option "${opt}" in "${spec}": serial must be up to ${MAX_SERIAL_LENGTH} printable ASCII characters`);
+      }
+      out.serial = value;
+    } else {
+      throw new DiskImageError(path, `unknown disk option "${opt}" in "${spec}" (known: readonly, serial=ID)`);
+    }
+  }
+  return out;
 }

@@ -12,10 +12,10 @@ import { CpuidError } from "../kvm/cpuid";
 import { detectHostKvm } from "../kvm/host";
 import { BootError } from "../boot/errors";
 import { GuestBuildError, bootFilesFor, buildDefaultGuest, findDefaultGuest, type GuestManifest } from "./default-guest";
-import { DiskImageError, parseDiskOption } from "../host/disk-image";
+import { DiskImageError } from "../host/disk-image";
 import { TapError, parseCidr } from "../host/tap";
-import { MacAddressError, SizeError, parseMac, parseSize } from "./option-values";
-import { VmStartError, VmError } from "./errors";
+import { MacAddressError, SizeError, parseDiskOption, parseMac, parseSize } from "./option-values";
+import { VmStartError, VmError, type OptionMessage, type OptionName } from "./errors";
 import { AGENT_CMDLINE_ARG } from "./protocol";
 import type { VmOptions } from "./types";
 
@@ -48,11 +48,22 @@ export function readInputFile(path: string, what: string): Uint8Array {
   return data;
 }
 
+/** The API's names of the MachineConfig fields a ConfigError can be about. */
+const MACHINE_OPTIONS: Record<NonNullable<ConfigError["option"]>, OptionName> = {
+  memoryBytes: "memory",
+  cpus: "cpus",
+  cpuTemplate: "cpuTemplate",
+};
+
 /** Which VmStartError an error from the layers below becomes. */
 export function toStartError(e: unknown): VmError {
   if (e instanceof VmError) return e;
   const message = e instanceof Error ? e.message.split("\n")[0]! : String(e);
   const wrap = (failure: VmStartError["failure"]) => new VmStartError(failure, message, { cause: e });
+  if (e instanceof ConfigError && e.option !== undefined) {
+    const option = MACHINE_OPTIONS[e.option];
+    return new VmStartError("options", (n) => `${message} (${n(option)})`, { cause: e, option });
+  }
   if (e instanceof SizeError || e instanceof ConfigError || e instanceof CpuidError || e instanceof MacAddressError) return wrap("options");
   if (e instanceof InputFileError || e instanceof BootError || e instanceof GuestBuildError || e instanceof DiskImageError) return wrap("input");
   if (e instanceof TapError) return wrap(e.kind === "NameTooLong" || e.kind === "InvalidName" ? "options" : "host");
@@ -60,8 +71,20 @@ export function toStartError(e: unknown): VmError {
   return wrap("internal");
 }
 
-function optionsError(message: string): VmStartError {
-  return new VmStartError("options", message);
+function optionsError(message: string | OptionMessage, option?: OptionName): VmStartError {
+  return new VmStartError("options", message, option !== undefined ? { option } : {});
+}
+
+/** A vCPU count: a whole number, at least 1. The one check of it (the CLI's -c uses it too). */
+export function checkCpus(cpus: number): number {
+  if (!Number.isInteger(cpus) || cpus < 1) throw optionsError((n) => `bad vCPU count ${cpus}: a guest needs at least 1 (${n("cpus")})`, "cpus");
+  return cpus;
+}
+
+/** An ELF kernel's entry point to prefer, if given. The one check of it (the CLI's --entry uses it too). */
+export function checkEntry(entry: string | undefined): "pvh" | "linux64" | undefined {
+  if (entry !== undefined && entry !== "pvh" && entry !== "linux64") throw optionsError((n) => `bad ${n("entry")} '${entry}': use pvh or linux64`, "entry");
+  return entry;
 }
 
 /** The options, checked, in the machine's terms. */
@@ -91,10 +114,12 @@ export function checkOptions(o: VmOptions): CheckedOptions {
     memoryBytes = o.memory;
   }
   if (memoryBytes > totalmem()) {
-    throw optionsError(`guest memory ${formatBytes(memoryBytes)} is more than this host's ${formatBytes(totalmem())} of RAM: use a smaller -m`);
+    throw optionsError((n) => `guest memory ${formatBytes(memoryBytes)} is more than this host's ${formatBytes(totalmem())} of RAM: use a smaller ${n("memory")}`, "memory");
   }
-  const cpus = o.cpus ?? 1;
-  if (!Number.isInteger(cpus) || cpus < 1) throw optionsError(`bad vCPU count ${cpus}: a guest needs at least 1 (-c)`);
+  const cpus = checkCpus(o.cpus ?? 1);
+  for (const [option, path] of [["kernel", o.kernel], ["initrd", o.initrd]] as const) {
+    if (typeof path === "string" && path.trim() === "") throw optionsError((n) => `${n(option)} needs a file path`, option);
+  }
   const disks: DiskConfig[] = (o.disks ?? []).map((d) => {
     if (typeof d === "string") {
       const p = parseDiskOption(d);
@@ -108,21 +133,21 @@ export function checkOptions(o: VmOptions): CheckedOptions {
       try {
         parseCidr(n.hostCidr);
       } catch (e) {
-        throw optionsError(`bad --tap-ip: ${(e as Error).message}`);
+        throw optionsError((n) => `bad ${n("nics.hostCidr")}: ${(e as Error).message}`, "nics.hostCidr");
       }
     }
     return { tap: n.tap, ...(n.mac !== undefined ? { mac: parseMac(n.mac) } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) };
   });
   const extraArgs: string[] = [];
   if (o.guestIp !== undefined) {
-    if (nics.length === 0) throw optionsError("--guest-ip needs a network interface: add --tap NAME");
+    if (nics.length === 0) throw optionsError((n) => `${n("guestIp")} needs a network interface: add ${n("nics")}`, "guestIp");
     extraArgs.push(guestIpArgument(o.guestIp, nics[0]!.hostCidr));
   }
   const agent = o.agent ?? true;
   if (agent) extraArgs.push(AGENT_CMDLINE_ARG);
   const append = o.appendCmdline === undefined ? [] : typeof o.appendCmdline === "string" ? [o.appendCmdline] : [...o.appendCmdline];
   extraArgs.push(...append.map((a) => a.trim()).filter((a) => a !== ""));
-  if (o.entry !== undefined && o.entry !== "pvh" && o.entry !== "linux64") throw optionsError(`bad --entry '${String(o.entry)}': use pvh or linux64`);
+  checkEntry(o.entry);
   if (o.consoleLog !== undefined && o.console !== undefined && o.console !== "capture") {
     throw optionsError("consoleLog needs console: \"capture\"");
   }
@@ -135,7 +160,7 @@ export function checkOptions(o: VmOptions): CheckedOptions {
  */
 export function guestIpArgument(guestIp: string, hostCidr: string | undefined): string {
   if (!/^\d{1,3}(\.\d{1,3}){3}$/.test(guestIp) || guestIp.split(".").some((o) => Number(o) > 255)) {
-    throw optionsError(`bad --guest-ip '${guestIp}': give an IPv4 address such as 192.168.100.2`);
+    throw optionsError((n) => `bad ${n("guestIp")} '${guestIp}': give an IPv4 address such as 192.168.100.2`, "guestIp");
   }
   if (hostCidr === undefined) return `ip=${guestIp}:::255.255.255.0::eth0:off`;
   const { address, prefix } = parseCidr(hostCidr);
@@ -168,7 +193,6 @@ export function resolveBootFiles(o: VmOptions, agent: boolean): BootFiles {
   }
   const files = guest !== undefined ? bootFilesFor(guest, detectHostKvm().kind === "emulated-pvm") : undefined;
   if (o.kernel !== undefined) {
-    if (o.kernel.trim() === "") throw optionsError("--kernel needs a file path");
     const initrdPath = o.initrd === null ? undefined : (o.initrd ?? files?.initrd);
     return { kernelPath: o.kernel, initrdPath, cmdline: o.cmdline ?? DEFAULT_CMDLINE, defaultGuest: false };
   }

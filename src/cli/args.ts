@@ -1,9 +1,13 @@
 /**
- * Command-line parsing for `tskvm boot`: gokvm's short flags with long forms. Parsing is
- * pure (no files opened) so every bad input has a unit test.
+ * Command-line parsing for `tskvm boot`, `run` and `mkdisk`: gokvm's short flags with long
+ * forms. Parsing is pure (no files opened) so every bad input has a unit test. It checks
+ * what is about flags (syntax, pairing); what is about the options themselves the API
+ * checks (api/start.ts), once, and its messages name options by the flags below.
  */
 import { parseArgs } from "node:util";
 import { parseSize } from "../api/option-values";
+import { DEFAULT_CMDLINE, DEFAULT_MEMORY_BYTES, checkCpus, checkEntry } from "../api/start";
+import { VmStartError, type OptionNames } from "../api/errors";
 
 export class UsageError extends Error {
   constructor(message: string) {
@@ -12,15 +16,39 @@ export class UsageError extends Error {
   }
 }
 
-export const DEFAULT_MEMORY = 256 * 1024 * 1024;
-export const DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1";
+/** The flag for each option, as the API's messages are rendered for the command line. */
+export const CLI_OPTION_NAMES: OptionNames = (option) =>
+  ({
+    kernel: "--kernel",
+    initrd: "--initrd",
+    memory: "-m",
+    cpus: "-c",
+    disks: "--disk",
+    nics: "--tap NAME",
+    "nics.mac": "--mac",
+    "nics.hostCidr": "--tap-ip",
+    guestIp: "--guest-ip",
+    entry: "--entry",
+    cpuTemplate: "--cpu-template",
+  })[option];
+
+/** Run an API check at parse time: its error becomes a UsageError naming the flag. */
+function asUsage<T>(check: () => T): T {
+  try {
+    return check();
+  } catch (e) {
+    if (e instanceof VmStartError) throw new UsageError(e.render(CLI_OPTION_NAMES));
+    throw e;
+  }
+}
 
 export interface BootOptions {
   kernel: string | undefined;
   initrd: string | undefined;
   /** Kernel command line; undefined means the default (plus the default guest's extras). */
   params: string | undefined;
-  memoryBytes: number;
+  /** Undefined: the API's default. */
+  memoryBytes: number | undefined;
   cpus: number;
   disks: string[];
   taps: string[];
@@ -59,7 +87,7 @@ Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on f
   -k, --kernel PATH        bzImage or uncompressed ELF vmlinux
   -i, --initrd PATH        initial ramdisk
   -p, --params CMDLINE     kernel command line (default: "${DEFAULT_CMDLINE}")
-  -m, --memory SIZE        guest RAM: 512M, 2G, ... a bare number is MiB (default 256M)
+  -m, --memory SIZE        guest RAM: 512M, 2G, ... a bare number is MiB (default ${DEFAULT_MEMORY_BYTES / 1024 / 1024}M)
   -c, --cpus N             number of vCPUs (default 1)
   -d, --disk PATH[,readonly][,serial=ID]
                            virtio-blk disk image (repeatable: /dev/vda, vdb, ...)
@@ -107,23 +135,15 @@ function parseFlags(
 function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
   const str = (k: string) => values[k] as string | undefined;
   const list = (k: string) => (values[k] as string[] | undefined) ?? [];
-  const cpus = str("cpus") === undefined ? 1 : parsePositiveInt(str("cpus")!, "vCPU count", "-c");
-  if (cpus < 1) throw new UsageError(`bad vCPU count ${cpus}: a guest needs at least 1 (-c)`);
-  const entry = str("entry");
-  if (entry !== undefined && entry !== "pvh" && entry !== "linux64") {
-    throw new UsageError(`bad --entry '${entry}': use pvh or linux64`);
-  }
+  const cpus = str("cpus") === undefined ? 1 : asUsage(() => checkCpus(parsePositiveInt(str("cpus")!, "vCPU count", "-c")));
+  const entry = asUsage(() => checkEntry(str("entry")));
   if (list("tap-ip").length > list("tap").length) throw new UsageError("--tap-ip needs a --tap for each address");
   if (list("mac").length > list("tap").length) throw new UsageError("--mac needs a --tap for each address");
-  if (str("guest-ip") !== undefined && list("tap").length === 0) throw new UsageError("--guest-ip needs a network interface: add --tap NAME");
-  for (const [flag, v] of [["kernel", str("kernel")], ["initrd", str("initrd")]] as const) {
-    if (v !== undefined && v.trim() === "") throw new UsageError(`--${flag} needs a file path`);
-  }
   return {
     kernel: str("kernel"),
     initrd: str("initrd"),
     params: str("params"),
-    memoryBytes: str("memory") === undefined ? DEFAULT_MEMORY : parseSizeOrUsage(str("memory")!),
+    memoryBytes: str("memory") === undefined ? undefined : parseSizeOrUsage(str("memory")!),
     cpus,
     disks: list("disk"),
     taps: list("tap"),

@@ -5,7 +5,7 @@
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { ExitCode, STOP_SIGNALS, exitCodeForFailure, signalExitCode, type StopSignal } from "./exit-codes";
-import { BOOT_USAGE, UsageError, parseBootArgs } from "./args";
+import { BOOT_USAGE, CLI_OPTION_NAMES, UsageError, parseBootArgs } from "./args";
 import { attachConsole, ESCAPE_HELP } from "./console";
 import { SizeError } from "../api/option-values";
 import { runProbe } from "./probe";
@@ -43,7 +43,8 @@ export function classifyError(e: unknown): { code: number; message: string } {
   if (e instanceof UsageError || e instanceof SizeError) return { code: ExitCode.USAGE, message: e.message };
   const err = e instanceof VmError ? e : toStartError(e);
   if (err instanceof VmStartError || err instanceof DiskBuildError) {
-    if (err.failure !== "internal") return { code: exitCodeForFailure(err.failure), message: err.message };
+    const message = err instanceof VmStartError ? err.render(CLI_OPTION_NAMES) : err.message;
+    if (err.failure !== "internal") return { code: exitCodeForFailure(err.failure), message };
   }
   return { code: ExitCode.INTERNAL, message: `internal error: ${err.message} (run with TSKVM_DEBUG=1 for details)` };
 }

@@ -27,7 +27,7 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
     ...(opts.kernel !== undefined ? { kernel: opts.kernel } : {}),
     ...(opts.initrd !== undefined ? { initrd: opts.initrd } : {}),
     ...(opts.params !== undefined ? { cmdline: opts.params } : {}),
-    memory: opts.memoryBytes,
+    ...(opts.memoryBytes !== undefined ? { memory: opts.memoryBytes } : {}),
     cpus: opts.cpus,
     disks: opts.disks,
     nics: opts.taps.map((tap, i) => ({

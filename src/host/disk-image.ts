@@ -1,6 +1,5 @@
 /**
- * Disk images for virtio-blk: the `--disk path[,readonly][,serial=ID]` option and opening
- * an image file for one VM. Every failure is a DiskImageError whose message is one line
+ * Disk images for virtio-blk: opening an image file for one VM. Every failure is a DiskImageError whose message is one line
  * that says what is wrong with which file and, where there is one, what to do about it.
  *
  * Locking: a read-write image is locked exclusively, a read-only one shared (flock with
@@ -11,7 +10,7 @@
  */
 import * as fs from "node:fs";
 import * as sys from "../sys/libc";
-import { SECTOR_SIZE, VIRTIO_BLK_ID_BYTES } from "../devices/virtio/blk/request";
+import { SECTOR_SIZE } from "../devices/virtio/blk/request";
 
 export class DiskImageError extends Error {
   constructor(
@@ -21,44 +20,6 @@ export class DiskImageError extends Error {
     super(message);
     this.name = "DiskImageError";
   }
-}
-
-export interface DiskOption {
-  path: string;
-  readOnly: boolean;
-  /** The GET_ID serial, when given (at most 20 ASCII characters). */
-  serial?: string;
-}
-
-export const MAX_SERIAL_LENGTH = VIRTIO_BLK_ID_BYTES;
-
-/**
- * Parse "path[,readonly][,serial=ID]". A path containing a comma cannot be given (as in
- * QEMU's -drive without doubling commas); rename or symlink it.
- */
-export function parseDiskOption(spec: string): DiskOption {
-  const parts = spec.split(",");
-  const path = parts[0]!;
-  if (path === "") throw new DiskImageError("", `disk option "${spec}" has no image path (expected path[,readonly][,serial=ID])`);
-  const out: DiskOption = { path, readOnly: false };
-  for (const opt of parts.slice(1)) {
-    const eq = opt.indexOf("=");
-    const key = eq < 0 ? opt : opt.slice(0, eq);
-    const value = eq < 0 ? undefined : opt.slice(eq + 1);
-    if (key === "readonly" || key === "ro") {
-      if (value === undefined || value === "on" || value === "true") out.readOnly = true;
-      else if (value === "off" || value === "false") out.readOnly = false;
-      else throw new DiskImageError(path, `disk option "${opt}" in "${spec}": readonly takes on or off`);
-    } else if (key === "serial") {
-      if (value === undefined || value.length > MAX_SERIAL_LENGTH || !/^[\x20-\x7e]*$/.test(value)) {
-        throw new DiskImageError(path, `disk option "${opt}" in "${spec}": serial must be up to ${MAX_SERIAL_LENGTH} printable ASCII characters`);
-      }
-      out.serial = value;
-    } else {
-      throw new DiskImageError(path, `unknown disk option "${opt}" in "${spec}" (known: readonly, serial=ID)`);
-    }
-  }
-  return out;
 }
 
 /** An open image: what the virtio-blk file engine needs. close() drops the locks. */

@@ -190,7 +190,7 @@ function describeInternalError(exit: InternalErrorExit): string {
   const sub = exit.suberror;
   const what =
     sub === InternalErrorSuberror.EMULATION
-      ? "KVM could not emulate a guest instruction (on an emulating host KVM, try --cpu-template emulated)"
+      ? "KVM could not emulate a guest instruction (on an emulating host KVM, try the \"emulated\" CPU template)"
       : sub === InternalErrorSuberror.SIMUL_EX
         ? "KVM met an exception while delivering another"
         : sub === InternalErrorSuberror.DELIVERY_EV

@@ -186,7 +186,7 @@ export class Machine {
 
   private static build(config: MachineConfig, cleanups: (() => void)[]): Machine {
     if (config.memoryBytes < MIN_GUEST_MEMORY) {
-      throw new ConfigError(`guest memory ${formatBytes(config.memoryBytes)} is too small: give at least ${formatBytes(MIN_GUEST_MEMORY)} (-m)`);
+      throw new ConfigError(`guest memory ${formatBytes(config.memoryBytes)} is too small: give at least ${formatBytes(MIN_GUEST_MEMORY)}`, "memoryBytes");
     }
     const kvm = Kvm.open(config.kvmPath);
     cleanups.push(() => kvm.close());
@@ -196,13 +196,13 @@ export class Machine {
     const maxCpus = Math.min(limits.max, maxMpTableCpus((config.disks ?? []).length + (config.nics ?? []).length));
     if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > maxCpus) {
       const why = maxCpus === limits.max ? "this host's KVM allows" : "tskvm's MP table holds";
-      throw new ConfigError(`cannot give the guest ${config.cpus} vCPUs: ${why} 1 to ${maxCpus} (-c)`);
+      throw new ConfigError(`cannot give the guest ${config.cpus} vCPUs: ${why} 1 to ${maxCpus}`, "cpus");
     }
     const host = detectHostKvm();
     const templateName = config.cpuTemplate ?? defaultCpuTemplate(host.kind);
     const template = CPU_TEMPLATES[templateName];
     if (template === undefined) {
-      throw new ConfigError(`unknown CPU template '${templateName}': use ${Object.keys(CPU_TEMPLATES).join(" or ")}`);
+      throw new ConfigError(`unknown CPU template '${templateName}': use ${Object.keys(CPU_TEMPLATES).join(" or ")}`, "cpuTemplate");
     }
     const hidden = resolveHiddenFeatures([...template.hide, ...(config.hideFeatures ?? [])]);
 
@@ -491,7 +491,7 @@ function allocateMemory(bytes: number): GuestMemory {
   try {
     return GuestMemory.allocate(ramLayout(bytes));
   } catch (e) {
-    throw new ConfigError(`cannot reserve ${formatBytes(bytes)} of guest memory on this host (${(e as Error).message}): use a smaller -m`);
+    throw new ConfigError(`cannot reserve ${formatBytes(bytes)} of guest memory on this host (${(e as Error).message}): give less`, "memoryBytes");
   }
 }
 

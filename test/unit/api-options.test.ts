@@ -47,7 +47,7 @@ test("bad options: VmStartError with failure 'options', one line each", async ()
   await startFails({ ...base, memory: "100T" }, "options", /more than this host's/);
   await startFails({ ...base, cpus: 0 }, "options", /at least 1/);
   await startFails({ ...base, guestIp: "10.0.0.2" }, "options", /needs a network interface/);
-  await startFails({ ...base, nics: [{ tap: "t0", hostCidr: "1.2.3/24" }] }, "options", /bad --tap-ip/);
+  await startFails({ ...base, nics: [{ tap: "t0", hostCidr: "1.2.3/24" }] }, "options", /bad nics.hostCidr: host address "1.2.3\/24"/);
   await startFails({ ...base, nics: [{ tap: "t0", mac: "zz" }] }, "options", /MAC/i);
   await startFails({ ...base, console: { fd: 1 }, consoleLog: join(dir, "log") }, "options", /consoleLog needs console: "capture"/);
   await startFails({ ...base, disks: ["a.img,bogus"] }, "input", /unknown disk option/);
@@ -84,3 +84,26 @@ test("checkOptions: defaults, the agent's argument, appended arguments, ip=", ()
   assert.deepEqual(o.disks, [{ path: "x.img", readOnly: true }, { path: "y.img", readOnly: false, serial: "s" }]);
   assert.equal(guestIpArgument("10.0.0.2", undefined), "ip=10.0.0.2:::255.255.255.0::eth0:off");
 });
+
+test("an option error names the option; the API says it by field, the CLI by flag", async () => {
+  const e = await startVm({ kernel, initrd: null, agent: false, guestIp: "10.0.0.2" }).then(
+    () => assert.fail("started"),
+    (err: unknown) => err,
+  );
+  assert.ok(e instanceof VmStartError);
+  assert.equal(e.option, "guestIp");
+  assert.equal(e.message, "guestIp needs a network interface: add nics");
+  const cli = classifyError(e);
+  assert.equal(cli.code, ExitCode.USAGE);
+  assert.equal(cli.message, "--guest-ip needs a network interface: add --tap NAME");
+  assert.doesNotMatch(checkOptionsError({ cpus: 0 }), /-c/, "no flag in the API's message");
+});
+
+function checkOptionsError(o: VmOptions): string {
+  try {
+    checkOptions(o);
+  } catch (e) {
+    return (e as Error).message;
+  }
+  return assert.fail("checkOptions accepted it");
+}

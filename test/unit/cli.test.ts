@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { spawnSync } from "node:child_process";
 import { runCli, CliResult } from "../helpers/cli";
 import { makeBzImage } from "../helpers/images";
-import { parseBootArgs, UsageError, DEFAULT_MEMORY } from "../../src/cli/args";
+import { parseBootArgs, UsageError } from "../../src/cli/args";
 import { parseSize, SizeError } from "../../src/api/option-values";
 import { EscapeParser } from "../../src/cli/console";
 import { ExitCode } from "../../src/cli/exit-codes";
@@ -56,7 +56,7 @@ test("parseBootArgs: short and long flags, defaults, repeatable disks", () => {
   assert.equal(o.cpus, 2);
   assert.deepEqual(o.disks, ["a.img", "b.img"]);
   const d = parseBootArgs(["--kernel=bz"]);
-  assert.equal(d.memoryBytes, DEFAULT_MEMORY);
+  assert.equal(d.memoryBytes, undefined, "no -m: the API's default");
   assert.equal(d.cpus, 1);
   for (const bad of [["-c", "0"], ["-c", "two"], ["-c", "1.5"], ["-m", "lots"], ["--bogus"], ["-k"], ["--entry", "bios"], ["stray"]]) {
     assert.throws(() => parseBootArgs(bad), UsageError, bad.join(" "));

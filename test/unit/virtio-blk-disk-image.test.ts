@@ -5,7 +5,8 @@ import * as os from "node:os";
 import { join, resolve } from "node:path";
 import { spawnSync } from "node:child_process";
 import * as sys from "../../src/sys/libc";
-import { DiskImageError, openDiskImage, parseDiskOption } from "../../src/host/disk-image";
+import { DiskImageError, openDiskImage } from "../../src/host/disk-image";
+import { parseDiskOption } from "../../src/api/option-values";
 
 let dir: string;
 before(() => {
