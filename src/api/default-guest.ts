@@ -30,7 +30,7 @@ export class GuestBuildError extends Error {
   }
 }
 
-/** guest/build.sh in this package (dist/src/guest -> package root). */
+/** guest/build.sh in this package (dist/src/api -> package root). */
 export function guestBuildScript(): string {
   return resolve(__dirname, "..", "..", "..", "guest", "build.sh");
 }

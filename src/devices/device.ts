@@ -24,7 +24,10 @@ export interface ByteSink {
 
 /** What a device may ask of the VM as a whole. */
 export interface VmControl {
-  /** The guest asked for a reset (i8042 0xFE, triple fault...): end the VM with this reason. */
+  /**
+   * The guest asked a device for a reset (the i8042's pulse of the reset line): end the VM
+   * with this reason. (A triple fault is a KVM exit, handled by the exit loop itself.)
+   */
   requestReset(reason: string): void;
 }
 

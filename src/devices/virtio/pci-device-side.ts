@@ -1,9 +1,10 @@
 /**
- * The I/O worker's view of a virtio-pci transport: what the driver configured (status,
- * features, queues) and the interrupt decisions for the back end's notifications. It is
- * built over the same two SharedArrayBuffers as the vCPU-side VirtioPciTransport and takes
- * the same lock; it never calls KVM either, it tells the caller how to deliver
- * (InterruptDelivery) and the caller does it.
+ * A virtio-pci transport as the device side sees it (the thread serving the queues): what
+ * the driver configured (status, features, queues) and the interrupt decisions for the
+ * device's notifications. It is built over the same two SharedArrayBuffers as the
+ * register side (VirtioPciTransport, vCPU threads) and takes the same lock; it never
+ * calls KVM either: it tells the caller how to deliver (InterruptDelivery) and the caller
+ * does it.
  */
 import { VirtioIsr, VirtioStatus, type QueueConfig } from "./types";
 import {
@@ -64,7 +65,7 @@ export class VirtioPciDeviceSide {
     return this.regs.s.locked(() => this.queuesLocked());
   }
 
-  /** Bumped by every device reset; a back end activated under an older one is stale. */
+  /** Bumped by every device reset; a device model activated under an older one is stale. */
   resetGeneration(): number {
     return this.regs.get(R_RESET_GENERATION);
   }
@@ -81,7 +82,7 @@ export class VirtioPciDeviceSide {
   /**
    * Queue `queue` has used buffers: how to interrupt the driver. Nothing is raised unless the
    * driver is running (DRIVER_OK), and, when `generation` is given, only if no reset came
-   * since: a back end finishing requests after a reset must not interrupt the new driver.
+   * since: a device finishing requests after a reset must not interrupt the new driver.
    */
   signalUsed(queue: number, generation?: number): InterruptDelivery {
     if (!Number.isInteger(queue) || queue < 0 || queue >= this.regs.queueCount) return NONE;
@@ -100,7 +101,7 @@ export class VirtioPciDeviceSide {
   }
 
   /**
-   * The back end found the driver's data broken: set DEVICE_NEEDS_RESET and, if the driver
+   * The device found the driver's data broken: set DEVICE_NEEDS_RESET and, if the driver
    * is running, send it a configuration change interrupt (spec 2.1.2).
    */
   setNeedsReset(): InterruptDelivery {

@@ -8,7 +8,7 @@
  * the modern BAR (common configuration, ISR, device configuration, notifications), and
  * keeps every register in shared state under one lock, so several vCPUs may drive the same
  * device. The queue side runs elsewhere (the I/O worker) and reads the same state through
- * VirtioPciDeviceSide (transport-io.ts).
+ * VirtioPciDeviceSide (pci-device-side.ts).
  *
  * What it does not do: touch KVM. Everything that needs the VM goes through the hooks the
  * machine supplies (VirtioTransportHooks), so the transport is tested with fakes.
@@ -66,7 +66,7 @@ export {
  *
  * `kick`, `reset`, `driverOk`, `msixChanged` and `msixUnmasked` run after the transport
  * released its lock, so they may take their time (a reset may wait for the I/O worker to
- * quiesce the back end before the guest's status write completes) and may read the
+ * quiesce the device before the guest's status write completes) and may read the
  * transport. `notifyAddressChanged` and `deviceConfigWrite` run under the lock, so that
  * concurrent changes reach the machine in the order they happened: they must not call
  * back into this transport or wait for a thread that might.
@@ -76,7 +76,7 @@ export interface VirtioTransportHooks {
   kick(queue: number): void;
   /** The driver reset the device (status 0); the registers are already back to reset values. */
   reset(): void;
-  /** The driver set DRIVER_OK: activate the back end (VirtioPciDeviceSide has the queues). */
+  /** The driver set DRIVER_OK: activate the device model (VirtioPciDeviceSide has the queues). */
   driverOk(): void;
   /**
    * The BARs holding notification addresses moved, or decoding was turned on or off:

@@ -4,7 +4,7 @@
  * Everything here reads memory a running guest may change at any moment and must not
  * trust it: ring indices, descriptor indices, buffer addresses and lengths, indirect
  * tables. Every such value is checked before use and a bad one becomes a VirtqueueError,
- * which the device back end turns into DEVICE_NEEDS_RESET (a bad guest breaks its own
+ * which the device model turns into DEVICE_NEEDS_RESET (a bad guest breaks its own
  * device, never the VMM). Each descriptor is read once into host memory (DescriptorChain)
  * and used from there, so a guest rewriting a descriptor after it was checked changes
  * nothing.

@@ -89,7 +89,6 @@ function driverOk(regs: VirtioPciRegs): boolean {
   return (regs.get(R_STATUS) & VirtioStatus.DRIVER_OK) !== 0;
 }
 
-/** Reading ISR returns it and clears it (the INTx line itself is the machine's). */
 /** The selected queue's MSI-X vector: one register at different offsets in the two layouts. */
 function queueVectorField(ctx: RegisterContext, offset: number): Field {
   const regs = ctx.regs;
@@ -106,6 +105,7 @@ function queueVectorField(ctx: RegisterContext, offset: number): Field {
   };
 }
 
+/** Reading ISR returns it and clears it (the INTx line itself is the machine's). */
 export function takeIsr(regs: VirtioPciRegs): number {
   const isr = regs.get(R_ISR);
   regs.set(R_ISR, 0);

@@ -1,6 +1,6 @@
 /**
  * Virtio 1.x vocabulary shared by the transport (register side, run in vCPU threads) and
- * the device back ends (queue side, run in the I/O worker). Numbers from the virtio 1.2
+ * the device models (queue side, run in the I/O worker). Numbers from the virtio 1.2
  * specification.
  */
 import type { GuestMemory } from "../../memory/guest-memory";
