@@ -54,8 +54,11 @@ class RecordingHooks implements VirtioTransportHooks {
   driverOk(): void {
     this.driverOks++;
   }
-  notifyAddressChanged(queues: readonly NotifyAddress[]): void {
+  /** What each report said notifications arrived at before. */
+  readonly notifyBefore: NotifyAddress[][] = [];
+  notifyAddressChanged(queues: readonly NotifyAddress[], before: readonly NotifyAddress[]): void {
     this.notify.push([...queues]);
+    this.notifyBefore.push([...before]);
   }
   msixUnmasked(vector: number, message: MsiMessage): void {
     this.unmasked.push({ vector, message });
@@ -530,6 +533,8 @@ describe("virtio-pci: notifications", () => {
     g.cfgWrite(0x20, 4, 0xf000_0000);
     g.cfgWrite(0x04, 2, command);
     assert.equal(g.hooks.notify.length, 3);
+    // Each report also says where notifications arrived before it: what to take out.
+    assert.deepEqual(g.hooks.notifyBefore, [[], g.hooks.notify[0], g.hooks.notify[1]]);
     // The moved BAR works.
     g.writeMem(0xf000_3004, 2, 1);
     assert.deepEqual(g.hooks.kicks, [1]);
