@@ -25,6 +25,9 @@ export function runProbe(argv: readonly string[]): number {
       apiVersion: kvm.apiVersion(),
       host: host.kind,
       hostModule: host.module,
+      hostLabel: host.label,
+      hypervisor: host.hypervisor ?? null,
+      softwareEmulated: host.softwareEmulated,
       summary: host.summary,
       vcpus: kvm.vcpuLimits(),
       vcpuMmapSize: kvm.vcpuMmapSize(),
@@ -38,7 +41,8 @@ export function runProbe(argv: readonly string[]): number {
     } else {
       const lines = [
         `KVM device:        ${report.device} (API ${report.apiVersion}${report.apiVersion === KVM_API_VERSION ? ", ok" : ", unsupported"})`,
-        `Host KVM:          ${host.summary}`,
+        `Host KVM:          ${host.label} (${host.module || "no module"}): ${host.summary}`,
+        `This host:         ${host.hypervisor !== undefined ? `a virtual machine under ${host.hypervisor} (by its CPUID)` : "not a virtual machine (by its CPUID)"}`,
         `vCPUs:             recommended ${report.vcpus.recommended}, max ${report.vcpus.max}`,
         `Capabilities:      ${Object.entries(caps).map(([c, v]) => `${c}=${v}`).join(" ")}`,
         `Required by tskvm: ${missing.length === 0 ? "all present" : `MISSING ${missing.join(", ")}`}`,
