@@ -193,7 +193,69 @@ export function vcpuCpuid(supported: readonly CpuidEntry[], opts: VcpuCpuidOptio
     }
     out.push(e);
   }
-  return out;
+  return hiddenXsave ? out : consistentXsaveLeaf(out, opts.hidden);
+}
+
+/** XCR0 state components that belong to a feature a template may hide. */
+const XCR0_COMPONENTS: Record<string, readonly number[]> = {
+  avx: [2], // YMM_Hi128
+  avx512f: [5, 6, 7], // opmask, ZMM_Hi256, Hi16_ZMM
+  pku: [9], // PKRU
+};
+/** The legacy area (x87, SSE: 512 bytes) and the XSAVE header (64). */
+const XSAVE_LEGACY_AND_HEADER = 512 + 64;
+const XSAVEC = 1 << 1;
+const XSAVES = 1 << 3;
+
+const bit = (i: number) => 1n << BigInt(i);
+
+/** The XCR0 a guest may set: leaf 0xD sub-leaf 0, EDX:EAX (0 when XSAVE is hidden). */
+export function allowedXcr0(entries: readonly CpuidEntry[]): bigint {
+  const leaf0 = entries.find((e) => e.function === 0xd && e.index === 0);
+  return leaf0 === undefined ? 0n : (BigInt(leaf0.edx >>> 0) << 32n) | BigInt(leaf0.eax >>> 0);
+}
+
+/**
+ * Bytes an XSAVE area needs for the components in `mask`, as the CPU computes it (and KVM's
+ * xstate_required_size): standard format, each component at its sub-leaf's offset (EBX);
+ * compacted format, one after the other, 64-byte aligned where the sub-leaf's ECX[1] says.
+ */
+export function xsaveAreaSize(mask: bigint, entries: readonly CpuidEntry[], compacted: boolean): number {
+  let size = XSAVE_LEGACY_AND_HEADER;
+  for (let i = 2; i < 64; i++) {
+    if ((mask & bit(i)) === 0n) continue;
+    const sub = entries.find((e) => e.function === 0xd && e.index === i);
+    if (sub === undefined) continue;
+    const offset = compacted ? ((sub.ecx & 2) !== 0 ? Math.ceil(size / 64) * 64 : size) : sub.ebx;
+    size = Math.max(size, offset + sub.eax);
+  }
+  return size;
+}
+
+/**
+ * Leaf 0xD made to agree with itself and with the features the template leaves: the XCR0
+ * bits offered (EAX/EDX) lose the state of hidden features and components KVM gave no
+ * sub-leaf for; the sizes (EBX, ECX, and sub-leaf 1's compacted EBX) are those of exactly
+ * that XCR0; sub-leaves of components not offered go. Linux compares these sizes with the
+ * ones it computes from the sub-leaves ("XSAVE consistency problem" otherwise), and tskvm
+ * sets the vCPU's XCR0 to this value before the guest starts (machine.ts).
+ */
+function consistentXsaveLeaf(entries: CpuidEntry[], hidden: readonly CpuFeature[]): CpuidEntry[] {
+  const leaf0 = entries.find((e) => e.function === 0xd && e.index === 0);
+  if (leaf0 === undefined) return entries;
+  const sub = (i: number) => entries.find((e) => e.function === 0xd && e.index === i);
+  let xcr0 = allowedXcr0(entries);
+  for (const f of hidden) for (const c of XCR0_COMPONENTS[f.name] ?? []) xcr0 &= ~bit(c);
+  for (let i = 2; i < 64; i++) if ((xcr0 & bit(i)) !== 0n && !((sub(i)?.eax ?? 0) > 0)) xcr0 &= ~bit(i);
+  leaf0.eax = Number(xcr0 & 0xffff_ffffn) >>> 0;
+  leaf0.edx = Number(xcr0 >> 32n) >>> 0;
+  leaf0.ebx = xsaveAreaSize(xcr0, entries, false);
+  leaf0.ecx = leaf0.ebx;
+  const leaf1 = sub(1);
+  // Supervisor components (IA32_XSS, sub-leaf 1 ECX/EDX) are KVM's business; keep them.
+  const xss = leaf1 === undefined ? 0n : (BigInt(leaf1.edx >>> 0) << 32n) | BigInt(leaf1.ecx >>> 0);
+  if (leaf1 !== undefined && (leaf1.eax & (XSAVEC | XSAVES)) !== 0) leaf1.ebx = xsaveAreaSize(xcr0 | xss, entries, true);
+  return entries.filter((e) => !(e.function === 0xd && e.index >= 2 && e.index < 64 && ((xcr0 | xss) & bit(e.index)) === 0n));
 }
 
 /**

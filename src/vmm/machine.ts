@@ -12,7 +12,8 @@ import {
 import type { BootCpuState } from "../arch/x86/cpu-state";
 import { Kvm, KvmUnavailableError, Vm } from "../kvm/kvm";
 import { Vcpu } from "../kvm/vcpu";
-import { linuxHidingArgs, resolveHiddenFeatures, vcpuCpuid, CPU_TEMPLATES, CpuidEntry } from "../kvm/cpuid";
+import { allowedXcr0, linuxHidingArgs, resolveHiddenFeatures, vcpuCpuid, CPU_TEMPLATES, CpuidEntry } from "../kvm/cpuid";
+import { setXcr0 } from "../kvm/xcr";
 import { maxMpTableCpus } from "../arch/x86/mptable";
 import * as sys from "../sys/libc";
 import { openDiskImage, type DiskImage } from "../host/disk-image";
@@ -240,7 +241,10 @@ export class Machine {
       const vcpu = Vcpu.map(id, vm.createVcpu(id), runSize);
       vcpus.push(vcpu);
       cleanups.push(() => vcpu.destroy());
-      vcpu.setCpuid(vcpuCpuid(supported, { apicId: id, vcpuCount: config.cpus, hidden }));
+      const cpuid = vcpuCpuid(supported, { apicId: id, vcpuCount: config.cpus, hidden });
+      vcpu.setCpuid(cpuid);
+      // XCR0 as the CPUID offers it, so that KVM's XSAVE sizes match the guest's (xcr.ts).
+      if (allowedXcr0(cpuid) > 1n) setXcr0(vcpu, allowedXcr0(cpuid));
       applyBootMsrs(vcpu);
       if (irqchip) configureLapicForBoot(vcpu);
       // Application processors wait for INIT/SIPI in the in-kernel LAPIC; only the BSP
