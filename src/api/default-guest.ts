@@ -2,7 +2,7 @@
  * The default guest (guest/build.sh): a small Linux kernel and a busybox initrd built from
  * Debian packages and cached under ~/.cache/tskvm, keyed by a hash of the build's inputs.
  */
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 
@@ -72,6 +72,42 @@ export function buildDefaultGuest(): GuestManifest {
     );
   }
   return parseManifest(r.stdout);
+}
+
+/**
+ * buildDefaultGuest without blocking the event loop, so that `signal` can stop it: the
+ * build runs in a process group of its own, and all of it (make, the compilers) gets
+ * SIGTERM; build.sh removes its temporary files. Rejects with GuestBuildError.
+ */
+export async function buildDefaultGuestAsync(signal?: AbortSignal): Promise<GuestManifest> {
+  const script = guestBuildScript();
+  if (!existsSync(script)) {
+    throw new GuestBuildError(`the guest build script ${script} is missing; give a kernel with -k`);
+  }
+  if (signal?.aborted) throw new GuestBuildError("the default guest build was stopped");
+  const child = spawn("bash", [script], { stdio: ["ignore", "pipe", "inherit"], detached: true });
+  const onAbort = () => {
+    try {
+      process.kill(-child.pid!, "SIGTERM");
+    } catch {
+      // Already gone.
+    }
+  };
+  signal?.addEventListener("abort", onAbort, { once: true });
+  let out = "";
+  child.stdout!.setEncoding("utf8").on("data", (d: string) => (out += d));
+  const [code, sig] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => {
+    child.on("error", () => resolve([null, null]));
+    child.on("close", (c, s) => resolve([c, s]));
+  });
+  signal?.removeEventListener("abort", onAbort);
+  if (signal?.aborted) throw new GuestBuildError("the default guest build was stopped");
+  if (code !== 0) {
+    throw new GuestBuildError(
+      `building the default guest failed (bash ${script} exited ${code ?? sig}); see its output above, or give a kernel with -k`,
+    );
+  }
+  return parseManifest(out);
 }
 
 /** The kernel and initrd that boot fastest on this kind of host. */

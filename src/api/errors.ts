@@ -19,14 +19,16 @@ export class VmError extends Error {
  *   the default guest failed to build)
  * - "host": this host cannot run the VM (no /dev/kvm, no permission, a missing capability,
  *   no CAP_NET_ADMIN for a TAP)
+ * - "stopped": the `signal` option was aborted during start-up; nothing is left running
  * - "internal": a bug in tskvm
  */
-export type VmStartFailure = "options" | "input" | "host" | "internal";
+export type VmStartFailure = "options" | "input" | "host" | "stopped" | "internal";
 
 /** The options a message can be about: VmOptions fields ("nics.hostCidr": a NIC's hostCidr). */
 export type OptionName =
   | "kernel"
   | "initrd"
+  | "modules"
   | "memory"
   | "cpus"
   | "disks"

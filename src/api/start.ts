@@ -12,6 +12,8 @@ import { CpuidError } from "../kvm/cpuid";
 import { detectHostKvm } from "../kvm/host";
 import { BootError } from "../boot/errors";
 import { GuestBuildError, bootFilesFor, buildDefaultGuest, findDefaultGuest, type GuestManifest } from "./default-guest";
+import { GUEST_DRIVER_MODULES, kernelRelease, moduleArchive } from "../boot/kernel-modules";
+import { appendInitramfs } from "../boot/initramfs";
 import { DiskImageError } from "../host/disk-image";
 import { TapError, parseCidr } from "../host/tap";
 import { MacAddressError, SizeError, parseDiskOption, parseMac, parseSize } from "./option-values";
@@ -117,7 +119,7 @@ export function checkOptions(o: VmOptions): CheckedOptions {
     throw optionsError((n) => `guest memory ${formatBytes(memoryBytes)} is more than this host's ${formatBytes(totalmem())} of RAM: use a smaller ${n("memory")}`, "memory");
   }
   const cpus = checkCpus(o.cpus ?? 1);
-  for (const [option, path] of [["kernel", o.kernel], ["initrd", o.initrd]] as const) {
+  for (const [option, path] of [["kernel", o.kernel], ["initrd", o.initrd], ["modules", o.modules]] as const) {
     if (typeof path === "string" && path.trim() === "") throw optionsError((n) => `${n(option)} needs a file path`, option);
   }
   const disks: DiskConfig[] = (o.disks ?? []).map((d) => {
@@ -176,11 +178,19 @@ export interface BootFiles {
   defaultGuest: boolean;
 }
 
-/** The kernel, initrd and command line to boot: the caller's, completed from the default guest. */
-export function resolveBootFiles(o: VmOptions, agent: boolean): BootFiles {
-  const needGuest = o.kernel === undefined || (o.initrd === undefined && agent);
-  let guest: GuestManifest | undefined;
-  if (needGuest) {
+/** Whether the boot files come (in part) from the default guest. */
+export function needsDefaultGuest(o: VmOptions, agent: boolean): boolean {
+  return o.kernel === undefined || (o.initrd === undefined && agent);
+}
+
+/**
+ * The kernel, initrd and command line to boot: the caller's, completed from the default
+ * guest (`built`, when the caller has found or built it already).
+ */
+export function resolveBootFiles(o: VmOptions, agent: boolean, built?: GuestManifest): BootFiles {
+  const needGuest = needsDefaultGuest(o, agent);
+  let guest: GuestManifest | undefined = needGuest ? built : undefined;
+  if (needGuest && guest === undefined) {
     o.onProgress?.(
       o.kernel === undefined
         ? "using the default guest (building it on first use, which takes minutes)"
@@ -202,4 +212,16 @@ export function resolveBootFiles(o: VmOptions, agent: boolean): BootFiles {
     cmdline: o.cmdline ?? guest!.cmdline ?? DEFAULT_CMDLINE,
     defaultGuest: o.initrd === undefined,
   };
+}
+
+/**
+ * The initrd with the kernel modules of `modulesDir` that tskvm's devices need appended
+ * (VmOptions.modules), checked against the kernel's release.
+ */
+export function withDriverModules(initrd: Uint8Array | undefined, kernel: Uint8Array, modulesDir: string): Uint8Array {
+  if (initrd === undefined) {
+    throw optionsError((n) => `${n("modules")} are added to an initrd, and this VM has none: give ${n("initrd")}`, "modules");
+  }
+  const { archive } = moduleArchive(modulesDir, GUEST_DRIVER_MODULES, kernelRelease(kernel));
+  return appendInitramfs(initrd, archive);
 }

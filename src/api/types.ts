@@ -32,6 +32,13 @@ export interface VmOptions {
    * agent is on (its /init runs the agent); otherwise none. null: none.
    */
   initrd?: string | null;
+  /**
+   * A distribution kernel's module directory (/lib/modules/RELEASE, indexed by depmod). The
+   * modules tskvm's devices need (virtio-pci, virtio-blk, virtio-net, ext4) and their
+   * dependencies are appended to the initrd as one more archive, listed in load order in
+   * /etc/tskvm/modules, which the default guest's /init loads before anything else.
+   */
+  modules?: string;
   /** The kernel command line. Default: the default guest's recommended one, or "console=ttyS0 reboot=k panic=1" for your kernel. */
   cmdline?: string;
   /** Arguments added to the command line. */
@@ -74,6 +81,12 @@ export interface VmOptions {
   onWarning?: (message: string) => void;
   /** Another KVM device node than /dev/kvm. */
   kvmPath?: string;
+  /**
+   * Stops the start-up when aborted (tskvm aborts it on SIGINT/SIGTERM/SIGHUP): startVm then
+   * rejects with VmStartError "stopped" and leaves nothing behind (no VM, no TAP, no lock,
+   * no guest build running).
+   */
+  signal?: AbortSignal;
 }
 
 /** How the VM ended. */

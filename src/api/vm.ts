@@ -12,7 +12,8 @@ import { InitrdError, KernelImageError } from "../boot/errors";
 import type { SerialSinkSpec } from "../board/devices";
 import { VmError, VmExitedError, VmTimeoutError, GuestAgentError, VmStartError, type VmWait } from "./errors";
 import { Channel, ChannelDemux, LineSplitter, POWEROFF_REQUEST, commandLine, parseControlLine, runRequest } from "./protocol";
-import { checkOptions, readInputFile, resolveBootFiles, toStartError } from "./start";
+import { checkOptions, needsDefaultGuest, readInputFile, resolveBootFiles, toStartError, withDriverModules } from "./start";
+import { buildDefaultGuestAsync, findDefaultGuest, type GuestManifest } from "./default-guest";
 import type { ConsoleMode, RunOptions, RunResult, VmExit, VmInfo, VmOptions } from "./types";
 
 /** The pipe the UARTs share, made large so that a busy event loop does not stall the vCPUs. */
@@ -61,17 +62,31 @@ interface ConsoleWaiter {
 /**
  * Start a VM. Resolves once its vCPUs are running (the guest is booting); use ready() to
  * wait for the guest agent, waitForConsole() for console output. Rejects with a
- * VmStartError, whose `failure` says why ("options", "input", "host", "internal").
+ * VmStartError, whose `failure` says why ("options", "input", "host", "stopped", "internal").
  */
 export async function startVm(options: VmOptions = {}): Promise<Vm> {
   let logFd: number | undefined;
   let mux: { read: number; write: number } | undefined;
   let machine: Machine | undefined;
+  const signal = options.signal;
+  const stopped = () => new VmStartError("stopped", "the start-up was stopped (its signal was aborted)");
   try {
+    if (signal?.aborted) throw stopped();
     const checked = checkOptions(options);
-    const files = resolveBootFiles(options, checked.agent);
+    // Building the default guest takes minutes: never synchronously, so a signal can stop it.
+    let guest: GuestManifest | undefined;
+    if (needsDefaultGuest(options, checked.agent) && options.buildGuest !== false) {
+      guest = findDefaultGuest();
+      if (guest === undefined) {
+        options.onProgress?.("building the default guest (minutes, once)");
+        guest = await buildDefaultGuestAsync(signal);
+      }
+    }
+    if (signal?.aborted) throw stopped();
+    const files = resolveBootFiles(options, checked.agent, guest);
     const kernel = readInputFile(files.kernelPath, "kernel image");
-    const initrd = files.initrdPath === undefined ? undefined : readInputFile(files.initrdPath, "initrd");
+    let initrd = files.initrdPath === undefined ? undefined : readInputFile(files.initrdPath, "initrd");
+    if (options.modules !== undefined) initrd = withDriverModules(initrd, kernel, options.modules);
     const consoleMode: ConsoleMode = options.console ?? "capture";
     if (options.consoleLog !== undefined) {
       try {
@@ -138,6 +153,10 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       ...(options.onWarning !== undefined ? { onWarning: options.onWarning } : {}),
     });
     await vm.started;
+    if (signal?.aborted) {
+      await vm.stop("start-up stopped");
+      throw stopped();
+    }
     return vm;
   } catch (e) {
     if (machine === undefined) {
@@ -147,6 +166,8 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       }
       if (logFd !== undefined) closeSync(logFd);
     }
+    // Whatever failed while the start-up was being stopped failed because of that.
+    if (signal?.aborted) throw stopped();
     throw toStartError(e);
   }
 }

@@ -21,6 +21,7 @@ export const CLI_OPTION_NAMES: OptionNames = (option) =>
   ({
     kernel: "--kernel",
     initrd: "--initrd",
+    modules: "--modules",
     memory: "-m",
     cpus: "-c",
     disks: "--disk",
@@ -45,6 +46,8 @@ function asUsage<T>(check: () => T): T {
 export interface BootOptions {
   kernel: string | undefined;
   initrd: string | undefined;
+  /** A kernel module directory (/lib/modules/RELEASE): its virtio and ext4 modules are added to the initrd. */
+  modules: string | undefined;
   /** Kernel command line; undefined means the default (plus the default guest's extras). */
   params: string | undefined;
   /** Undefined: the API's default. */
@@ -66,6 +69,7 @@ export interface BootOptions {
 const BOOT_FLAGS = {
   kernel: { type: "string", short: "k" },
   initrd: { type: "string", short: "i" },
+  modules: { type: "string" },
   params: { type: "string", short: "p" },
   memory: { type: "string", short: "m" },
   cpus: { type: "string", short: "c" },
@@ -86,6 +90,9 @@ Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on f
 
   -k, --kernel PATH        bzImage or uncompressed ELF vmlinux
   -i, --initrd PATH        initial ramdisk
+      --modules DIR        a distribution kernel's /lib/modules/RELEASE: its virtio-pci,
+                           virtio-blk, virtio-net and ext4 modules (and what they need) are
+                           added to the initrd, whose /init loads them (the default guest's does)
   -p, --params CMDLINE     kernel command line (default: "${DEFAULT_CMDLINE}")
   -m, --memory SIZE        guest RAM: 512M, 2G, ... a bare number is MiB (default ${DEFAULT_MEMORY_BYTES / 1024 / 1024}M)
   -c, --cpus N             number of vCPUs (default 1)
@@ -142,6 +149,7 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
   return {
     kernel: str("kernel"),
     initrd: str("initrd"),
+    modules: str("modules"),
     params: str("params"),
     memoryBytes: str("memory") === undefined ? undefined : parseSizeOrUsage(str("memory")!),
     cpus,
@@ -245,6 +253,7 @@ export function parseRunArgs(argv: readonly string[]): RunCliOptions {
   const noInitrd = values["no-initrd"] === true;
   if (noInitrd && values.initrd !== undefined) throw new UsageError("--no-initrd and -i contradict each other");
   if (noInitrd && values.kernel === undefined) throw new UsageError("--no-initrd needs a kernel (-k)");
+  if (noInitrd && values.modules !== undefined) throw new UsageError("--modules adds the modules to an initrd: drop --no-initrd");
   return {
     boot: bootOptionsFrom(values),
     command,

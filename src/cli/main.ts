@@ -4,7 +4,8 @@
  */
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
-import { ExitCode, STOP_SIGNALS, exitCodeForFailure, signalExitCode, type StopSignal } from "./exit-codes";
+import { ExitCode, exitCodeForFailure, signalExitCode, type StopSignal } from "./exit-codes";
+import { onStopSignal, stopSignal } from "./stop-signals";
 import { BOOT_USAGE, CLI_OPTION_NAMES, UsageError, parseBootArgs } from "./args";
 import { attachConsole, ESCAPE_HELP } from "./console";
 import { SizeError } from "../api/option-values";
@@ -42,9 +43,13 @@ Commands:
 export function classifyError(e: unknown): { code: number; message: string } {
   if (e instanceof UsageError || e instanceof SizeError) return { code: ExitCode.USAGE, message: e.message };
   const err = e instanceof VmError ? e : toStartError(e);
+  if (err instanceof VmStartError && err.failure === "stopped") {
+    const s = stopSignal() ?? "SIGTERM";
+    return { code: signalExitCode(s), message: `stopped by ${s}` };
+  }
   if (err instanceof VmStartError || err instanceof DiskBuildError) {
     const message = err instanceof VmStartError ? err.render(CLI_OPTION_NAMES) : err.message;
-    if (err.failure !== "internal") return { code: exitCodeForFailure(err.failure), message };
+    if (err.failure !== "internal" && err.failure !== "stopped") return { code: exitCodeForFailure(err.failure), message };
   }
   return { code: ExitCode.INTERNAL, message: `internal error: ${err.message} (run with TSKVM_DEBUG=1 for details)` };
 }
@@ -71,7 +76,15 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     return ExitCode.OK;
   }
   if (opts.kernel === undefined) say("no kernel given (-k): using the default guest (building it on first use, which takes minutes)");
-  const vm = await startVm({ ...vmOptionsFrom(opts), agent: false, console: { fd: 1 }, onWarning: say });
+  // A signal during start-up aborts it: startVm undoes what it did and rejects "stopped".
+  const abort = new AbortController();
+  const off = onStopSignal(() => abort.abort());
+  let vm: Vm;
+  try {
+    vm = await startVm({ ...vmOptionsFrom(opts), agent: false, console: { fd: 1 }, onWarning: say, signal: abort.signal });
+  } finally {
+    off();
+  }
   say(`${bootBanner(vm)}; Ctrl-A x quits`);
   return runToEnd(vm);
 }
@@ -79,12 +92,10 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
 /** Run a started VM with the console and signals attached; returns the exit status. */
 async function runToEnd(vm: Vm): Promise<number> {
   let signal: StopSignal | undefined;
-  const onSignal = (s: NodeJS.Signals) => {
-    signal ??= s as StopSignal;
+  const off = onStopSignal((s) => {
+    signal ??= s;
     void vm.stop(s);
-  };
-  const signals = Object.keys(STOP_SIGNALS) as StopSignal[];
-  for (const s of signals) process.on(s, onSignal);
+  });
   // The terminal is in raw mode: lines end in CR LF.
   const onRegisters = (r: { vcpu: number; dump: string }) =>
     process.stderr.write(`\r\n--- vCPU ${r.vcpu} registers ---\r\n${r.dump.replace(/\n/g, "\r\n")}\r\n`);
@@ -104,7 +115,7 @@ async function runToEnd(vm: Vm): Promise<number> {
   } finally {
     attachment.detach();
     vm.off("registers", onRegisters);
-    for (const s of signals) process.off(s, onSignal);
+    off();
   }
   if (signal !== undefined) {
     say(`stopped by ${signal}`);

@@ -1,7 +1,8 @@
 /**
  * `tskvm mkdisk DIR OUT.img`: an ext4 image of a directory (makeDiskImage in src/api/disk.ts).
  */
-import { ExitCode, STOP_SIGNALS, signalExitCode, type StopSignal } from "./exit-codes";
+import { ExitCode, signalExitCode, type StopSignal } from "./exit-codes";
+import { onStopSignal } from "./stop-signals";
 import { MKDISK_USAGE, parseMkdiskArgs } from "./args";
 import { formatBytes } from "../vmm/machine";
 import { makeDiskImage } from "../api/disk";
@@ -14,12 +15,10 @@ export async function mkdiskCommand(argv: readonly string[]): Promise<number> {
   }
   const abort = new AbortController();
   let signal: StopSignal | undefined;
-  const onSignal = (s: NodeJS.Signals) => {
-    signal ??= s as StopSignal;
+  const off = onStopSignal((s) => {
+    signal ??= s;
     abort.abort();
-  };
-  const signals = Object.keys(STOP_SIGNALS) as StopSignal[];
-  for (const s of signals) process.on(s, onSignal);
+  });
   try {
     const r = await makeDiskImage(o.dir, o.out, {
       ...(o.sizeBytes !== undefined ? { sizeBytes: o.sizeBytes } : {}),
@@ -39,6 +38,6 @@ export async function mkdiskCommand(argv: readonly string[]): Promise<number> {
     }
     throw e;
   } finally {
-    for (const s of signals) process.off(s, onSignal);
+    off();
   }
 }

@@ -5,7 +5,8 @@
  */
 import { constants } from "node:os";
 import { setParentDeathSignal } from "../sys/libc";
-import { ExitCode, STOP_SIGNALS, signalExitCode, type StopSignal } from "./exit-codes";
+import { ExitCode, signalExitCode, type StopSignal } from "./exit-codes";
+import { onStopSignal } from "./stop-signals";
 import { RUN_USAGE, parseRunArgs, type BootOptions, type RunCliOptions } from "./args";
 import { formatBytes } from "../vmm/machine";
 import { startVm, formatMs, type Vm } from "../api/vm";
@@ -26,6 +27,7 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
   return {
     ...(opts.kernel !== undefined ? { kernel: opts.kernel } : {}),
     ...(opts.initrd !== undefined ? { initrd: opts.initrd } : {}),
+    ...(opts.modules !== undefined ? { modules: opts.modules } : {}),
     ...(opts.params !== undefined ? { cmdline: opts.params } : {}),
     ...(opts.memoryBytes !== undefined ? { memory: opts.memoryBytes } : {}),
     cpus: opts.cpus,
@@ -60,18 +62,20 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
   const note = opts.verbose ? say : () => undefined;
   let signal: StopSignal | undefined;
   let vm: Vm | undefined;
-  const onSignal = (s: NodeJS.Signals) => {
-    signal ??= s as StopSignal;
+  // Before the VM exists a signal aborts its start-up; afterwards it stops the VM.
+  const abort = new AbortController();
+  const onSignal = (s: StopSignal) => {
+    signal ??= s;
+    abort.abort();
     if (vm !== undefined) void vm.stop(`stopped by ${s}`);
   };
-  const signals = Object.keys(STOP_SIGNALS) as StopSignal[];
-  for (const s of signals) process.on(s, onSignal);
+  const off = onStopSignal(onSignal);
   // A parent that dies (a CI runner killed, a test harness gone) takes the VM with it: the
   // kernel sends us SIGTERM, handled like any other. If it is already gone, stop now.
   const parent = process.ppid;
   try {
     setParentDeathSignal(constants.signals.SIGTERM);
-    if (process.ppid !== parent) onSignal("SIGTERM");
+    if (process.ppid !== parent) process.kill(process.pid, "SIGTERM");
   } catch {
     // Not fatal: only the clean-up after a dead parent depends on it.
   }
@@ -88,12 +92,12 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
       console: "capture",
       onWarning: say,
       ...(opts.consoleLog !== undefined ? { consoleLog: opts.consoleLog } : {}),
+      signal: abort.signal,
     });
-    if (signal !== undefined) void vm.stop(`stopped by ${signal}`);
     note(bootBanner(vm));
     return await drive(vm, opts, () => signal, note, t0);
   } finally {
-    for (const s of signals) process.off(s, onSignal);
+    off();
     // Whatever happened, no VM outlives the command.
     if (vm !== undefined && vm.exit === undefined) await vm.stop("tskvm run ended");
     await new Promise<void>((resolve) => process.stdout.write("", () => resolve()));

@@ -10,7 +10,7 @@
  * there, and changes nothing where XSETBV traps: the guest writes the same value itself.
  */
 import * as sys from "../sys/libc";
-import { iow } from "./abi";
+import { iow } from "../sys/ioctl-number";
 import type { Vcpu } from "./vcpu";
 
 /** struct kvm_xcrs: nr_xcrs, flags, 16 x { u32 xcr, u32 reserved, u64 value }, u64 padding[16]. */
