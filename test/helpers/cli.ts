@@ -2,7 +2,10 @@
  * Run the tskvm CLI as a user would (a child process of bin/tskvm), and watch its console.
  */
 import { spawn, spawnSync, ChildProcess } from "node:child_process";
-import { resolve } from "node:path";
+import { join, resolve } from "node:path";
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import assert from "node:assert/strict";
 
 export const TSKVM_BIN = resolve(__dirname, "..", "..", "..", "bin", "tskvm");
 
@@ -81,6 +84,19 @@ export class RunningCli {
     });
   }
 
+  /** Resolves with the milliseconds since start when `pattern` appears on tskvm's stderr. */
+  async waitForStderr(pattern: RegExp, timeoutMs: number): Promise<number> {
+    const deadline = Date.now() + timeoutMs;
+    while (!pattern.test(this.stderr)) {
+      if (this.child.exitCode !== null || this.child.signalCode !== null) {
+        throw new Error(`tskvm exited while waiting for ${pattern} on stderr; stderr:\n${this.stderr}`);
+      }
+      if (Date.now() >= deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${pattern} on stderr:\n${this.stderr}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    return Date.now() - this.startedAt;
+  }
+
   send(text: string): void {
     this.child.stdin!.write(text);
   }
@@ -88,4 +104,32 @@ export class RunningCli {
   kill(signal: NodeJS.Signals = "SIGKILL"): void {
     if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal);
   }
+}
+
+/**
+ * A temporary directory for a test file's inputs, readable by the unprivileged user some
+ * cases drop to, removed when the process exits; `file` writes one file into it.
+ */
+export function scratchDir(prefix: string): { dir: string; file: (name: string, data: Uint8Array | string) => string } {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  chmodSync(dir, 0o755);
+  process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
+  return {
+    dir,
+    file: (name, data) => {
+      const p = join(dir, name);
+      writeFileSync(p, data);
+      return p;
+    },
+  };
+}
+
+/** One line, the expected status, the expected words, no stack trace. */
+export function expectOneLine(r: CliResult, status: number, pattern: RegExp): void {
+  assert.equal(r.status, status, `exit status; stderr: ${r.stderr}`);
+  const lines = r.stderr.trimEnd().split("\n");
+  assert.equal(lines.length, 1, `exactly one line on stderr, got:\n${r.stderr}`);
+  assert.match(lines[0]!, /^tskvm: /);
+  assert.match(lines[0]!, pattern);
+  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
 }

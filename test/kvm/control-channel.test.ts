@@ -5,7 +5,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawn, spawnSync } from "node:child_process";
@@ -18,8 +18,10 @@ import { ChannelDemux, commandLine, shellAnsiQuote } from "../../src/api/protoco
 import { sharedIrqLine, taggedFdSink, AUX_SERIAL_PORTS } from "../../src/board/devices";
 import { SharedState } from "../../src/devices/shared-state";
 import * as sys from "../../src/sys/libc";
+import { kvmSkip, scaled } from "../helpers/tiers";
+import { waitUntil } from "../helpers/wait";
 
-const noKvm = existsSync("/dev/kvm") ? false : "no /dev/kvm on this host";
+const noKvm = kvmSkip();
 const dir = mkdtempSync(join(tmpdir(), "tskvm-ctl-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
 
@@ -200,7 +202,7 @@ async function withVm(k: string, fn: (vm: Vm) => Promise<void>): Promise<void> {
   }
 }
 
-test("API: ready, exit status, stdout and stderr on their own channels, console apart; poweroff ends the VM", { skip: noKvm, timeout: 60_000 }, async () => {
+test("API: ready, exit status, stdout and stderr on their own channels, console apart; poweroff ends the VM", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   const vm = await startVm({ kernel: agentKernel, initrd: null, memory: "32M" });
   try {
     await agentSession(vm);
@@ -214,7 +216,7 @@ async function agentSession(vm: Vm): Promise<void> {
   const events: string[] = [];
   vm.on("stdout", (b: Buffer) => events.push(`out:${b.toString()}`));
   vm.on("stderr", (b: Buffer) => events.push(`err:${b.toString()}`));
-  assert.deepEqual(await vm.ready({ timeoutMs: 30_000 }), { nproc: 1 });
+  assert.deepEqual(await vm.ready({ timeoutMs: scaled(30_000) }), { nproc: 1 });
   await vm.waitForConsole("tiny agent on the console", { timeoutMs: 10_000 });
 
   const streamed: Buffer[] = [];
@@ -241,9 +243,9 @@ async function agentSession(vm: Vm): Promise<void> {
   await assert.rejects(vm.run("exit 1"), VmExitedError);
 }
 
-test("API: a command that does not finish in time rejects with VmTimeoutError and the VM is stopped", { skip: noKvm, timeout: 60_000 }, async () => {
+test("API: a command that does not finish in time rejects with VmTimeoutError and the VM is stopped", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   await withVm(agentKernel, async (vm) => {
-    await vm.ready({ timeoutMs: 30_000 });
+    await vm.ready({ timeoutMs: scaled(30_000) });
     const started = Date.now();
     const err = await vm.run("hang", { timeoutMs: 1500 }).then(() => undefined, (e: unknown) => e);
     assert.ok(err instanceof VmTimeoutError, String(err));
@@ -255,9 +257,9 @@ test("API: a command that does not finish in time rejects with VmTimeoutError an
   });
 });
 
-test("API: the guest ending during a command rejects with VmExitedError carrying how it ended", { skip: noKvm, timeout: 60_000 }, async () => {
+test("API: the guest ending during a command rejects with VmExitedError carrying how it ended", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   await withVm(agentKernel, async (vm) => {
-    await vm.ready({ timeoutMs: 30_000 });
+    await vm.ready({ timeoutMs: scaled(30_000) });
     const err = await vm.run("quit").then(() => undefined, (e: unknown) => e);
     assert.ok(err instanceof VmExitedError, String(err));
     assert.equal(err.waitingFor, "command");
@@ -265,7 +267,7 @@ test("API: the guest ending during a command rejects with VmExitedError carrying
   });
 });
 
-test("API: a guest that never reports ready: ready() and waitForConsole() time out; stop() ends it", { skip: noKvm, timeout: 60_000 }, async () => {
+test("API: a guest that never reports ready: ready() and waitForConsole() time out; stop() ends it", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   const vm = await startVm({ kernel: spinKernel, initrd: null, memory: "32M" });
   const e1 = await vm.ready({ timeoutMs: 1000 }).then(() => undefined, (e: unknown) => e);
   assert.ok(e1 instanceof VmTimeoutError && e1.waitingFor === "ready", String(e1));
@@ -278,7 +280,7 @@ test("API: a guest that never reports ready: ready() and waitForConsole() time o
   await assert.rejects(waiting, VmExitedError);
 });
 
-test("API: without the agent, run() and ready() refuse; a console on a file descriptor is not captured", { skip: noKvm, timeout: 60_000 }, async () => {
+test("API: without the agent, run() and ready() refuse; a console on a file descriptor is not captured", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   const log = join(dir, "direct-console");
   const { openSync, closeSync } = await import("node:fs");
   const fd = openSync(log, "w");
@@ -288,8 +290,9 @@ test("API: without the agent, run() and ready() refuse; a console on a file desc
     await assert.rejects(vm.run("exit 1"), GuestAgentError);
     assert.throws(() => vm.ready(), GuestAgentError);
     assert.throws(() => vm.consoleText(), VmError);
-    // The guest's console bytes go straight to the file from the vCPU thread.
-    for (let i = 0; i < 200 && readFileSync(log, "latin1") === ""; i++) await new Promise((r) => setTimeout(r, 25));
+    // The guest's console bytes go straight to the file from the vCPU thread: wait for the
+    // whole line (the guest writes it byte by byte).
+    await waitUntil(() => readFileSync(log, "latin1").endsWith("\n"), scaled(30_000), "the guest's console line in the file");
     const exit = await vm.poweroff();
     assert.equal(exit.kind, "stopped", "no agent: poweroff stops the VM");
   } finally {
@@ -303,7 +306,7 @@ test("API: without the agent, run() and ready() refuse; a console on a file desc
 
 const run = (args: string[], timeoutMs = 60_000) => runCli(["run", "-m", "32M", ...args], { timeoutMs });
 
-test("tskvm run: exits with the command's status; stdout and stderr are the command's alone", { skip: noKvm, timeout: 60_000 }, () => {
+test("tskvm run: exits with the command's status; stdout and stderr are the command's alone", { skip: noKvm, timeout: scaled(60_000) }, () => {
   const r = run(["-k", agentKernel, "--no-initrd", "--", "exit 3"]);
   assert.equal(r.status, 3, r.stderr);
   assert.equal(r.stdout, "$'exit 3'\n");
@@ -315,7 +318,7 @@ test("tskvm run: exits with the command's status; stdout and stderr are the comm
   assert.equal(argv.stdout, "$'sh -c \\'exit 3\\''\n");
 });
 
-test("tskvm run: the console goes to --console-log, not to stdout; -v reports the steps", { skip: noKvm, timeout: 60_000 }, () => {
+test("tskvm run: the console goes to --console-log, not to stdout; -v reports the steps", { skip: noKvm, timeout: scaled(60_000) }, () => {
   const log = join(dir, "console.log");
   const r = run(["-v", "-k", agentKernel, "--no-initrd", "--console-log", log, "--", "exit 4"]);
   assert.equal(r.status, 4, r.stderr);
@@ -330,7 +333,7 @@ test("tskvm run: the console goes to --console-log, not to stdout; -v reports th
   assert.match(bad.stderr, /^tskvm: console log .* cannot be written/);
 });
 
-test("tskvm run: a command past --timeout stops the VM and exits 6", { skip: noKvm, timeout: 60_000 }, () => {
+test("tskvm run: a command past --timeout stops the VM and exits 6", { skip: noKvm, timeout: scaled(60_000) }, () => {
   const started = Date.now();
   const r = run(["-k", agentKernel, "--no-initrd", "--timeout", "1.5", "--", "hang"]);
   assert.equal(r.status, ExitCode.COMMAND_TIMEOUT, r.stderr);
@@ -338,13 +341,13 @@ test("tskvm run: a command past --timeout stops the VM and exits 6", { skip: noK
   assert.ok(Date.now() - started < 30_000);
 });
 
-test("tskvm run: the guest ending before the command reports exits 7", { skip: noKvm, timeout: 60_000 }, () => {
+test("tskvm run: the guest ending before the command reports exits 7", { skip: noKvm, timeout: scaled(60_000) }, () => {
   const r = run(["-k", agentKernel, "--no-initrd", "--", "quit"]);
   assert.equal(r.status, ExitCode.GUEST_ENDED, r.stderr);
   assert.match(r.stderr, /^tskvm: the guest ended before the command did: i8042 reset/);
 });
 
-test("tskvm run: a guest that is not ready within --ready-timeout exits 5, with the console's tail", { skip: noKvm, timeout: 60_000 }, () => {
+test("tskvm run: a guest that is not ready within --ready-timeout exits 5, with the console's tail", { skip: noKvm, timeout: scaled(60_000) }, () => {
   const r = run(["-k", spinKernel, "--no-initrd", "--ready-timeout", "1", "--", "true"]);
   assert.equal(r.status, ExitCode.NOT_READY, r.stderr);
   assert.match(r.stderr, /^tskvm: the guest did not become ready within 1 s \(--ready-timeout\) \(does your initrd's \/init run tskvm's guest agent/);
@@ -355,14 +358,12 @@ test("tskvm run: a guest that is not ready within --ready-timeout exits 5, with 
   assert.match(reset.stderr, /^tskvm: the guest ended before it became ready: i8042 reset/);
 });
 
-test("tskvm run: SIGTERM stops the VM, exits 143 and leaves no lock on its disk", { skip: noKvm, timeout: 60_000 }, async () => {
+test("tskvm run: SIGTERM stops the VM, exits 143 and leaves no lock on its disk", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   const img = join(dir, "disk.img");
   writeFileSync(img, new Uint8Array(1024 * 1024));
   const vm = new RunningCli(["run", "-m", "32M", "-v", "-k", agentKernel, "--no-initrd", "-d", img, "--", "hang"]);
   // stderr says when the guest is ready; the command then hangs.
-  const deadline = Date.now() + 30_000;
-  while (!/guest ready/.test(vm.stderr) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
-  assert.match(vm.stderr, /guest ready/);
+  await vm.waitForStderr(/guest ready/, scaled(30_000));
   // While it runs, the image is locked.
   assert.notEqual(spawnSync("flock", ["-n", "-x", img, "true"]).status, 0, "image locked while the VM runs");
   vm.kill("SIGTERM");
@@ -372,7 +373,7 @@ test("tskvm run: SIGTERM stops the VM, exits 143 and leaves no lock on its disk"
   assert.equal(spawnSync("flock", ["-n", "-x", img, "true"]).status, 0, "lock released");
 });
 
-test("tskvm run: a parent that dies takes the VM with it (its parent-death signal is SIGTERM)", { skip: noKvm, timeout: 60_000 }, async () => {
+test("tskvm run: a parent that dies takes the VM with it (its parent-death signal is SIGTERM)", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   const img = join(dir, "orphan.img");
   writeFileSync(img, new Uint8Array(1024 * 1024));
   const locked = () => spawnSync("flock", ["-n", "-x", img, "true"]).status !== 0;
@@ -388,15 +389,10 @@ test("tskvm run: a parent that dies takes the VM with it (its parent-death signa
       return false;
     }
   };
-  const until = async (what: () => boolean, ms: number) => {
-    const deadline = Date.now() + ms;
-    while (!what() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    return what();
-  };
   try {
-    assert.ok(await until(locked, 30_000), "tskvm started and locked its disk");
+    await waitUntil(locked, scaled(30_000), "tskvm to start and lock its disk");
     sh.kill("SIGKILL");
-    assert.ok(await until(() => !alive(), 20_000), "tskvm ended");
+    await waitUntil(() => !alive(), scaled(20_000), "tskvm to end after its parent died");
     assert.equal(locked(), false, "the disk is released");
   } finally {
     sh.kill("SIGKILL");
@@ -404,7 +400,7 @@ test("tskvm run: a parent that dies takes the VM with it (its parent-death signa
   }
 });
 
-test("tskvm run: bad options and a missing kernel fail before anything runs", { skip: noKvm, timeout: 60_000 }, () => {
+test("tskvm run: bad options and a missing kernel fail before anything runs", { skip: noKvm, timeout: scaled(60_000) }, () => {
   const r = run(["-k", join(dir, "missing"), "--", "true"]);
   assert.equal(r.status, ExitCode.BAD_INPUT);
   assert.equal(r.stderr, `tskvm: kernel image '${join(dir, "missing")}' does not exist\n`);

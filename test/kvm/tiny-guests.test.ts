@@ -3,7 +3,6 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
 import {
   HALT,
   SPIN,
@@ -15,8 +14,9 @@ import {
   AP_TRAMPOLINE,
 } from "../helpers/guest-code";
 import { runTinyGuest } from "../helpers/machine";
+import { kvmSkip, scaled } from "../helpers/tiers";
 
-const noKvm = existsSync("/dev/kvm") ? false : "no /dev/kvm on this host";
+const noKvm = kvmSkip();
 
 test("real mode: text written to the UART reaches the console; i8042 reset ends the VM", { skip: noKvm }, async () => {
   const { result, console } = await runTinyGuest({ cpus: 1, boot: { kind: "raw", code: realModeHello(0x1000, "hello from real mode\n"), address: 0x1000, mode: "real" } });
@@ -50,17 +50,18 @@ test("a triple fault resets the guest (exit reason SHUTDOWN)", { skip: noKvm }, 
   assert.match((result.stop as { reason: string }).reason, /triple fault/);
 });
 
-test("a guest whose every vCPU halts with interrupts off ends the VM (how Linux powers off without ACPI)", { skip: noKvm, timeout: 60_000 }, async () => {
+test("a guest whose every vCPU halts with interrupts off ends the VM (how Linux powers off without ACPI)", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   const { result } = await runTinyGuest({ cpus: 2, boot: { kind: "raw", code: HALT, address: 0x1000, mode: "real" } });
   assert.equal(result.stop.kind, "halted", JSON.stringify(result.stop));
   assert.match((result.stop as { reason: string }).reason, /every vCPU stopped with interrupts off/);
 });
 
-test("a stop request ends a vCPU that spins without exits", { skip: noKvm, timeout: 60_000 }, async () => {
+test("a stop request ends a vCPU that spins without exits", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   const { result } = await runTinyGuest(
     { cpus: 1, boot: { kind: "raw", code: SPIN, address: 0x1000, mode: "real" } },
     async (m) => {
-      await new Promise((r) => setTimeout(r, 300));
+      // Every vCPU thread is about to enter KVM_RUN (or already spinning in it).
+      await m.allStarted();
       m.stop("test");
     },
   );
@@ -68,11 +69,12 @@ test("a stop request ends a vCPU that spins without exits", { skip: noKvm, timeo
   assert.equal(result.requestedBy, "test");
 });
 
-test("a stop request ends every vCPU of an SMP guest, including APs waiting for SIPI", { skip: noKvm, timeout: 60_000 }, async () => {
+test("a stop request ends every vCPU of an SMP guest, including APs waiting for SIPI", { skip: noKvm, timeout: scaled(60_000) }, async () => {
   const { result } = await runTinyGuest(
     { cpus: 4, boot: { kind: "raw", code: SPIN, address: 0x1000, mode: "real" } },
     async (m) => {
-      await new Promise((r) => setTimeout(r, 300));
+      // Every vCPU thread is about to enter KVM_RUN (or already spinning in it).
+      await m.allStarted();
       m.stop("test");
     },
   );
@@ -80,7 +82,7 @@ test("a stop request ends every vCPU of an SMP guest, including APs waiting for 
   for (const v of result.vcpus) assert.equal(v.stop.kind, "stopped", `vCPU ${v.id}: ${JSON.stringify(v.stop)}`);
 });
 
-test("SMP: the BSP starts every AP with INIT-SIPI-SIPI and each reports its APIC id", { skip: noKvm, timeout: 120_000 }, async () => {
+test("SMP: the BSP starts every AP with INIT-SIPI-SIPI and each reports its APIC id", { skip: noKvm, timeout: scaled(120_000) }, async () => {
   const cpus = 4;
   const { bsp, trampoline } = smpStart();
   const { result, console } = await runTinyGuest(
@@ -90,7 +92,8 @@ test("SMP: the BSP starts every AP with INIT-SIPI-SIPI and each reports its APIC
     },
     async (m) => {
       // Every vCPU ends in hlt with interrupts off; stop once all have printed (or give up).
-      for (let i = 0; i < 600 && m.consoleBytesWritten() < cpus; i++) await new Promise((r) => setTimeout(r, 100));
+      const deadline = Date.now() + scaled(60_000);
+      while (m.consoleBytesWritten() < cpus && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
       m.stop("test");
     },
   );

@@ -2,35 +2,21 @@
  * Tier 3: boot the default Linux guest with the tskvm CLI and watch the kernel's own
  * milestones on the serial console. On this workplace's emulating KVM (kvm-pvm) the kernel
  * reaches "Run /init" in about a minute; on hardware KVM the guest's ready marker is checked
- * too. Without a built guest the test says so (and fails when TSKVM_REQUIRE_GUEST=1, as in CI).
+ * too. Without KVM or a built guest the tests skip (or fail where CI requires them: helpers/tiers.ts).
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
-import { bootFilesFor, findDefaultGuest } from "../../src/api/default-guest";
-import { detectHostKvm } from "../../src/kvm/host";
+import { bootFilesFor } from "../../src/api/default-guest";
 import { buildE820 } from "../../src/arch/x86/e820";
 import { ramLayout } from "../../src/arch/x86/layout";
 import { RunningCli } from "../helpers/cli";
+import { guestSkip, hostKvm, whereItRuns } from "../helpers/tiers";
 
 const MEMORY = 128 * 1024 * 1024;
-const host = detectHostKvm();
-const emulated = host.kind === "emulated-pvm";
-/** Generous: the emulating KVM interprets the kernel at ~1M instructions/s. */
-const MILESTONE_TIMEOUT_MS = emulated ? 420_000 : 60_000;
-
-function guestOrSkip(t: { skip: (msg: string) => void }) {
-  if (!existsSync("/dev/kvm")) {
-    t.skip("no /dev/kvm on this host");
-    return undefined;
-  }
-  const guest = findDefaultGuest();
-  if (guest === undefined) {
-    if (process.env.TSKVM_REQUIRE_GUEST) assert.fail("the default guest is not built (npm run guest) but TSKVM_REQUIRE_GUEST is set");
-    t.skip("no default guest built: run `npm run guest` to enable the Linux boot tests");
-  }
-  return guest;
-}
+const { guest, skip } = guestSkip();
+const emulated = skip === false && hostKvm().kind === "emulated-pvm";
+/** Generous: kvm-pvm interprets the kernel at ~1M instructions/s; TCG emulates everything. */
+const MILESTONE_TIMEOUT_MS = skip === false && hostKvm().softwareEmulated ? 420_000 : 60_000;
 
 /** "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable" lines as tskvm should have passed them. */
 function expectedE820Lines(bytes: number): string[] {
@@ -41,12 +27,10 @@ function expectedE820Lines(bytes: number): string[] {
   });
 }
 
-async function bootAndCheck(t: { diagnostic: (m: string) => void; skip: (m: string) => void }, cpus: number): Promise<void> {
-  const guest = guestOrSkip(t);
-  if (guest === undefined) return;
+async function bootAndCheck(t: { diagnostic: (m: string) => void }, cpus: number): Promise<void> {
   // On an emulating KVM: the ELF vmlinux (PVH, no decompression) and the uncompressed initrd.
-  const { kernel, initrd } = bootFilesFor(guest, emulated);
-  t.diagnostic(`tier: Linux boot on ${host.summary.split(":")[0]}; kernel ${kernel}; ${cpus} vCPU(s)`);
+  const { kernel, initrd } = bootFilesFor(guest!, emulated);
+  t.diagnostic(`tier: Linux boot on ${whereItRuns()}; kernel ${kernel}; ${cpus} vCPU(s)`);
   const vm = new RunningCli(["boot", "-k", kernel, "-i", initrd, "-m", "128M", "-c", String(cpus)]);
   try {
     const linuxVersion = await vm.waitFor(/Linux version \d/, MILESTONE_TIMEOUT_MS);
@@ -91,6 +75,6 @@ async function bootAndCheck(t: { diagnostic: (m: string) => void; skip: (m: stri
   }
 }
 
-test("Linux boots on tskvm to a shell: kernel milestones, e820, MP table, console", { timeout: 900_000 }, (t) => bootAndCheck(t, 1));
+test("Linux boots on tskvm to a shell: kernel milestones, e820, MP table, console", { skip, timeout: 900_000 }, (t) => bootAndCheck(t, 1));
 
-test("Linux SMP on tskvm: 2 vCPUs from the MP table, both online (nproc)", { timeout: 900_000 }, (t) => bootAndCheck(t, 2));
+test("Linux SMP on tskvm: 2 vCPUs from the MP table, both online (nproc)", { skip, timeout: 900_000 }, (t) => bootAndCheck(t, 2));

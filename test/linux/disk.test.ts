@@ -9,15 +9,16 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { bootFilesFor, findDefaultGuest } from "../../src/api/default-guest";
-import { detectHostKvm } from "../../src/kvm/host";
+import { bootFilesFor } from "../../src/api/default-guest";
 import { RunningCli } from "../helpers/cli";
+import { guestSkip, hostKvm, whereItRuns } from "../helpers/tiers";
 
-const emulated = detectHostKvm().kind === "emulated-pvm";
-const TIMEOUT_MS = emulated ? 420_000 : 60_000;
+const { guest: built, skip } = guestSkip();
+const emulated = skip === false && hostKvm().kind === "emulated-pvm";
+const TIMEOUT_MS = skip === false && hostKvm().softwareEmulated ? 420_000 : 60_000;
 const dir = mkdtempSync(join(tmpdir(), "tskvm-disk-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
 
@@ -47,13 +48,9 @@ async function run(vm: RunningCli, command: string, marker: string): Promise<voi
   await vm.waitFor(new RegExp(`${marker}-\\d+`), TIMEOUT_MS);
 }
 
-test("virtio-blk: an ext4 disk mounted, written and read back by Linux; read-only disks refuse writes", { timeout: 1_200_000 }, async (t) => {
-  if (!existsSync("/dev/kvm")) return t.skip("no /dev/kvm on this host");
-  const guest = findDefaultGuest();
-  if (guest === undefined) {
-    if (process.env.TSKVM_REQUIRE_GUEST) assert.fail("the default guest is not built (npm run guest) but TSKVM_REQUIRE_GUEST is set");
-    return t.skip("no default guest built: run `npm run guest` to enable the Linux disk tests");
-  }
+test("virtio-blk: an ext4 disk mounted, written and read back by Linux; read-only disks refuse writes", { skip, timeout: 1_200_000 }, async (t) => {
+  const guest = built!;
+  t.diagnostic(`tier: Linux on ${whereItRuns()}`);
   if (spawnSync("mkfs.ext4", ["-V"]).status !== 0) return t.skip("mkfs.ext4 (e2fsprogs) is not installed");
   const { kernel, initrd } = bootFilesFor(guest, emulated);
   const data = makeExt4("data.img", 64);

@@ -13,13 +13,15 @@ import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { bootFilesFor, findDefaultGuest } from "../../src/api/default-guest";
-import { detectHostKvm } from "../../src/kvm/host";
+import { bootFilesFor } from "../../src/api/default-guest";
 import { RunningCli } from "../helpers/cli";
 import { NetNs, netTestSkipReason } from "../helpers/netns";
+import { guestSkip, hostKvm, scaled, whereItRuns } from "../helpers/tiers";
+import { waitUntil } from "../helpers/wait";
 
-const emulated = detectHostKvm().kind === "emulated-pvm";
-const TIMEOUT_MS = emulated ? 420_000 : 60_000;
+const { guest: built, skip } = guestSkip();
+const emulated = skip === false && hostKvm().kind === "emulated-pvm";
+const TIMEOUT_MS = skip === false && hostKvm().softwareEmulated ? 420_000 : 60_000;
 const HOST = "192.168.100.1";
 const GUEST = "192.168.100.2";
 
@@ -27,18 +29,14 @@ function which(cmd: string): boolean {
   return ["/usr/bin", "/bin", "/usr/sbin", "/sbin"].some((d) => existsSync(join(d, cmd)));
 }
 
-test("virtio-net: the guest is on the TAP: ping, SSH, HTTP both ways", { timeout: 900_000 }, async (t) => {
-  if (!existsSync("/dev/kvm")) return t.skip("no /dev/kvm on this host");
+test("virtio-net: the guest is on the TAP: ping, SSH, HTTP both ways", { skip, timeout: 900_000 }, async (t) => {
   const netSkip = netTestSkipReason();
   if (netSkip !== undefined) return t.skip(netSkip);
   for (const tool of ["busybox", "dbclient"]) {
     if (!which(tool)) return t.skip(`${tool} is not installed (Debian: busybox-static, dropbear-bin)`);
   }
-  const guest = findDefaultGuest();
-  if (guest === undefined) {
-    if (process.env.TSKVM_REQUIRE_GUEST) assert.fail("the default guest is not built (npm run guest) but TSKVM_REQUIRE_GUEST is set");
-    return t.skip("no default guest built: run `npm run guest` to enable the Linux network tests");
-  }
+  const guest = built!;
+  t.diagnostic(`tier: Linux on ${whereItRuns()}`);
   assert.ok(guest.sshKeyDropbear !== undefined || guest.sshKey !== undefined, "the guest build provides an SSH key");
   const key = guest.sshKeyDropbear ?? guest.sshKey!;
   const { kernel, initrd } = bootFilesFor(guest, emulated);
@@ -77,7 +75,11 @@ test("virtio-net: the guest is on the TAP: ping, SSH, HTTP both ways", { timeout
 
     // The namespace's own web server (its only addresses are the TAP's and lo).
     httpd = spawn("ip", ["netns", "exec", ns.name, "busybox", "httpd", "-f", "-p", "8080", "-h", www], { stdio: "ignore" });
-    await new Promise((r) => setTimeout(r, 300));
+    await waitUntil(
+      () => ns.exec(["busybox", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/hello.txt"], { allowFail: true }).status === 0,
+      scaled(10_000),
+      "the namespace's web server",
+    );
     const get = ssh(`wget -q -O - http://${HOST}:8080/hello.txt`);
     assert.equal(get.status, 0, get.stderr);
     assert.equal(get.stdout, `${served}\n`, "the guest fetched the host's file");

@@ -4,38 +4,19 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { chmodSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { chmodSync, mkdirSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
-import { runCli, CliResult } from "../helpers/cli";
+import { runCli, expectOneLine, scratchDir } from "../helpers/cli";
 import { makeBzImage } from "../helpers/images";
 import { parseBootArgs, UsageError } from "../../src/cli/args";
 import { parseSize, SizeError } from "../../src/api/option-values";
 import { EscapeParser } from "../../src/cli/console";
 import { ExitCode } from "../../src/cli/exit-codes";
 
-const dir = mkdtempSync(join(tmpdir(), "tskvm-cli-"));
-// Readable by the unprivileged user some cases drop to.
-chmodSync(dir, 0o755);
-process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
-const file = (name: string, data: Uint8Array | string) => {
-  const p = join(dir, name);
-  writeFileSync(p, data);
-  return p;
-};
+const { dir, file } = scratchDir("tskvm-cli-");
 const goodKernel = file("bzImage", makeBzImage({ codeBytes: 64 * 1024 }));
-const hasKvm = spawnSync("test", ["-r", "/dev/kvm"]).status === 0;
 
-/** One line, the expected status, the expected words, no stack trace. */
-function expectOneLine(r: CliResult, status: number, pattern: RegExp): void {
-  assert.equal(r.status, status, `exit status; stderr: ${r.stderr}`);
-  const lines = r.stderr.trimEnd().split("\n");
-  assert.equal(lines.length, 1, `exactly one line on stderr, got:\n${r.stderr}`);
-  assert.match(lines[0]!, /^tskvm: /);
-  assert.match(lines[0]!, pattern);
-  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-}
 
 test("parseSize: units, bare numbers are MiB, bad syntax", () => {
   assert.equal(parseSize("512M"), 512 * 1024 * 1024);
@@ -106,60 +87,14 @@ test("bad kernel and initrd files: one line each, exit 3", () => {
   }
 });
 
-test("bad disk images and disk options: one line each, exit 3, the image untouched", { skip: hasKvm ? false : "needs /dev/kvm" }, () => {
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-d", join(dir, "no.img")]), ExitCode.BAD_INPUT, /disk image .*no\.img does not exist/);
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-d", dir]), ExitCode.BAD_INPUT, /is a directory/);
-  const odd = file("odd.img", new Uint8Array(1000));
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-d", odd]), ExitCode.BAD_INPUT, /not a multiple of 512.*truncate -s 1024/);
-  const img = file("disk.img", new Uint8Array(1024 * 1024));
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-d", `${img},bogus`]), ExitCode.BAD_INPUT, /unknown disk option "bogus"/);
-  // Another holder of the image's lock (flock(1) here, another tskvm in real life).
-  const r = spawnSync("flock", ["-x", img, process.execPath, join(__dirname, "..", "..", "..", "bin", "tskvm"), "boot", "-k", goodKernel, "-d", img], { encoding: "utf8" });
-  expectOneLine({ status: r.status, stdout: r.stdout, stderr: r.stderr }, ExitCode.BAD_INPUT, /in use by another/);
-});
 
-test("bad network options: one line each, nothing left behind", { skip: hasKvm ? false : "needs /dev/kvm" }, () => {
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-t", "a-name-far-too-long-for-linux"]), ExitCode.USAGE, /at most 15/);
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-t", "t0", "--mac", "zz:00"]), ExitCode.USAGE, /MAC/i);
-  if (process.getuid?.() === 0) {
-    // Root without CAP_NET_ADMIN: /dev/kvm opens, the TAP is refused.
-    const r = spawnSync("setpriv", ["--bounding-set=-net_admin", "--inh-caps=-net_admin", process.execPath, join(__dirname, "..", "..", "..", "bin", "tskvm"), "boot", "-k", goodKernel, "-t", "t0"], { encoding: "utf8" });
-    expectOneLine({ status: r.status, stdout: r.stdout, stderr: r.stderr }, ExitCode.HOST, /CAP_NET_ADMIN/);
-  }
-});
 
-test("kernel images tskvm cannot boot: one line each, exit 3", { skip: hasKvm ? false : "needs /dev/kvm (the image is checked after the VM is created)" }, () => {
-  expectOneLine(runCli(["boot", "-k", file("text", "this is not a kernel\n".repeat(100))]), ExitCode.BAD_INPUT, /not a bzImage or ELF vmlinux/);
-  expectOneLine(runCli(["boot", "-k", file("trunc", makeBzImage({ codeBytes: 64 * 1024, chop: 4096 }))]), ExitCode.BAD_INPUT, /truncated/);
-  expectOneLine(runCli(["boot", "-k", file("old", makeBzImage({ version: 0x0204 }))]), ExitCode.BAD_INPUT, /2\.04.*too old.*2\.06/);
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-p", "x".repeat(5000)]), ExitCode.BAD_INPUT, /command line is \d+ bytes/);
-  const bigInitrd = file("big-initrd", new Uint8Array(40 * 1024 * 1024));
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-i", bigInitrd, "-m", "32M"]), ExitCode.BAD_INPUT, /initrd .* does not fit.*-m/);
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-m", "4M"]), ExitCode.USAGE, /too small/);
-  expectOneLine(runCli(["boot", "-k", goodKernel, "-c", "5000"]), ExitCode.USAGE, /cannot give the guest 5000 vCPUs/);
-  expectOneLine(runCli(["boot", "-k", goodKernel, "--cpu-template", "fancy"]), ExitCode.USAGE, /unknown CPU template 'fancy'/);
-  expectOneLine(runCli(["boot", "-k", goodKernel, "--hide-cpu-feature", "warp"]), ExitCode.USAGE, /unknown CPU feature 'warp'/);
-});
 
-test("no /dev/kvm, or no permission for it: one line, exit 4", () => {
+
+
+test("no /dev/kvm: one line, exit 4", () => {
   expectOneLine(runCli(["boot", "-k", goodKernel], { env: { TSKVM_KVM_DEVICE: join(dir, "no-kvm") } }), ExitCode.HOST, /does not exist: this host has no KVM/);
   expectOneLine(runCli(["probe"], { env: { TSKVM_KVM_DEVICE: join(dir, "no-kvm") } }), ExitCode.HOST, /does not exist/);
-  if (process.getuid?.() === 0 && hasKvm) {
-    const r = spawnSync("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", process.execPath, join(__dirname, "..", "..", "..", "bin", "tskvm"), "boot", "-k", goodKernel], { encoding: "utf8" });
-    expectOneLine({ status: r.status, stdout: r.stdout, stderr: r.stderr }, ExitCode.HOST, /no permission to open \/dev\/kvm.*kvm' group/);
-  }
-});
-
-test("tskvm probe describes the host's KVM", { skip: hasKvm ? false : "needs /dev/kvm" }, () => {
-  const r = runCli(["probe", "--json"]);
-  assert.equal(r.status, 0, r.stderr);
-  const report = JSON.parse(r.stdout) as { apiVersion: number; host: string; missingRequired: string[]; vcpus: { max: number } };
-  assert.equal(report.apiVersion, 12);
-  assert.deepEqual(report.missingRequired, []);
-  assert.ok(report.vcpus.max >= 1);
-  assert.match(report.host, /hardware-intel|hardware-amd|emulated-pvm|unknown/);
-  const text = runCli(["probe"]);
-  assert.match(text.stdout, /Host KVM: +.*(hardware|emulating)/);
 });
 
 test("a failed start leaves no files behind in the working directory", () => {
