@@ -68,6 +68,11 @@ export interface HarnessResult {
 export class HarnessError extends Error {}
 
 function findQemu(): string {
+  const chosen = process.env.TSKVM_QEMU;
+  if (chosen !== undefined && chosen !== "") {
+    if (existsSync(chosen)) return chosen;
+    throw new HarnessError(`TSKVM_QEMU=${chosen}: no such file (unset it to use qemu-system-x86_64 from PATH)`);
+  }
   for (const dir of (process.env.PATH ?? "/usr/bin").split(":").concat(["/usr/bin", "/usr/local/bin"])) {
     const p = join(dir, "qemu-system-x86_64");
     if (existsSync(p)) return p;
@@ -160,16 +165,6 @@ function tail(path: string, lines: number): string {
 /** Run a command in the harness VM. Rejects only with HarnessError (a prerequisite is missing). */
 export async function runInHarnessVm(o: HarnessOptions): Promise<HarnessResult> {
   if (o.command.length === 0) throw new HarnessError("no command given");
-  const qemu = findQemu();
-  const busybox = findStaticBusybox();
-  const progress = o.onProgress ?? (() => undefined);
-  let kernel: DebianKernel;
-  try {
-    kernel = await fetchDebianKernel(o.signal);
-  } catch (e) {
-    if (o.signal?.aborted) throw new HarnessError("stopped while fetching the kernel");
-    throw new HarnessError(`no kernel for the VM: ${(e as Error).message}`);
-  }
   const rw = (o.rw ?? []).map((d) => {
     let real: string;
     try {
@@ -180,6 +175,16 @@ export async function runInHarnessVm(o: HarnessOptions): Promise<HarnessResult> 
     if (!statSync(real).isDirectory()) throw new HarnessError(`--rw ${d}: not a directory`);
     return real;
   });
+  const qemu = findQemu();
+  const busybox = findStaticBusybox();
+  const progress = o.onProgress ?? (() => undefined);
+  let kernel: DebianKernel;
+  try {
+    kernel = await fetchDebianKernel(o.signal);
+  } catch (e) {
+    if (o.signal?.aborted) throw new HarnessError("stopped while fetching the kernel");
+    throw new HarnessError(`no kernel for the VM: ${(e as Error).message}`);
+  }
   const cwd = o.cwd ?? process.cwd();
   const ctl = mkdtempSync(join(tmpdir(), "tskvm-harness-"));
   const started = Date.now();
@@ -205,7 +210,7 @@ export async function runInHarnessVm(o: HarnessOptions): Promise<HarnessResult> 
       "-machine", "pc", "-accel", "tcg,thread=multi,tb-size=512", "-cpu", "max",
       "-smp", String(o.cpus ?? 2), "-m", o.memory ?? "4G",
       "-kernel", kernel.vmlinuz, "-initrd", initrd,
-      "-append", "console=ttyS0 panic=-1 oops=panic mitigations=off tsc=reliable loglevel=4 rdinit=/init",
+      "-append", "console=ttyS0 panic=-1 oops=panic mitigations=off tsc=reliable loglevel=5 rdinit=/init",
       "-serial", `file:${consoleLog}`,
       "-chardev", `socket,id=out,path=${join(ctl, "stdout.sock")}`, "-serial", "chardev:out",
       "-chardev", `socket,id=err,path=${join(ctl, "stderr.sock")}`, "-serial", "chardev:err",
@@ -283,7 +288,8 @@ this host's root read-only (tmpfs overlay), as root, in the current directory.
       --console FILE  write the VM kernel's console log to FILE
   -v, --verbose       progress lines on stderr
 Exit status: COMMAND's; 124 timeout; 125 the harness or the VM failed; 128+N signal N.
-The kernel is the Debian package pinned in guest/debian-kernel.sh (fetched on first use).`;
+The kernel is the Debian package pinned in guest/debian-kernel.sh (fetched on first use);
+TSKVM_QEMU names another qemu-system-x86_64.`;
 
 async function main(argv: string[]): Promise<number> {
   const o: HarnessOptions & { env: Record<string, string>; rw: string[] } = { command: [], env: {}, rw: [], timeoutMs: 3600_000 };

@@ -4,6 +4,7 @@
  *
  *   tier          files                     needs
  *   unit          dist/test/unit/           nothing (fake guest memory)
+ *   harness       dist/test/harness/        QEMU: the harness VM itself (always on this host)
  *   KVM           dist/test/kvm/            a KVM device (kvm-pvm will do)
  *   Linux         dist/test/linux/          a KVM device and the default guest
  *   Linux/stock   dist/test/linux/stock/    KVM with hardware semantics: a stock kernel
@@ -33,8 +34,8 @@ import { HarnessError, harnessAvailable, runInHarnessVm } from "./harness-vm";
 import { fetchDebianKernel } from "./lib/debian-kernel";
 import { hostKvm, kvmUnavailable } from "../test/helpers/tiers";
 
-type TierId = "unit" | "kvm" | "linux" | "stock";
-type Needs = "nothing" | "kvm" | "hardware-kvm";
+type TierId = "unit" | "harness" | "kvm" | "linux" | "stock";
+type Needs = "nothing" | "qemu" | "kvm" | "hardware-kvm";
 
 interface Tier {
   id: TierId;
@@ -47,6 +48,7 @@ const ROOT = repoRoot();
 const TEST_DIST = join(ROOT, "dist", "test");
 const TIERS: readonly Tier[] = [
   { id: "unit", title: "unit", needs: "nothing", dir: join(TEST_DIST, "unit") },
+  { id: "harness", title: "harness", needs: "qemu", dir: join(TEST_DIST, "harness") },
   { id: "kvm", title: "KVM", needs: "kvm", dir: join(TEST_DIST, "kvm") },
   { id: "linux", title: "Linux", needs: "kvm", dir: join(TEST_DIST, "linux") },
   { id: "stock", title: "Linux/stock", needs: "hardware-kvm", dir: join(TEST_DIST, "linux", "stock") },
@@ -54,7 +56,7 @@ const TIERS: readonly Tier[] = [
 /** No single test may run longer than this (a hung test fails instead of stalling CI). */
 const TEST_TIMEOUT_MS = 20 * 60_000;
 /** The harness VM's limit: well inside CI's 90 minutes. */
-const HARNESS_TIMEOUT_MS = Number(process.env.TSKVM_HARNESS_TIMEOUT ?? 3000) * 1000;
+const HARNESS_TIMEOUT_MS = Number(process.env.TSKVM_HARNESS_TIMEOUT ?? 2400) * 1000;
 /** Environment passed into the harness VM (besides what it sets itself). */
 const PASSED_ENV = /^(TSKVM_(?!KVM_DEVICE$|HARNESS$).*|CI|NODE_OPTIONS)$/;
 
@@ -93,7 +95,7 @@ type Place = { where: "here" | "harness"; why: string } | { where: "nowhere"; wh
 
 /** Where a tier runs: here when this host has what it needs, else in the harness VM. */
 function placeTier(tier: Tier, mode: string, inside: boolean): Place {
-  if (tier.needs === "nothing" || inside || mode === "never") return { where: "here", why: "" };
+  if (tier.needs === "nothing" || tier.needs === "qemu" || inside || mode === "never") return { where: "here", why: "" };
   const noKvm = kvmUnavailable();
   if (mode !== "always") {
     if (noKvm === undefined && (tier.needs === "kvm" || hostKvm().kind !== "emulated-pvm")) return { where: "here", why: "" };
@@ -106,6 +108,7 @@ function placeTier(tier: Tier, mode: string, inside: boolean): Place {
 
 function describePlace(tier: Tier, inside: boolean): string {
   if (tier.needs === "nothing") return "this host (no KVM needed)";
+  if (tier.needs === "qemu") return "this host (QEMU, no KVM needed)";
   const noKvm = kvmUnavailable();
   const kind = noKvm === undefined ? hostKvm().label : noKvm;
   return inside ? `${kind}, in the harness VM` : `${kind}, directly on this host`;
@@ -174,8 +177,8 @@ async function main(argv: string[]): Promise<number> {
   const inside = argv.includes("--inside");
   const mode = opt("harness") ?? process.env.TSKVM_HARNESS ?? "auto";
   if (!["auto", "never", "always"].includes(mode)) throw new Error(`--harness=${mode}: use auto, never or always`);
-  const wanted = (opt("tiers") ?? process.env.TSKVM_TIERS ?? "unit,kvm,linux,stock").split(",").map((s) => s.trim());
-  for (const w of wanted) if (!TIERS.some((t) => t.id === w)) throw new Error(`unknown tier '${w}': use unit, kvm, linux, stock`);
+  const wanted = (opt("tiers") ?? process.env.TSKVM_TIERS ?? TIERS.map((t) => t.id).join(",")).split(",").map((s) => s.trim());
+  for (const w of wanted) if (!TIERS.some((t) => t.id === w)) throw new Error(`unknown tier '${w}': use ${TIERS.map((t) => t.id).join(", ")}`);
   const fileArgs = argv.filter((a) => !a.startsWith("--"));
   const only = fileArgs.length > 0 ? fileArgs.map(compiledPath) : undefined;
   const resultsFile = opt("results");
