@@ -26,6 +26,32 @@ export function runCli(args: string[], opts: { env?: NodeJS.ProcessEnv; input?: 
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
+/**
+ * Run tskvm to completion without blocking the test process, so that the test's own
+ * timeout still works if it hangs; past `timeoutMs` it is killed (SIGKILL) and the result
+ * says so (status null). `wrapper` runs it under another command (ip netns exec NS).
+ */
+export function runCliAsync(args: string[], opts: { timeoutMs: number; wrapper?: string[]; env?: NodeJS.ProcessEnv }): Promise<CliResult & { ms: number; timedOut: boolean }> {
+  const argv = [...(opts.wrapper ?? []), process.execPath, TSKVM_BIN, ...args];
+  const started = Date.now();
+  const child = spawn(argv[0]!, argv.slice(1), { env: { ...process.env, ...opts.env }, stdio: ["ignore", "pipe", "pipe"] });
+  let stdout = "";
+  let stderr = "";
+  child.stdout!.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+  child.stderr!.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    child.kill("SIGKILL");
+  }, opts.timeoutMs);
+  return new Promise((resolve) =>
+    child.on("close", (status) => {
+      clearTimeout(timer);
+      resolve({ status, stdout, stderr: timedOut ? `${stderr}(killed after ${opts.timeoutMs} ms)\n` : stderr, ms: Date.now() - started, timedOut });
+    }),
+  );
+}
+
 /** A running tskvm whose console output can be awaited line by line. */
 export class RunningCli {
   readonly child: ChildProcess;
