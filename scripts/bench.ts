@@ -13,10 +13,16 @@
  *                 when qemu-system-x86 is installed. Target: tskvm <= QEMU to the ready
  *                 marker. Skipped with the reason when the guest is not built; --no-boot.
  *
- * Results go to stdout as a table and to dist/bench.json.
+ * Every run first says where it ran (hardware KVM, kvm-pvm, nested SVM on QEMU TCG) and on
+ * which CPU: figures from different kinds of host are not comparable. Results go to stdout
+ * as a table and to dist/bench.json (--results=FILE). --in-harness-vm runs it all inside
+ * the harness VM (scripts/harness-vm.ts), results in dist/bench-harness-vm.json: there
+ * tskvm and QEMU boot the same guest on the same (emulated) KVM.
  */
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpus, tmpdir } from "node:os";
+import { runInHarnessVm } from "./harness-vm";
 import { join } from "node:path";
 import { buildNative, repoRoot } from "./lib/native";
 import { Machine } from "../src/vmm/machine";
@@ -76,12 +82,16 @@ async function tskvmPioRate(): Promise<number> {
   return median(rates);
 }
 
+/** How long one vcpu-start process may take before the section gives up on it. */
+const VCPU_START_LIMIT_MS = 120_000;
+
 /** Milliseconds from a fresh process's start until all N vCPUs are running. */
 function vcpuStart(n: number): number {
   const script = join(repoRoot(), "dist", "scripts", "vcpu-start.js");
   const times: number[] = [];
   for (let i = 0; i < ROUNDS; i++) {
-    const r = spawnSync(process.execPath, [script, String(n)], { encoding: "utf8" });
+    const r = spawnSync(process.execPath, [script, String(n)], { encoding: "utf8", timeout: VCPU_START_LIMIT_MS, killSignal: "SIGKILL" });
+    if (r.error !== undefined || r.signal !== null) throw new Error(`vcpu-start ${n} did not finish within ${VCPU_START_LIMIT_MS / 1000} s`);
     if (r.status !== 0) throw new Error(`vcpu-start ${n} failed: ${r.stderr}`);
     times.push(Number(r.stdout.trim()));
   }
@@ -137,10 +147,11 @@ async function timeBoot(argv: string[], timeoutMs: number): Promise<Record<strin
 async function bootComparison(rounds: number): Promise<Record<string, unknown> | string> {
   const guest = findDefaultGuest();
   if (guest === undefined) return "skipped: no default guest built (npm run guest)";
-  const emulated = detectHostKvm().kind === "emulated-pvm";
+  const host = detectHostKvm();
+  const emulated = host.kind === "emulated-pvm";
   const { kernel, initrd } = bootFilesFor(guest, emulated);
   const cmdline = guest.cmdline ?? "console=ttyS0 reboot=k panic=-1";
-  const timeout = emulated ? 420_000 : 60_000;
+  const timeout = host.softwareEmulated ? 420_000 : 60_000;
   const tskvm = [process.execPath, join(repoRoot(), "bin", "tskvm"), "boot", "-k", kernel, "-i", initrd, "-m", "128M", "-p", cmdline];
   const qemuBin = ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"].find((p) => existsSync(p));
   const qemu =
@@ -164,14 +175,48 @@ async function bootComparison(rounds: number): Promise<Record<string, unknown> |
   };
 }
 
+/**
+ * --in-harness-vm: the same benchmark inside the harness VM (scripts/harness-vm.ts), where
+ * tskvm and QEMU both run on KVM with hardware semantics on the same emulated CPU; its
+ * results go to dist/bench-harness-vm.json.
+ */
+async function inHarnessVm(args: string[]): Promise<number> {
+  const shared = mkdtempSync(join(tmpdir(), "tskvm-bench-"));
+  try {
+    const r = await runInHarnessVm({
+      command: [process.execPath, join(repoRoot(), "dist", "scripts", "bench.js"), ...args, `--results=${join(shared, "bench.json")}`],
+      cwd: repoRoot(),
+      rw: [shared],
+      timeoutMs: 3_600_000,
+      onProgress: (l) => console.log(`harness VM: ${l}`),
+    });
+    if (r.message !== undefined) console.error(`bench: harness VM: ${r.message}`);
+    if (existsSync(join(shared, "bench.json"))) {
+      const file = join(repoRoot(), "dist", "bench-harness-vm.json");
+      copyFileSync(join(shared, "bench.json"), file);
+      console.log(`results in ${file}`);
+    }
+    return r.status;
+  } finally {
+    rmSync(shared, { recursive: true, force: true });
+  }
+}
+
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
+  if (args.includes("--in-harness-vm")) process.exit(await inHarnessVm(args.filter((a) => a !== "--in-harness-vm" && !a.startsWith("--results="))));
   // --only=pio,vcpu,blk,net,boot runs just those sections.
   const only = args.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
   const want = (section: string) => only === undefined || only.includes(section);
   const host = detectHostKvm();
-  console.log(`tskvm benchmarks on ${host.summary.split(":")[0]}`);
-  const results: Record<string, unknown> = { host: host.kind, date: new Date().toISOString() };
+  const cpu = /^model name\s*:\s*(.*)$/m.exec(readFileSync("/proc/cpuinfo", "latin1"))?.[1] ?? "unknown CPU";
+  // Where the figures come from matters more than the figures: say it first.
+  console.log(`tskvm benchmarks on ${host.label} (${cpu}, ${cpus().length} CPUs)`);
+  console.log(`  ${host.summary}`);
+  const results: Record<string, unknown> = {
+    host: { kind: host.kind, label: host.label, hypervisor: host.hypervisor ?? null, softwareEmulated: host.softwareEmulated, cpu, cpus: cpus().length },
+    date: new Date().toISOString(),
+  };
 
   if (want("pio")) {
     const c = cBaseline();
@@ -224,7 +269,7 @@ async function main(): Promise<void> {
       if (typeof q === "string") console.log(`boot         QEMU ${q}`);
     }
   }
-  const file = join(repoRoot(), "dist", "bench.json");
+  const file = args.find((a) => a.startsWith("--results="))?.slice("--results=".length) ?? join(repoRoot(), "dist", "bench.json");
   writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
   console.log(`results in ${file}`);
 }
