@@ -100,7 +100,7 @@ function placeTier(tier: Tier, mode: string, inside: boolean): Place {
   if (mode !== "always") {
     if (noKvm === undefined && (tier.needs === "kvm" || hostKvm().kind !== "emulated-pvm")) return { where: "here", why: "" };
   }
-  const why = mode === "always" ? "--harness=always" : noKvm ?? "stock kernels cannot reach user space on kvm-pvm";
+  const why = mode === "always" ? "asked for: TSKVM_HARNESS=always" : noKvm ?? "stock kernels cannot reach user space on kvm-pvm";
   const missing = harnessAvailable();
   if (missing !== undefined) return { where: "nowhere", why: `${why}, and the harness VM cannot start: ${missing}` };
   return { where: "harness", why };
@@ -110,8 +110,8 @@ function describePlace(tier: Tier, inside: boolean): string {
   if (tier.needs === "nothing") return "this host (no KVM needed)";
   if (tier.needs === "qemu") return "this host (QEMU, no KVM needed)";
   const noKvm = kvmUnavailable();
-  const kind = noKvm === undefined ? hostKvm().label : noKvm;
-  return inside ? `${kind}, in the harness VM` : `${kind}, directly on this host`;
+  if (noKvm !== undefined) return `this host, without KVM (${noKvm})`;
+  return inside ? `${hostKvm().label}, in the harness VM` : `${hostKvm().label}, directly on this host`;
 }
 
 let current: ChildProcess | undefined;
