@@ -58,7 +58,7 @@ const TEST_TIMEOUT_MS = 20 * 60_000;
 /** The harness VM's limit: well inside CI's 90 minutes. */
 const HARNESS_TIMEOUT_MS = Number(process.env.TSKVM_HARNESS_TIMEOUT ?? 2400) * 1000;
 /** Environment passed into the harness VM (besides what it sets itself). */
-const PASSED_ENV = /^(TSKVM_(?!KVM_DEVICE$|HARNESS$).*|CI|NODE_OPTIONS)$/;
+const PASSED_ENV = /^(TSKVM_(?!KVM_DEVICE$|HARNESS$).*|CI|NODE_OPTIONS|XDG_CACHE_HOME)$/;
 
 const strict = () => ["1", "true"].includes(process.env.TSKVM_REQUIRE_KVM ?? "");
 
