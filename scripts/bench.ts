@@ -161,11 +161,15 @@ async function bootComparison(rounds: number): Promise<Record<string, unknown> |
          "-kernel", kernel, "-initrd", initrd, "-append", cmdline, "-nographic", "-no-reboot"];
   const samples: Record<string, Record<string, number[]>> = { tskvm: {}, qemu: {} };
   for (let i = 0; i < rounds; i++) {
+    const line: string[] = [];
     for (const [name, argv] of [["tskvm", tskvm], ["qemu", qemu]] as const) {
       if (argv === undefined) continue;
       const t = await timeBoot(argv, timeout);
       for (const [m, ms] of Object.entries(t)) (samples[name]![m] ??= []).push(ms);
+      line.push(`${name} ${((t["ready marker"] ?? NaN) / 1000).toFixed(1)} s`);
     }
+    // One line per round: a slow host is never silent for long.
+    console.log(`boot         round ${i + 1}/${rounds}: ready marker ${line.join(", ")}`);
   }
   const medians = (s: Record<string, number[]>) => Object.fromEntries(Object.entries(s).map(([k, v]) => [k, median(v)]));
   return {
