@@ -9,14 +9,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseBootArgs, parseRunArgs } from "../../src/cli/args";
 import { ExitCode } from "../../src/cli/exit-codes";
-import { runCli, type CliResult } from "../helpers/cli";
+import { expectOneLine, runCli } from "../helpers/cli";
 import { makeBzImage } from "../helpers/images";
-
-function expectOneLine(r: CliResult, status: number, pattern: RegExp): void {
-  assert.equal(r.status, status, r.stderr);
-  assert.equal(r.stderr.trimEnd().split("\n").length, 1, r.stderr);
-  assert.match(r.stderr, pattern);
-}
 
 const dir = mkdtempSync(join(tmpdir(), "tskvm-modopt-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
