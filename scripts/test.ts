@@ -15,7 +15,7 @@
  * on hardware KVM everything runs here; on kvm-pvm the stock-kernel tier goes to the VM;
  * without /dev/kvm the KVM and Linux tiers do. All tiers the VM runs share one VM.
  *
- *   node dist/scripts/test.js [--tiers=unit,kvm,linux,stock] [--harness=auto|never|always] [FILE...]
+ *   node dist/scripts/test.js [--tiers=unit,harness,kvm,linux,stock] [--harness=auto|never|always] [FILE...]
  *
  * --harness (or TSKVM_HARNESS): auto (default) as above; never: run every tier here (tests
  * that cannot run skip, or fail where TSKVM_REQUIRE_* says they must run); always: the KVM
