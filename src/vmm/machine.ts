@@ -495,7 +495,7 @@ function allocateMemory(bytes: number): GuestMemory {
   }
 }
 
-function applyBootState(vcpu: Vcpu, cpu: BootCpuState): void {
+export function applyBootState(vcpu: Vcpu, cpu: BootCpuState): void {
   vcpu.updateSpecialRegisters((s) => {
     s.cs = cpu.sregs.cs;
     s.ds = cpu.sregs.ds;
