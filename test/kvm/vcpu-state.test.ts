@@ -74,8 +74,13 @@ function withoutTimerCount(lapic: Uint8Array | undefined): Uint8Array | undefine
   return copy;
 }
 
-/** MSRs that move with time or are rewritten on restore (msrsInRestoreOrder). */
-const TIME_MSRS = new Set([MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]);
+/**
+ * MSRs that move with time or are rewritten on restore (msrsInRestoreOrder): the TSC and its
+ * deadline, and (hardware KVM lists them) Hyper-V's reference counter and vCPU run time.
+ */
+const HV_X64_MSR_VP_RUNTIME = 0x4000_0010;
+const HV_X64_MSR_TIME_REF_COUNT = 0x4000_0020;
+const TIME_MSRS = new Set([MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, HV_X64_MSR_VP_RUNTIME, HV_X64_MSR_TIME_REF_COUNT]);
 
 test("a guest's KVM state moved into a new VM, twice, continues from the same point both times", { skip: noKvm, timeout: 120_000 }, () => {
   const source = createBareVm({ cpus: 2, memoryBytes: MEMORY, boot: { kind: "raw", code: counterLoop(), address: CODE, mode: "long" } });
