@@ -11,7 +11,9 @@
  * Which pages are zero is known without reading them where the host can tell: in anonymous
  * RAM, a page the guest never touched has no page-table entry (/proc/self/pagemap: neither
  * present nor swapped); in a copy-on-write mapping of an earlier RAM file, a page the guest
- * never wrote that lies in a hole of that file. Every other page is compared with zero.
+ * never wrote that lies in a hole of that file; in shared file memory (a memfd that a
+ * vhost-user back end also maps), a hole of that file. Every other page is compared with
+ * zero.
  */
 import * as fs from "node:fs";
 import * as sys from "../sys/libc";
@@ -50,6 +52,8 @@ function knownZeroPages(memory: GuestMemory, region: GuestRegion, fileOffset: nu
   const zero = new Uint8Array(pages);
   const backing = memory.backing;
   if (region.hostAddress === undefined || backing === undefined) return zero;
+  // Other processes' writes to shared memory are not in our page tables: only holes count.
+  if (backing.kind === "shared-fd") return holeMap(backing.fd, fileOffset, region.size);
   const holes = backing.kind === "file-private" ? holeMap(backing.fd, fileOffset, region.size) : undefined;
   let pagemap: number;
   try {

@@ -8,6 +8,7 @@ import * as fs from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { GuestMemory } from "../../src/memory/guest-memory";
+import * as sys from "../../src/sys/libc";
 import { PAGE_SIZE, RamFileError, fileDataBytes, mapRamFile, readRamFileInto, writeRamFile } from "../../src/memory/ram-file";
 
 const MiB = 1024 * 1024;
@@ -166,6 +167,37 @@ test("a RAM file copies into shared RAM (for vhost-user), data only", () => {
       assert.deepEqual([dst.readU32(0x1000), dst.readU32(15 * MiB), dst.readU32(0x2000)], [7, 9, 0]);
     } finally {
       dst.free();
+    }
+  });
+});
+
+test("shared file memory (a vhost-user memfd) saves by its holes, whoever wrote the pages", () => {
+  withDir((dir) => {
+    const size = 16 * MiB;
+    const backingPath = join(dir, "shared");
+    fs.writeFileSync(backingPath, "");
+    fs.truncateSync(backingPath, size);
+    // Another process writing the shared file: here, a plain write(2), which never touches
+    // our page tables.
+    const other = fs.openSync(backingPath, "r+");
+    fs.writeSync(other, Buffer.from([1, 2, 3]), 0, 3, 5 * MiB);
+    fs.closeSync(other);
+    const fd = sys.open(backingPath, sys.O_RDWR);
+    const address = sys.mmap(size, sys.PROT_READ | sys.PROT_WRITE, sys.MAP_SHARED, fd, 0);
+    const memory = GuestMemory.adopt(address, size, { kind: "shared-fd", fd });
+    try {
+      memory.writeU32(0x1000, 42);
+      const stats = save(memory, join(dir, "ram"));
+      assert.equal(stats.dataBytes, 2 * PAGE_SIZE);
+      assert.ok(stats.pagesRead <= 2, `${stats.pagesRead} pages read: the holes of the shared file are zero`);
+    } finally {
+      memory.free();
+    }
+    const back = mapRamFile(join(dir, "ram"), size);
+    try {
+      assert.deepEqual([back.readU32(0x1000), back.readU8(5 * MiB + 2)], [42, 3]);
+    } finally {
+      back.free();
     }
   });
 });
