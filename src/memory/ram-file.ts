@@ -86,20 +86,32 @@ function knownZeroPages(memory: GuestMemory, region: GuestRegion, fileOffset: nu
   return zero;
 }
 
-/** For each page of [offset, offset + length) of a file: 1 when it lies in a hole. */
-function holeMap(fd: number, offset: number, length: number): Uint8Array {
-  const map = new Uint8Array(length / PAGE_SIZE).fill(1);
-  const end = offset + length;
-  let pos = offset;
+/**
+ * Call `fn(offset, length)` for each data extent (SEEK_DATA..SEEK_HOLE) of a file within
+ * [start, end) (default: the whole file), in order, clipped to the range.
+ */
+export function forEachDataExtent(fd: number, fn: (offset: number, length: number) => void, start = 0, end = fs.fstatSync(fd).size): void {
+  let pos = start;
   while (pos < end) {
     const data = sys.seekData(fd, pos, sys.SEEK_DATA);
     if (data < 0 || data >= end) break;
     const hole = sys.seekData(fd, data, sys.SEEK_HOLE);
     const dataEnd = hole < 0 ? end : Math.min(hole, end);
-    // Partial pages count as data.
-    map.fill(0, Math.floor((data - offset) / PAGE_SIZE), Math.ceil((dataEnd - offset) / PAGE_SIZE));
+    fn(data, dataEnd - data);
     pos = dataEnd;
   }
+}
+
+/** For each page of [offset, offset + length) of a file: 1 when it lies in a hole. */
+function holeMap(fd: number, offset: number, length: number): Uint8Array {
+  const map = new Uint8Array(length / PAGE_SIZE).fill(1);
+  forEachDataExtent(
+    fd,
+    // Partial pages count as data.
+    (data, n) => map.fill(0, Math.floor((data - offset) / PAGE_SIZE), Math.ceil((data + n - offset) / PAGE_SIZE)),
+    offset,
+    offset + length,
+  );
   return map;
 }
 
@@ -159,17 +171,10 @@ export function writeRamFile(memory: GuestMemory, fd: number): RamFileStats {
 
 /** Bytes of a file that are data rather than holes (what it takes on disk, roughly). */
 export function fileDataBytes(fd: number): number {
-  const size = fs.fstatSync(fd).size;
   let bytes = 0;
-  let pos = 0;
-  while (pos < size) {
-    const data = sys.seekData(fd, pos, sys.SEEK_DATA);
-    if (data < 0) break;
-    const hole = sys.seekData(fd, data, sys.SEEK_HOLE);
-    const end = hole < 0 ? size : hole;
-    bytes += end - data;
-    pos = end;
-  }
+  forEachDataExtent(fd, (_offset, length) => {
+    bytes += length;
+  });
   return bytes;
 }
 
@@ -210,17 +215,11 @@ export function readRamFileInto(path: string, memory: GuestMemory): number {
     let copied = 0;
     let fileOffset = 0;
     for (const region of memory.regions) {
-      const end = fileOffset + region.size;
-      let pos = fileOffset;
-      while (pos < end) {
-        const data = sys.seekData(fd, pos, sys.SEEK_DATA);
-        if (data < 0 || data >= end) break;
-        const hole = sys.seekData(fd, data, sys.SEEK_HOLE);
-        const dataEnd = hole < 0 ? end : Math.min(hole, end);
-        copied += readRun(fd, region, data - fileOffset, dataEnd - data, data);
-        pos = dataEnd;
-      }
-      fileOffset = end;
+      const base = fileOffset;
+      forEachDataExtent(fd, (data, length) => {
+        copied += readRun(fd, region, data - base, length, data);
+      }, base, base + region.size);
+      fileOffset += region.size;
     }
     return copied;
   } finally {
