@@ -253,11 +253,28 @@ export function msrsInRestoreOrder(msrs: readonly MsrEntry[]): MsrEntry[] {
 }
 
 /**
- * Write a saved state into a freshly created vCPU of a VM built the same way (same irqchip).
- * Every vCPU of the VM must be out of KVM_RUN. Throws StateRestoreError naming the piece KVM
- * refused.
+ * KVM takes a host write of IA32_TSC that lands within one second of the TSC it expects
+ * (the VM's last TSC write plus the time since) as an attempt to synchronize the vCPUs, and
+ * gives the vCPU the VM's current TSC offset instead of the value written ("UAPI baggage"
+ * in kvm_synchronize_tsc). A new VM's vCPUs start at TSC 0, so the saved TSC of a guest
+ * that had run for less than a second would be dropped (measured on hardware KVM: the
+ * guest's TSC went back to the new VM's). Writing a value far from both first makes the
+ * saved one stick on the first vCPU; the others' saved values then do match it, which
+ * keeps their TSCs in step as they were.
  */
-export function restoreVcpuState(vcpu: Vcpu, state: VcpuState, opts: { kvmclockCtrl?: boolean } = {}): void {
+export function breakTscSynchronization(vcpu: Vcpu, state: VcpuState): void {
+  const tsc = state.msrs.find((m) => m.index === MSR_IA32_TSC);
+  if (tsc === undefined) return;
+  const tenSeconds = BigInt(state.tscKhz ?? 4_000_000) * 10_000n;
+  vcpu.setMsrs([{ index: MSR_IA32_TSC, data: (tsc.data + tenSeconds) & 0xffff_ffff_ffff_ffffn }]);
+}
+
+/**
+ * Write a saved state into a freshly created vCPU of a VM built the same way (same irqchip).
+ * Every vCPU of the VM must be out of KVM_RUN. Restore the first vCPU with `firstVcpu` (see
+ * breakTscSynchronization). Throws StateRestoreError naming the piece KVM refused.
+ */
+export function restoreVcpuState(vcpu: Vcpu, state: VcpuState, opts: { kvmclockCtrl?: boolean; firstVcpu?: boolean } = {}): void {
   restorePart("CPUID", () => vcpu.setCpuid(state.cpuid));
   restorePart("MP state", () => vcpu.setMpState(state.mpState));
   restorePart("registers", () => call(vcpu, "SET_REGS", state.regs));
@@ -267,6 +284,7 @@ export function restoreVcpuState(vcpu: Vcpu, state: VcpuState, opts: { kvmclockC
   if (state.xcrs !== undefined) restorePart("XCRs", () => call(vcpu, "SET_XCRS", state.xcrs!));
   if (state.debugRegs !== undefined) restorePart("debug registers", () => call(vcpu, "SET_DEBUGREGS", state.debugRegs!));
   if (state.lapic !== undefined) restorePart("LAPIC", () => vcpu.setLapic(state.lapic!));
+  if (opts.firstVcpu === true) restorePart("TSC", () => breakTscSynchronization(vcpu, state));
   for (const msr of msrsInRestoreOrder(state.msrs)) {
     let accepted = 0;
     restorePart(`MSR 0x${msr.index.toString(16)}`, () => {
