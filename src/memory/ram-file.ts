@@ -17,7 +17,7 @@
  */
 import * as fs from "node:fs";
 import * as sys from "../sys/libc";
-import { GuestMemory, type GuestRegion } from "./guest-memory";
+import { GuestMemory, type GuestRegion, type RamRange } from "./guest-memory";
 
 export const PAGE_SIZE = 4096;
 
@@ -179,12 +179,14 @@ export function fileDataBytes(fd: number): number {
 }
 
 /**
- * Map a RAM file as guest RAM, copy-on-write: pages are read from the file when the guest
+ * Map a RAM file as guest RAM laid out as `layout` says (the ranges one after another in
+ * the file), copy-on-write: pages are read from the file when the guest
  * first touches them, and what the guest writes stays in this process. The file must not
  * change while mapped (a private mapping still shows file changes in pages not yet
  * written): snapshot files are made read-only for that reason.
  */
-export function mapRamFile(path: string, totalBytes: number): GuestMemory {
+export function mapRamFile(path: string, layout: readonly RamRange[]): GuestMemory {
+  const totalBytes = layout.reduce((n, r) => n + r.size, 0);
   const fd = sys.open(path, sys.O_RDONLY);
   try {
     const size = fs.fstatSync(fd).size;
@@ -193,7 +195,7 @@ export function mapRamFile(path: string, totalBytes: number): GuestMemory {
       throw new RamFileError(`${path} holds ${size} bytes of guest RAM, not ${totalBytes}: it is truncated or not this snapshot's`);
     }
     const address = sys.mmap(totalBytes, sys.PROT_READ | sys.PROT_WRITE, sys.MAP_PRIVATE | sys.MAP_NORESERVE, fd, 0);
-    return GuestMemory.adopt(address, totalBytes, { kind: "file-private", fd });
+    return GuestMemory.adopt(address, layout, { kind: "file-private", fd });
   } catch (e) {
     sys.close(fd);
     throw e;

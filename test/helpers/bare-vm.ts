@@ -12,7 +12,7 @@ import { KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR } from "../../src/arch/x86/layout";
 import { applyBootMsrs, configureLapicForBoot } from "../../src/vmm/cpu-setup";
 import { applyBootState } from "../../src/vmm/machine";
 import { prepareBoot, type BootSource } from "../../src/vmm/boot-source";
-import { ExitReason, KvmRun } from "../../src/kvm/abi";
+import type { VcpuExit } from "../../src/kvm/vcpu-exit";
 
 export interface BareVm {
   kvm: Kvm;
@@ -63,19 +63,18 @@ export function createBareVm(opts: { cpus: number; memoryBytes: number; boot?: B
   };
 }
 
-/** Run a vCPU on this thread until its next exit to user space; returns the exit reason. */
-export function runToExit(vcpu: Vcpu): number {
+/** Run a vCPU on this thread until its next exit to user space (signals meant for others are skipped). */
+export function runToExit(vcpu: Vcpu): VcpuExit {
   for (;;) {
-    const r = vcpu.runOnce();
-    if (r >= 0) return vcpu.exitReason;
-    // EINTR: a signal meant for another part of the process; go on.
+    const exit = vcpu.run();
+    if (exit.kind !== "interrupted") return exit;
   }
 }
 
-/** The port of a KVM_EXIT_IO just taken. */
-export function ioExitPort(vcpu: Vcpu): number {
-  if (vcpu.exitReason !== ExitReason.IO) throw new Error(`exit ${vcpu.exitReason} is not IO`);
-  return vcpu.runView.getUint16(KvmRun.io.port, true);
+/** The port of a PIO exit, or a failure naming the exit. */
+export function ioExitPort(exit: VcpuExit): number {
+  if (exit.kind !== "pio") throw new Error(`exit ${exit.kind} is not PIO`);
+  return exit.port;
 }
 
 /**
@@ -85,7 +84,7 @@ export function ioExitPort(vcpu: Vcpu): number {
  */
 export function completePendingExit(vcpu: Vcpu): void {
   vcpu.setImmediateExit(true);
-  const r = vcpu.runOnce();
+  const exit = vcpu.run();
   vcpu.setImmediateExit(false);
-  if (r >= 0) throw new Error(`KVM_RUN with immediate_exit returned exit ${vcpu.exitReason} instead of EINTR`);
+  if (exit.kind !== "interrupted") throw new Error(`KVM_RUN with immediate_exit returned ${exit.kind} instead of EINTR`);
 }

@@ -7,7 +7,8 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { GuestMemory } from "../../src/memory/guest-memory";
+import { GuestMemory, contiguousLayout } from "../../src/memory/guest-memory";
+import { ramLayout } from "../../src/arch/x86/layout";
 import * as sys from "../../src/sys/libc";
 import { PAGE_SIZE, RamFileError, fileDataBytes, mapRamFile, readRamFileInto, writeRamFile } from "../../src/memory/ram-file";
 
@@ -73,7 +74,7 @@ test("a RAM file maps back with the same contents, copy-on-write", () => {
       memory.free();
     }
     const before = fs.readFileSync(path);
-    const restored = mapRamFile(path, 32 * MiB);
+    const restored = mapRamFile(path, contiguousLayout(32 * MiB));
     try {
       assert.equal(restored.backing?.kind, "file-private");
       assert.equal(restored.readU64(0x2000), 0x1122334455667788n);
@@ -100,7 +101,7 @@ test("a restored VM's RAM saves again: its writes, the file's data, none of the 
     } finally {
       memory.free();
     }
-    const restored = mapRamFile(first, 32 * MiB);
+    const restored = mapRamFile(first, contiguousLayout(32 * MiB));
     try {
       restored.writeU32(0x5000, 0); // a data page becomes zero: a hole now
       restored.writeU32(12 * MiB, 3); // a hole page gets data
@@ -110,7 +111,7 @@ test("a restored VM's RAM saves again: its writes, the file's data, none of the 
     } finally {
       restored.free();
     }
-    const again = mapRamFile(join(dir, "second"), 32 * MiB);
+    const again = mapRamFile(join(dir, "second"), contiguousLayout(32 * MiB));
     try {
       assert.deepEqual([again.readU32(0x3000), again.readU32(0x5000), again.readU32(12 * MiB)], [1, 0, 3]);
     } finally {
@@ -122,7 +123,7 @@ test("a restored VM's RAM saves again: its writes, the file's data, none of the 
 test("RAM above the PCI hole goes after the low RAM in the file", () => {
   withDir((dir) => {
     const size = 3 * 1024 * MiB + 16 * MiB; // 3 GiB below the hole, 16 MiB from 4 GiB
-    const memory = GuestMemory.allocate(size);
+    const memory = GuestMemory.allocate(ramLayout(size));
     try {
       assert.equal(memory.regions.length, 2);
       memory.writeU32(0x1_0000_0000 + 0x1000, 0xabcd);
@@ -146,7 +147,7 @@ test("a RAM file of the wrong size is refused before it is mapped", () => {
   withDir((dir) => {
     const path = join(dir, "ram");
     fs.writeFileSync(path, Buffer.alloc(PAGE_SIZE));
-    assert.throws(() => mapRamFile(path, 16 * MiB), (e: unknown) => e instanceof RamFileError && /holds 4096 bytes of guest RAM, not 16777216/.test(e.message));
+    assert.throws(() => mapRamFile(path, contiguousLayout(16 * MiB)), (e: unknown) => e instanceof RamFileError && /holds 4096 bytes of guest RAM, not 16777216/.test(e.message));
     const memory = GuestMemory.forTest(16 * MiB);
     assert.throws(() => readRamFileInto(path, memory), RamFileError);
   });
@@ -184,7 +185,7 @@ test("shared file memory (a vhost-user memfd) saves by its holes, whoever wrote 
     fs.closeSync(other);
     const fd = sys.open(backingPath, sys.O_RDWR);
     const address = sys.mmap(size, sys.PROT_READ | sys.PROT_WRITE, sys.MAP_SHARED, fd, 0);
-    const memory = GuestMemory.adopt(address, size, { kind: "shared-fd", fd });
+    const memory = GuestMemory.adopt(address, contiguousLayout(size), { kind: "shared-fd", fd });
     try {
       memory.writeU32(0x1000, 42);
       const stats = save(memory, join(dir, "ram"));
@@ -193,7 +194,7 @@ test("shared file memory (a vhost-user memfd) saves by its holes, whoever wrote 
     } finally {
       memory.free();
     }
-    const back = mapRamFile(join(dir, "ram"), size);
+    const back = mapRamFile(join(dir, "ram"), contiguousLayout(size));
     try {
       assert.deepEqual([back.readU32(0x1000), back.readU8(5 * MiB + 2)], [42, 3]);
     } finally {
