@@ -59,7 +59,7 @@ function save(source: BareVm, dir: string): Saved {
   const vm = saveVmState(source.vm, { irqchip: true, clock: adjustClockSupported(source.vm) });
   writeSnapshotDir(dir, {
     tskvmVersion: "test",
-    body: { host: collectHostFacts(source.kvm, vcpus[0]!.tscKhz), machine: null, vm, vcpus, devices: null },
+    body: { host: collectHostFacts(source.kvm, vcpus[0]!.tscKhz), machine: null, vm, vcpus, devices: null, annotations: null },
     writeRam: (fd) => writeRamFile(source.memory, fd),
   });
   const read = readSnapshotDir(dir, { tskvmVersion: "test", verifyRam: true });

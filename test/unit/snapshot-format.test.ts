@@ -101,6 +101,7 @@ function body(): Omit<SnapshotBody, "ram"> {
     vm: vmState(),
     vcpus: [vcpuState(), vcpuState()],
     devices: { serial: [1, 2, 3] },
+    annotations: { agent: { nproc: 2 } },
   };
 }
 
@@ -145,6 +146,7 @@ test("a snapshot reads back exactly as written, its files read-only", () => {
     assert.deepEqual(got.body.host, b.host);
     assert.deepEqual(got.body.machine, b.machine);
     assert.deepEqual(got.body.devices, b.devices);
+    assert.deepEqual(got.body.annotations, b.annotations);
     assert.equal(got.body.ram.bytes, 16 * MiB);
     assert.equal(got.body.ram.dataBytes, 2 * 4096);
     assert.equal(got.ramPath, join(dir, RAM_FILE));

@@ -108,6 +108,8 @@ export interface SnapshotBody {
   vcpus: VcpuState[];
   /** Every device's state: vmm's own shape. */
   devices: Json;
+  /** What the layers above the machine keep with a snapshot (the API: the guest agent's state). */
+  annotations: Json;
   ram: SnapshotRam;
 }
 
@@ -197,10 +199,15 @@ export class Reader {
     return BigInt(v);
   }
 
-  /** A base64 blob of exactly `size` bytes (or at least `size` when `orMore`). */
-  blob(v: unknown, path: string, size: number, orMore = false): Uint8Array {
+  /** A base64 blob of any length. */
+  bytes(v: unknown, path: string): Uint8Array {
     if (typeof v !== "string" || !/^[A-Za-z0-9+/]*={0,2}$/.test(v)) this.fail(path, "is not base64");
-    const bytes = new Uint8Array(Buffer.from(v, "base64"));
+    return new Uint8Array(Buffer.from(v, "base64"));
+  }
+
+  /** A base64 blob of exactly `size` bytes (or at least `size`, in 4-byte words, when `orMore`). */
+  blob(v: unknown, path: string, size: number, orMore = false): Uint8Array {
+    const bytes = this.bytes(v, path);
     if (orMore ? bytes.length < size || bytes.length % 4 !== 0 : bytes.length !== size) {
       this.fail(path, `holds ${bytes.length} bytes, not ${orMore ? "at least " : ""}${size} (${this.describe})`);
     }
@@ -292,6 +299,7 @@ export function encodeBody(b: SnapshotBody): Json {
     vm: encodeVmState(b.vm),
     vcpus: b.vcpus.map(encodeVcpuState),
     devices: b.devices,
+    annotations: b.annotations,
     ram: { file: b.ram.file, bytes: b.ram.bytes, dataBytes: b.ram.dataBytes, dataSha256: b.ram.dataSha256 },
   };
 }
@@ -311,6 +319,7 @@ export function decodeBody(r: Reader, v: unknown): SnapshotBody {
     vm: decodeVmState(r, o["vm"], "vm"),
     vcpus,
     devices: (o["devices"] ?? null) as Json,
+    annotations: (o["annotations"] ?? null) as Json,
     ram: { file, bytes: r.int(ram["bytes"], "ram.bytes", 4096), dataBytes: r.int(ram["dataBytes"], "ram.dataBytes"), dataSha256 },
   };
 }
