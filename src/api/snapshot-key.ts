@@ -12,22 +12,7 @@
  * a test disk is per-run input, attached afresh to the restored guest (docs/snapshot.md).
  */
 import { createHash } from "node:crypto";
-import { realpathSync, statSync } from "node:fs";
-
-export interface FileIdentity {
-  path: string;
-  size: number;
-  mtimeNs: string;
-  ino: string;
-  dev: string;
-}
-
-/** What the file system says about a file, enough to notice that it was replaced or changed. */
-export function fileIdentity(path: string): FileIdentity {
-  const real = realpathSync(path);
-  const st = statSync(real, { bigint: true });
-  return { path: real, size: Number(st.size), mtimeNs: st.mtimeNs.toString(), ino: st.ino.toString(), dev: st.dev.toString() };
-}
+import { fileIdentity } from "../host/file-identity";
 
 export interface SnapshotKeyInput {
   tskvmVersion: string;
