@@ -99,6 +99,8 @@ export interface SnapshotInfo {
   /** Guest RAM size, and the bytes of it stored (non-zero pages). */
   ramBytes: number;
   ramDataBytes: number;
+  /** RAM the guest had touched (what the host had given it): ramDataBytes is at most this. */
+  ramTouchedBytes: number;
   /** Size of the state file (KVM and device state, configuration). */
   stateBytes: number;
   /** By disk: whether a restore attaches the image afresh (see detachDisks). */

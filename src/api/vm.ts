@@ -462,6 +462,7 @@ export class Vm extends EventEmitter {
           dir,
           ramBytes: written.ram.bytes,
           ramDataBytes: written.ram.dataBytes,
+          ramTouchedBytes: written.ram.touchedBytes,
           stateBytes: written.stateBytes,
           detachedDisks: detached ?? this.info.disks.map(() => false),
           pausedMs: Date.now() - t0,

@@ -27,7 +27,7 @@ import type { CpuidEntry } from "../../kvm/cpuid";
 import { VCPU_STATE_SIZES, type VcpuState, type VcpuStateBlob } from "../../kvm/vcpu-state";
 import { VM_STATE_SIZES, type VmState, type VmStateBlob } from "../../kvm/vm-state";
 import { KvmXsave } from "../../kvm/abi";
-import { forEachDataExtent } from "../../memory/ram-file";
+import { PAGE_SIZE, forEachDataExtent } from "../../memory/ram-file";
 
 export const SNAPSHOT_FORMAT = "tskvm-snapshot";
 export const SNAPSHOT_FORMAT_VERSION = 1;
@@ -96,6 +96,11 @@ export interface SnapshotRam {
   bytes: number;
   /** Bytes of data (not holes) written. */
   dataBytes: number;
+  /**
+   * Bytes of RAM the guest had touched (pages in the page tables, or else read to be sure):
+   * what the data is compared with; 0 when not known.
+   */
+  touchedBytes: number;
   /** SHA-256 over the data extents (offset, length, bytes of each), hex. */
   dataSha256: string;
 }
@@ -300,7 +305,7 @@ export function encodeBody(b: SnapshotBody): Json {
     vcpus: b.vcpus.map(encodeVcpuState),
     devices: b.devices,
     annotations: b.annotations,
-    ram: { file: b.ram.file, bytes: b.ram.bytes, dataBytes: b.ram.dataBytes, dataSha256: b.ram.dataSha256 },
+    ram: { file: b.ram.file, bytes: b.ram.bytes, dataBytes: b.ram.dataBytes, touchedBytes: b.ram.touchedBytes, dataSha256: b.ram.dataSha256 },
   };
 }
 
@@ -320,7 +325,13 @@ export function decodeBody(r: Reader, v: unknown): SnapshotBody {
     vcpus,
     devices: (o["devices"] ?? null) as Json,
     annotations: (o["annotations"] ?? null) as Json,
-    ram: { file, bytes: r.int(ram["bytes"], "ram.bytes", 4096), dataBytes: r.int(ram["dataBytes"], "ram.dataBytes"), dataSha256 },
+    ram: {
+      file,
+      bytes: r.int(ram["bytes"], "ram.bytes", 4096),
+      dataBytes: r.int(ram["dataBytes"], "ram.dataBytes"),
+      touchedBytes: r.int(ram["touchedBytes"], "ram.touchedBytes"),
+      dataSha256,
+    },
   };
 }
 
@@ -356,7 +367,7 @@ export function writeSnapshotDir(
   opts: {
     tskvmVersion: string;
     body: Omit<SnapshotBody, "ram">;
-    writeRam: (fd: number) => { totalBytes: number; dataBytes: number };
+    writeRam: (fd: number) => { totalBytes: number; dataBytes: number; pagesRead: number };
   },
 ): WrittenSnapshot {
   const parent = dirname(dir);
@@ -370,14 +381,20 @@ export function writeSnapshotDir(
   try {
     const ramPath = join(tmp, RAM_FILE);
     const fd = fs.openSync(ramPath, "wx", 0o444);
-    let ramStats: { totalBytes: number; dataBytes: number };
+    let ramStats: { totalBytes: number; dataBytes: number; pagesRead: number };
     try {
       ramStats = opts.writeRam(fd);
       fs.fdatasyncSync(fd);
     } finally {
       fs.closeSync(fd);
     }
-    const ram: SnapshotRam = { file: RAM_FILE, bytes: ramStats.totalBytes, dataBytes: ramStats.dataBytes, dataSha256: ramDataSha256(ramPath) };
+    const ram: SnapshotRam = {
+      file: RAM_FILE,
+      bytes: ramStats.totalBytes,
+      dataBytes: ramStats.dataBytes,
+      touchedBytes: ramStats.pagesRead * PAGE_SIZE,
+      dataSha256: ramDataSha256(ramPath),
+    };
     const body = encodeBody({ ...opts.body, ram });
     const bodyText = JSON.stringify(body);
     const envelope: SnapshotEnvelope = {
