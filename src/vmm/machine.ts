@@ -326,7 +326,12 @@ export class Machine {
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
     const virtio = openVirtioDevices(vm, config.disks ?? [], config.nics ?? [], irqchip, cleanups);
-    if (source.kind === "restore") checkDisks(source.snapshot.dir, source.machine, virtio);
+    if (source.kind === "restore") {
+      checkDisks(source.snapshot.dir, source.machine, virtio);
+      if (source.devices.queues.length !== virtio.functions.length) {
+        throw new SnapshotError("corrupted", `snapshot ${source.snapshot.dir} is corrupted: it has queue state for ${source.devices.queues.length} virtio devices, the machine has ${virtio.functions.length}`);
+      }
+    }
     const bootSummary =
       source.kind === "boot"
         ? prepareBoot(memory, source.boot, {
