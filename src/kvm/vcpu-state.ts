@@ -219,7 +219,7 @@ export function saveVcpuState(
   return state;
 }
 
-/** Thrown when KVM refuses part of a saved state; the message names the part. */
+/** Thrown when KVM refuses part of a saved vCPU or VM state; the message names the part. */
 export class StateRestoreError extends Error {
   constructor(message: string) {
     super(message);
@@ -227,7 +227,8 @@ export class StateRestoreError extends Error {
   }
 }
 
-function restorePart(part: string, action: () => void): void {
+/** Do one step of a restore; KVM's refusal becomes a StateRestoreError naming the part. */
+export function restorePart(part: string, action: () => void): void {
   try {
     action();
   } catch (e) {

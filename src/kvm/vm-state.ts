@@ -18,6 +18,7 @@ import {
   KvmPitState2,
 } from "./abi";
 import type { Vm } from "./kvm";
+import { StateRestoreError, restorePart } from "./vcpu-state";
 
 export interface ClockState {
   /** kvmclock nanoseconds, as KVM_GET_CLOCK gave them. */
@@ -102,20 +103,6 @@ export function saveVmState(vm: Vm, opts: { irqchip: boolean; clock: boolean }):
   return state;
 }
 
-export class VmStateRestoreError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "VmStateRestoreError";
-  }
-}
-
-function restorePart(part: string, action: () => void): void {
-  try {
-    action();
-  } catch (e) {
-    throw new VmStateRestoreError(`KVM refused the saved ${part}: ${(e as Error).message}`);
-  }
-}
 
 /**
  * Write a saved VM state into a new VM built the same way. The clock is set to the saved
@@ -132,7 +119,7 @@ export function restoreVmState(vm: Vm, state: VmState, opts: { advanceNs?: bigin
     const chip = state[key];
     if (chip === undefined) continue;
     const got = new DataView(chip.buffer, chip.byteOffset, chip.byteLength).getUint32(KvmIrqchip.chip_id, true);
-    if (got !== id) throw new VmStateRestoreError(`the saved ${key} state names irqchip ${got}, not ${id}`);
+    if (got !== id) throw new StateRestoreError(`the saved ${key} state names irqchip ${got}, not ${id}`);
     restorePart(key === "ioapic" ? "IOAPIC" : `PIC (${key === "picMaster" ? "master" : "slave"})`, () => call(vm, "SET_IRQCHIP", chip));
   }
 }

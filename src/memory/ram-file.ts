@@ -17,6 +17,7 @@
  */
 import * as fs from "node:fs";
 import * as sys from "../sys/libc";
+import { ShortTransferError, transferAt, transferBuffer } from "../sys/full-io";
 import { GuestMemory, type GuestRegion, type RamRange } from "./guest-memory";
 
 export const PAGE_SIZE = 4096;
@@ -121,16 +122,15 @@ function isZeroPage(bytes: Uint8Array, offset: number): boolean {
   return Buffer.compare(Buffer.from(bytes.buffer, bytes.byteOffset + offset, PAGE_SIZE), ZERO_PAGE) === 0;
 }
 
-/** pwrite all of [offset, offset + length) of a region at fileOffset. */
-function writeRun(fd: number, region: GuestRegion, offset: number, length: number, fileOffset: number): void {
-  let done = 0;
-  while (done < length) {
-    const n =
-      region.hostAddress !== undefined
-        ? sys.pwriteAt(fd, Number(region.hostAddress) + offset + done, length - done, fileOffset + done)
-        : fs.writeSync(fd, region.bytes, offset + done, length - done, fileOffset + done);
-    if (n <= 0) throw new RamFileError(`writing guest RAM wrote nothing at offset ${fileOffset + done}`);
-    done += n;
+/**
+ * Move [offset, offset + length) of a region from or to the file at `fileOffset`: by host
+ * address for mapped RAM, through the region's bytes for test memory.
+ */
+function transferRun(writing: boolean, fd: number, region: GuestRegion, offset: number, length: number, fileOffset: number): void {
+  if (region.hostAddress !== undefined) {
+    transferAt(writing ? sys.pwriteAt : sys.preadAt, writing, fd, Number(region.hostAddress) + offset, length, fileOffset);
+  } else {
+    transferBuffer(writing ? sys.pwrite : sys.pread, writing, fd, region.bytes.subarray(offset, offset + length), fileOffset);
   }
 }
 
@@ -149,7 +149,7 @@ export function writeRamFile(memory: GuestMemory, fd: number): RamFileStats {
     const flush = (endPage: number) => {
       if (runStart < 0) return;
       const length = (endPage - runStart) * PAGE_SIZE;
-      writeRun(fd, region, runStart * PAGE_SIZE, length, fileOffset + runStart * PAGE_SIZE);
+      transferRun(true, fd, region, runStart * PAGE_SIZE, length, fileOffset + runStart * PAGE_SIZE);
       stats.dataBytes += length;
       runStart = -1;
     };
@@ -219,7 +219,13 @@ export function readRamFileInto(path: string, memory: GuestMemory): number {
     for (const region of memory.regions) {
       const base = fileOffset;
       forEachDataExtent(fd, (data, length) => {
-        copied += readRun(fd, region, data - base, length, data);
+        try {
+          transferRun(false, fd, region, data - base, length, data);
+        } catch (e) {
+          if (e instanceof ShortTransferError) throw new RamFileError(`${path} ended early at byte ${e.offset}`);
+          throw e;
+        }
+        copied += length;
       }, base, base + region.size);
       fileOffset += region.size;
     }
@@ -227,17 +233,4 @@ export function readRamFileInto(path: string, memory: GuestMemory): number {
   } finally {
     sys.close(fd);
   }
-}
-
-function readRun(fd: number, region: GuestRegion, offset: number, length: number, fileOffset: number): number {
-  let done = 0;
-  while (done < length) {
-    const n =
-      region.hostAddress !== undefined
-        ? sys.preadAt(fd, Number(region.hostAddress) + offset + done, length - done, fileOffset + done)
-        : fs.readSync(fd, region.bytes, offset + done, length - done, fileOffset + done);
-    if (n <= 0) throw new RamFileError(`the RAM file ended early at offset ${fileOffset + done}`);
-    done += n;
-  }
-  return done;
 }

@@ -8,35 +8,19 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync } from "node:fs";
+import { chmodSync, cpSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createHash } from "node:crypto";
-import { findDefaultGuest } from "../../src/api/default-guest";
-import { detectHostKvm } from "../../src/kvm/host";
+import { READY_MS, guestOrSkip } from "../helpers/linux-guest";
 import { findMkfsExt4 } from "../../src/api/disk";
 import { makeDiskImage, startVm } from "../../src/api";
 import { runCli, TSKVM_BIN } from "../helpers/cli";
 import { NetNs, netTestSkipReason } from "../helpers/netns";
 
-const emulated = existsSync("/dev/kvm") && detectHostKvm().kind === "emulated-pvm";
-const READY_MS = emulated ? 300_000 : 60_000;
 const TEST_MS = 1_800_000;
 const dir = mkdtempSync(join(tmpdir(), "tskvm-snapshot-linux-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
-
-function guestOrSkip(t: { skip: (msg: string) => void }): boolean {
-  if (!existsSync("/dev/kvm")) {
-    t.skip("no /dev/kvm on this host");
-    return false;
-  }
-  if (findDefaultGuest() === undefined) {
-    if (process.env.TSKVM_REQUIRE_GUEST) assert.fail("the default guest is not built (npm run guest) but TSKVM_REQUIRE_GUEST is set");
-    t.skip("no default guest built: run `npm run guest` to enable the Linux tests");
-    return false;
-  }
-  return true;
-}
 
 /** `tskvm run --snapshot CACHE ARGS -- sh -c SCRIPT`, timed. */
 function run(cache: string, args: string[], script: string, wrapper: string[] = []) {
