@@ -5,9 +5,8 @@
  */
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { createHash } from "node:crypto";
 import { Kvm } from "../kvm/kvm";
-import { collectHostFacts } from "../vmm/snapshot/host-facts";
+import { collectHostFacts, cpuFeatureWords } from "../vmm/snapshot/host-facts";
 import { STATE_FILE } from "../vmm/snapshot/format";
 import { checkOptions, resolveBootFiles, toStartError } from "./start";
 import { snapshotKey } from "./snapshot-key";
@@ -32,8 +31,7 @@ function hostKey(kvmPath: string | undefined): unknown {
   const kvm = Kvm.open(kvmPath);
   try {
     const f = collectHostFacts(kvm);
-    const cpuid = createHash("sha256").update(JSON.stringify(f.supportedCpuid)).digest("hex");
-    return { kvmKind: f.kvmKind, apiVersion: f.apiVersion, caps: f.caps, cpuVendor: f.cpuVendor, cpuSignature: f.cpuSignature, cpuid, msrs: f.msrIndexList };
+    return { kvmKind: f.kvmKind, apiVersion: f.apiVersion, caps: f.caps, cpuVendor: f.cpuVendor, cpuSignature: f.cpuSignature, features: cpuFeatureWords(f.supportedCpuid), msrs: f.msrIndexList };
   } finally {
     kvm.close();
   }

@@ -54,6 +54,15 @@ const FEATURE_REGISTERS: readonly { leaf: number; subleaf: number; reg: Reg }[] 
   { leaf: 0x4000_0001, subleaf: 0, reg: "eax" },
 ];
 
+/**
+ * The CPU's feature words (the registers of FEATURE_REGISTERS, in order): what a guest may
+ * depend on, without the fields that vary with the CPU a process happens to run on (leaf 1
+ * and leaf 0xB carry the APIC id of the CPU that executed CPUID).
+ */
+export function cpuFeatureWords(entries: readonly CpuidEntry[]): number[] {
+  return FEATURE_REGISTERS.map(({ leaf, subleaf, reg }) => register(entries, leaf, subleaf, reg));
+}
+
 function register(entries: readonly CpuidEntry[], leaf: number, subleaf: number, reg: Reg): number {
   return entries.find((e) => e.function === leaf && e.index === subleaf)?.[reg] ?? 0;
 }
