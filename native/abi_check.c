@@ -209,6 +209,91 @@ static void layouts(void)
 	OFF("KvmIrqRoutingEntry", struct kvm_irq_routing_entry, u);
 
 	SIZE("KvmFpu", struct kvm_fpu);
+
+	/* State save/restore (snapshots). */
+	SIZE("KvmXsave", struct kvm_xsave);
+	SIZE("KvmXcr", struct kvm_xcr);
+	OFF("KvmXcr", struct kvm_xcr, xcr);
+	OFF("KvmXcr", struct kvm_xcr, value);
+	SIZE("KvmXcrs", struct kvm_xcrs);
+	OFF("KvmXcrs", struct kvm_xcrs, nr_xcrs);
+	OFF("KvmXcrs", struct kvm_xcrs, flags);
+	OFF("KvmXcrs", struct kvm_xcrs, xcrs);
+	SIZE("KvmDebugregs", struct kvm_debugregs);
+	OFF("KvmDebugregs", struct kvm_debugregs, db);
+	OFF("KvmDebugregs", struct kvm_debugregs, dr6);
+	OFF("KvmDebugregs", struct kvm_debugregs, dr7);
+	OFF("KvmDebugregs", struct kvm_debugregs, flags);
+	SIZE("KvmVcpuEvents", struct kvm_vcpu_events);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, exception.injected);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, exception.nr);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, exception.has_error_code);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, exception.pending);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, exception.error_code);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, interrupt.injected);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, interrupt.nr);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, interrupt.soft);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, interrupt.shadow);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, nmi.injected);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, nmi.pending);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, nmi.masked);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, sipi_vector);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, flags);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, smi.smm);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, smi.pending);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, smi.smm_inside_nmi);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, smi.latched_init);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, triple_fault.pending);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, exception_has_payload);
+	OFF("KvmVcpuEvents", struct kvm_vcpu_events, exception_payload);
+	SIZE("KvmIrqchip", struct kvm_irqchip);
+	OFF("KvmIrqchip", struct kvm_irqchip, chip_id);
+	OFF("KvmIrqchip", struct kvm_irqchip, chip);
+	SIZE("KvmPicState", struct kvm_pic_state);
+	OFF("KvmPicState", struct kvm_pic_state, last_irr);
+	OFF("KvmPicState", struct kvm_pic_state, irr);
+	OFF("KvmPicState", struct kvm_pic_state, imr);
+	OFF("KvmPicState", struct kvm_pic_state, isr);
+	OFF("KvmPicState", struct kvm_pic_state, priority_add);
+	OFF("KvmPicState", struct kvm_pic_state, irq_base);
+	OFF("KvmPicState", struct kvm_pic_state, read_reg_select);
+	OFF("KvmPicState", struct kvm_pic_state, poll);
+	OFF("KvmPicState", struct kvm_pic_state, special_mask);
+	OFF("KvmPicState", struct kvm_pic_state, init_state);
+	OFF("KvmPicState", struct kvm_pic_state, auto_eoi);
+	OFF("KvmPicState", struct kvm_pic_state, rotate_on_auto_eoi);
+	OFF("KvmPicState", struct kvm_pic_state, special_fully_nested_mode);
+	OFF("KvmPicState", struct kvm_pic_state, init4);
+	OFF("KvmPicState", struct kvm_pic_state, elcr);
+	OFF("KvmPicState", struct kvm_pic_state, elcr_mask);
+	SIZE("KvmIoapicState", struct kvm_ioapic_state);
+	OFF("KvmIoapicState", struct kvm_ioapic_state, base_address);
+	OFF("KvmIoapicState", struct kvm_ioapic_state, ioregsel);
+	OFF("KvmIoapicState", struct kvm_ioapic_state, id);
+	OFF("KvmIoapicState", struct kvm_ioapic_state, irr);
+	OFF("KvmIoapicState", struct kvm_ioapic_state, redirtbl);
+	SIZE("KvmPitChannelState", struct kvm_pit_channel_state);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, count);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, latched_count);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, count_latched);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, status_latched);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, status);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, read_state);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, write_state);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, write_latch);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, rw_mode);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, mode);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, bcd);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, gate);
+	OFF("KvmPitChannelState", struct kvm_pit_channel_state, count_load_time);
+	SIZE("KvmPitState2", struct kvm_pit_state2);
+	OFF("KvmPitState2", struct kvm_pit_state2, channels);
+	OFF("KvmPitState2", struct kvm_pit_state2, flags);
+	SIZE("KvmClockData", struct kvm_clock_data);
+	OFF("KvmClockData", struct kvm_clock_data, clock);
+	OFF("KvmClockData", struct kvm_clock_data, flags);
+	OFF("KvmClockData", struct kvm_clock_data, realtime);
+	OFF("KvmClockData", struct kvm_clock_data, host_tsc);
 }
 
 /* Ioctl.X is KVM_X. */
@@ -251,6 +336,26 @@ static void ioctls(void)
 	IOCTL(GET_CPUID2);
 	IOCTL(GET_MP_STATE);
 	IOCTL(SET_MP_STATE);
+	/* State save/restore (snapshots) */
+	IOCTL(GET_MSR_FEATURE_INDEX_LIST);
+	IOCTL(GET_IRQCHIP);
+	IOCTL(SET_IRQCHIP);
+	IOCTL(SET_CLOCK);
+	IOCTL(GET_CLOCK);
+	IOCTL(GET_PIT2);
+	IOCTL(SET_PIT2);
+	IOCTL(GET_VCPU_EVENTS);
+	IOCTL(SET_VCPU_EVENTS);
+	IOCTL(GET_DEBUGREGS);
+	IOCTL(SET_DEBUGREGS);
+	IOCTL(SET_TSC_KHZ);
+	IOCTL(GET_TSC_KHZ);
+	IOCTL(GET_XSAVE);
+	IOCTL(SET_XSAVE);
+	IOCTL(GET_XCRS);
+	IOCTL(SET_XCRS);
+	IOCTL(KVMCLOCK_CTRL);
+	IOCTL(GET_XSAVE2);
 }
 
 /* Cap.X is KVM_CAP_X, ExitReason.X is KVM_EXIT_X, and so on. */
@@ -287,6 +392,16 @@ static void constants(void)
 	CAP(IRQFD_RESAMPLE);
 	CAP(MAX_VCPU_ID);
 	CAP(IMMEDIATE_EXIT);
+	CAP(ADJUST_CLOCK);
+	CAP(VCPU_EVENTS);
+	CAP(DEBUGREGS);
+	CAP(XSAVE);
+	CAP(XCRS);
+	CAP(TSC_CONTROL);
+	CAP(GET_TSC_KHZ);
+	CAP(KVMCLOCK_CTRL);
+	CAP(GET_MSR_FEATURES);
+	CAP(XSAVE2);
 
 	EXIT(UNKNOWN);
 	EXIT(EXCEPTION);
@@ -340,6 +455,20 @@ static void constants(void)
 	TOP(KVM_IOEVENTFD_FLAG_DEASSIGN);
 	TOP(KVM_IRQ_ROUTING_IRQCHIP);
 	TOP(KVM_IRQ_ROUTING_MSI);
+
+	/* State save/restore (snapshots). */
+	CONST("IrqchipId", "PIC_MASTER", KVM_IRQCHIP_PIC_MASTER);
+	CONST("IrqchipId", "PIC_SLAVE", KVM_IRQCHIP_PIC_SLAVE);
+	CONST("IrqchipId", "IOAPIC", KVM_IRQCHIP_IOAPIC);
+	TOP(KVM_IOAPIC_NUM_PINS);
+	TOP(KVM_MAX_XCRS);
+	TOP(KVM_CLOCK_TSC_STABLE);
+	TOP(KVM_CLOCK_REALTIME);
+	TOP(KVM_CLOCK_HOST_TSC);
+	TOP(KVM_VCPUEVENT_VALID_NMI_PENDING);
+	TOP(KVM_VCPUEVENT_VALID_SIPI_VECTOR);
+	TOP(KVM_VCPUEVENT_VALID_SHADOW);
+	TOP(KVM_VCPUEVENT_VALID_SMM);
 }
 
 int main(void)

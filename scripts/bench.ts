@@ -12,6 +12,10 @@
  *                 (microvm, KVM) booting the same kernel, initrd, command line and CPU features
  *                 when qemu-system-x86 is installed. Target: tskvm <= QEMU to the ready
  *                 marker. Skipped with the reason when the guest is not built; --no-boot.
+ *   snapshot      restore of a tiny guest's snapshot (256 MiB and 8 GiB) from process start
+ *                 to vCPUs running, beside booting it; `tskvm run --snapshot DIR -- true`
+ *                 cold vs. warm (target warm <= 0.1 x cold), snapshot RAM vs. touched RAM
+ *                 (bench-snapshot.ts). --snapshot-rounds=N.
  *
  * Every run first says where it ran (hardware KVM, kvm-pvm, nested SVM on QEMU TCG) and on
  * which CPU: figures from different kinds of host are not comparable. Results go to stdout
@@ -32,6 +36,7 @@ import { detectHostKvm } from "../src/kvm/host";
 import { benchBlock, formatBlockBench } from "./bench-blk";
 import { benchNet, formatNetBench } from "./bench-net";
 import { netTestSkipReason } from "../test/helpers/netns";
+import { benchRestoreStart, benchSnapshotRun, formatSnapshotBench } from "./bench-snapshot";
 
 /** A port nothing claims, in KVM or tskvm: the C baseline uses the same. */
 const BENCH_PORT = 0x5e0;
@@ -209,7 +214,7 @@ async function inHarnessVm(args: string[]): Promise<number> {
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   if (args.includes("--in-harness-vm")) process.exit(await inHarnessVm(args.filter((a) => a !== "--in-harness-vm" && !a.startsWith("--results="))));
-  // --only=pio,vcpu,blk,net,boot runs just those sections.
+  // --only=pio,vcpu,blk,net,boot,snapshot runs just those sections.
   const only = args.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
   const want = (section: string) => only === undefined || only.includes(section);
   const host = detectHostKvm();
@@ -273,6 +278,15 @@ async function main(): Promise<void> {
       if (typeof q === "string") console.log(`boot         QEMU ${q}`);
     }
   }
+  if (want("snapshot")) {
+    const rounds = Number(args.find((a) => a.startsWith("--snapshot-rounds="))?.split("=")[1] ?? ROUNDS);
+    const start = await benchRestoreStart(rounds);
+    const bootMs = vcpuStart(1);
+    const run = args.includes("--no-boot") ? "skipped: --no-boot" : benchSnapshotRun(rounds);
+    results.snapshot = { ...start, bootMs, run };
+    for (const line of formatSnapshotBench(start, bootMs, run).split("\n")) console.log(`snapshot     ${line}`);
+  }
+
   const file = args.find((a) => a.startsWith("--results="))?.slice("--results=".length) ?? join(repoRoot(), "dist", "bench.json");
   writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
   console.log(`results in ${file}`);

@@ -2,25 +2,16 @@
  * Benchmark helper: start a machine with N vCPUs spinning in real mode and print the
  * milliseconds from this process's start until every vCPU thread is about to run.
  */
-import { performance } from "node:perf_hooks";
 import { Machine } from "../src/vmm/machine";
 import { SPIN } from "../test/helpers/guest-code";
+import { printStartTime } from "./lib/start-time";
 
-async function main(): Promise<void> {
-  const n = Number(process.argv[2] ?? "1");
-  const m = Machine.create({
+const n = Number(process.argv[2] ?? "1");
+void printStartTime(
+  Machine.create({
     memoryBytes: 16 * 1024 * 1024,
     cpus: n,
     consoleFd: 2,
     boot: { kind: "raw", code: SPIN, address: 0x1000, mode: "real" },
-  });
-  const running = m.run();
-  await m.allStarted();
-  const ms = performance.now();
-  m.stop("benchmark");
-  await running;
-  m.destroy();
-  process.stdout.write(`${ms.toFixed(1)}\n`);
-}
-
-void main();
+  }),
+);

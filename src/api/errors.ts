@@ -37,7 +37,8 @@ export type OptionName =
   | "nics.hostCidr"
   | "guestIp"
   | "entry"
-  | "cpuTemplate";
+  | "cpuTemplate"
+  | "restore";
 
 /**
  * How a message names an option. The API names them by their VmOptions field; a caller
@@ -71,7 +72,7 @@ export class VmStartError extends VmError {
 }
 
 /** What a timed-out wait was waiting for. */
-export type VmWait = "ready" | "console" | "command" | "poweroff";
+export type VmWait = "ready" | "console" | "command" | "poweroff" | "pause";
 
 /**
  * A wait ran out of time. After a command times out (waitingFor "command") the VM has been
@@ -100,3 +101,19 @@ export class VmExitedError extends VmError {
 
 /** The guest agent cannot be used: the VM was started without it (agent: false). */
 export class GuestAgentError extends VmError {}
+
+/**
+ * A snapshot could not be taken: "state" (the VM cannot be snapshotted now: it ended, a
+ * command is running, a device cannot be saved), "unwritable" (the directory), or another
+ * SnapshotErrorKind. The VM keeps running as it was.
+ */
+export class VmSnapshotError extends VmError {
+  constructor(
+    readonly kind: string,
+    message: string,
+    /** Another writer completed the same snapshot directory first: its snapshot is there. */
+    readonly raced = false,
+  ) {
+    super(message);
+  }
+}

@@ -156,3 +156,48 @@ export class LineSplitter {
     this.partial = text.length > this.maxLine ? text.slice(-this.maxLine) : text;
   }
 }
+
+// ---- snapshots: what the agent runs around one (docs/snapshot.md) ----
+
+/** The guest's name of disk `index`: vda, vdb, ... (the order the machine attaches them). */
+export function diskName(index: number): string {
+  return `vd${String.fromCharCode(0x61 + index)}`;
+}
+
+/**
+ * Before a snapshot whose disks are per-run input: write out what is dirty, drop the page
+ * cache and every unmounted disk's buffers, so the guest holds no block of any disk it does
+ * not use; print "mounted vdX" for each disk in use (mounted, or a partition of it), which
+ * must then stay as it is.
+ */
+export const SNAPSHOT_PREPARE_COMMAND = [
+  "sync",
+  "echo 3 > /proc/sys/vm/drop_caches",
+  'for d in /sys/block/vd*; do [ -e "$d" ] || continue; n=${d##*/}; if grep -q "^/dev/$n" /proc/mounts; then echo "mounted $n"; else blockdev --flushbufs /dev/$n; fi; done',
+].join("; ");
+
+/** The disk indexes SNAPSHOT_PREPARE_COMMAND reported in use. */
+export function mountedDisks(stdout: string): Set<number> {
+  const out = new Set<number>();
+  for (const m of stdout.matchAll(/^mounted vd([a-z])$/gm)) out.add(m[1]!.charCodeAt(0) - 0x61);
+  return out;
+}
+
+/** Polls (10 ms apart) for a resized disk's new size before giving up; the interrupt normally takes far less. */
+const RESIZE_POLLS = 500;
+
+/**
+ * After a restore: set the guest's wall clock to the host's (its monotonic clocks went on
+ * from the snapshot), and for each per-run disk wait until the guest has read its capacity
+ * (a resized image raises a configuration interrupt) and read its partition table again.
+ */
+export function restorePrepareCommand(epochSeconds: number, disks: readonly { index: number; sectors: number }[]): string {
+  const parts = [`date -u -s @${Math.round(epochSeconds)} >/dev/null`];
+  for (const d of disks) {
+    const n = diskName(d.index);
+    parts.push(`i=0; while [ "$(cat /sys/block/${n}/size)" != ${d.sectors} ] && [ $i -lt ${RESIZE_POLLS} ]; do usleep 10000; i=$((i+1)); done`);
+    parts.push(`blockdev --rereadpt /dev/${n} 2>/dev/null`);
+  }
+  parts.push("true");
+  return parts.join("; ");
+}

@@ -6,6 +6,7 @@
 import { readFileSync } from "node:fs";
 import { totalmem } from "node:os";
 import { ConfigError } from "../vmm/errors";
+import { SnapshotError } from "../vmm/snapshot/format";
 import { formatBytes, type DiskConfig, type NicConfig } from "../vmm/machine";
 import { KvmUnavailableError } from "../kvm/kvm";
 import { CpuidError } from "../kvm/cpuid";
@@ -68,6 +69,9 @@ export function toStartError(e: unknown): VmError {
   }
   if (e instanceof SizeError || e instanceof ConfigError || e instanceof CpuidError || e instanceof MacAddressError) return wrap("options");
   if (e instanceof InputFileError || e instanceof BootError || e instanceof GuestBuildError || e instanceof DiskImageError) return wrap("input");
+  // A snapshot that cannot be restored here (bad, foreign, another version or host, a
+  // changed disk) is an input file that cannot be used.
+  if (e instanceof SnapshotError) return wrap("input");
   if (e instanceof TapError) return wrap(e.kind === "NameTooLong" || e.kind === "InvalidName" ? "options" : "host");
   if (e instanceof KvmUnavailableError) return wrap("host");
   return wrap("internal");

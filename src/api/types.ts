@@ -87,6 +87,39 @@ export interface VmOptions {
    * no guest build running).
    */
   signal?: AbortSignal;
+  /**
+   * Rebuild the VM from this snapshot directory (Vm.snapshot) and let it go on, instead of
+   * booting. The snapshot fixes the machine: kernel, initrd, command line, memory, vCPUs,
+   * CPU template, network interfaces and the agent cannot be given. `disks` may name images
+   * in place of the snapshot's (same number of disks): any image for a disk the snapshot
+   * took as per-run input (detachDisks), the same unchanged image for any other.
+   */
+  restore?: string;
+}
+
+export interface SnapshotOptions {
+  /**
+   * The VM's disks are per-run input: through the agent, write out and drop everything the
+   * guest caches of them first; each disk the guest does not use (mount) is then attached
+   * afresh, as it is at the time, when the snapshot is restored. Default false: a restore
+   * needs each image unchanged.
+   */
+  detachDisks?: boolean;
+}
+
+export interface SnapshotInfo {
+  dir: string;
+  /** Guest RAM size, and the bytes of it stored (non-zero pages). */
+  ramBytes: number;
+  ramDataBytes: number;
+  /** RAM the guest had touched (what the host had given it): ramDataBytes is at most this. */
+  ramTouchedBytes: number;
+  /** Size of the state file (KVM and device state, configuration). */
+  stateBytes: number;
+  /** By disk: whether a restore attaches the image afresh (see detachDisks). */
+  detachedDisks: boolean[];
+  /** Time the VM was paused for the snapshot, ms. */
+  pausedMs: number;
 }
 
 /** How the VM ended. */
@@ -121,6 +154,8 @@ export interface VmInfo {
   agent: boolean;
   /** True when the kernel (and initrd) are the default guest's. */
   defaultGuest: boolean;
+  /** The snapshot directory the VM was restored from. */
+  restoredFrom?: string;
 }
 
 export interface RunOptions {

@@ -10,11 +10,25 @@ import * as sys from "../sys/libc";
 import { Machine, type MachineResult } from "../vmm/machine";
 import { InitrdError, KernelImageError } from "../boot/errors";
 import type { SerialSinkSpec } from "../board/devices";
-import { VmError, VmExitedError, VmTimeoutError, GuestAgentError, VmStartError, type VmWait } from "./errors";
-import { Channel, ChannelDemux, LineSplitter, POWEROFF_REQUEST, commandLine, parseControlLine, runRequest } from "./protocol";
+import { VmError, VmExitedError, VmTimeoutError, GuestAgentError, VmSnapshotError, VmStartError, type VmWait } from "./errors";
+import {
+  Channel,
+  ChannelDemux,
+  LineSplitter,
+  POWEROFF_REQUEST,
+  SNAPSHOT_PREPARE_COMMAND,
+  commandLine,
+  mountedDisks,
+  parseControlLine,
+  restorePrepareCommand,
+  runRequest,
+} from "./protocol";
 import { checkOptions, needsDefaultGuest, readInputFile, resolveBootFiles, toStartError, withDriverModules } from "./start";
 import { buildDefaultGuestAsync, findDefaultGuest, type GuestManifest } from "./default-guest";
-import type { ConsoleMode, RunOptions, RunResult, VmExit, VmInfo, VmOptions } from "./types";
+import { SnapshotError, readSnapshotDir, type Json } from "../vmm/snapshot/format";
+import { parseDiskOption } from "./option-values";
+import { TSKVM_VERSION } from "./version";
+import type { ConsoleMode, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions } from "./types";
 
 /** The pipe the UARTs share, made large so that a busy event loop does not stall the vCPUs. */
 const MUX_PIPE_BYTES = 1024 * 1024;
@@ -65,8 +79,8 @@ interface ConsoleWaiter {
  * VmStartError, whose `failure` says why ("options", "input", "host", "stopped", "internal").
  */
 export async function startVm(options: VmOptions = {}): Promise<Vm> {
-  let logFd: number | undefined;
-  let mux: { read: number; write: number } | undefined;
+  if (options.restore !== undefined) return restoreVm(options.restore, options);
+  let host: HostIo | undefined;
   let machine: Machine | undefined;
   const signal = options.signal;
   const stopped = () => new VmStartError("stopped", "the start-up was stopped (its signal was aborted)");
@@ -87,33 +101,14 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     const kernel = readInputFile(files.kernelPath, "kernel image");
     let initrd = files.initrdPath === undefined ? undefined : readInputFile(files.initrdPath, "initrd");
     if (options.modules !== undefined) initrd = withDriverModules(initrd, kernel, options.modules);
-    const consoleMode: ConsoleMode = options.console ?? "capture";
-    if (options.consoleLog !== undefined) {
-      try {
-        logFd = openSync(options.consoleLog, "w");
-      } catch (e) {
-        throw new VmStartError("input", `console log '${options.consoleLog}' cannot be written (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
-      }
-    }
-    const capture = consoleMode === "capture";
-    if (capture || checked.agent) {
-      const [read, write] = sys.pipe2();
-      mux = { read, write };
-      try {
-        sys.fcntl(write, sys.F_SETPIPE_SZ, MUX_PIPE_BYTES);
-      } catch {
-        // A smaller pipe (the default 64 KiB) works too.
-      }
-    }
-    const tagged = (tag: number): SerialSinkSpec | undefined => (checked.agent ? { fd: mux!.write, tag } : undefined);
+    host = openHostIo(options, checked.agent);
+    const { capture, mux, logFd } = host;
     const cmdline = [files.cmdline.trim(), ...checked.extraArgs].filter((a) => a !== "").join(" ");
     try {
       machine = Machine.create({
         memoryBytes: checked.memoryBytes,
         cpus: checked.cpus,
-        consoleFd: capture ? mux!.write : (consoleMode as { fd: number }).fd,
-        ...(capture ? { consoleTag: Channel.CONSOLE } : {}),
-        auxSerialSinks: [tagged(Channel.CONTROL), tagged(Channel.STDOUT), tagged(Channel.STDERR)],
+        ...host.serial,
         boot: {
           kind: "linux",
           kernel,
@@ -159,15 +154,148 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     }
     return vm;
   } catch (e) {
-    if (machine === undefined) {
-      if (mux !== undefined) {
-        sys.close(mux.read);
-        sys.close(mux.write);
-      }
-      if (logFd !== undefined) closeSync(logFd);
-    }
+    if (machine === undefined) host?.close();
     // Whatever failed while the start-up was being stopped failed because of that.
     if (signal?.aborted) throw stopped();
+    throw toStartError(e);
+  }
+}
+
+/** The host ends of the serial ports: the shared output pipe, the console log. */
+interface HostIo {
+  capture: boolean;
+  mux: { read: number; write: number } | undefined;
+  logFd: number | undefined;
+  /** The machine's console and aux UART settings. */
+  serial: { consoleFd: number; consoleTag?: number; auxSerialSinks: (SerialSinkSpec | undefined)[] };
+  close(): void;
+}
+
+function openHostIo(options: VmOptions, agent: boolean): HostIo {
+  let logFd: number | undefined;
+  let mux: { read: number; write: number } | undefined;
+  const consoleMode: ConsoleMode = options.console ?? "capture";
+  const close = () => {
+    if (mux !== undefined) {
+      sys.close(mux.read);
+      sys.close(mux.write);
+    }
+    if (logFd !== undefined) closeSync(logFd);
+  };
+  try {
+    if (options.consoleLog !== undefined) {
+      try {
+        logFd = openSync(options.consoleLog, "w");
+      } catch (e) {
+        throw new VmStartError("input", `console log '${options.consoleLog}' cannot be written (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+      }
+    }
+    const capture = consoleMode === "capture";
+    if (capture || agent) {
+      const [read, write] = sys.pipe2();
+      mux = { read, write };
+      try {
+        sys.fcntl(write, sys.F_SETPIPE_SZ, MUX_PIPE_BYTES);
+      } catch {
+        // A smaller pipe (the default 64 KiB) works too.
+      }
+    }
+    const tagged = (tag: number): SerialSinkSpec | undefined => (agent ? { fd: mux!.write, tag } : undefined);
+    return {
+      capture,
+      mux,
+      logFd,
+      serial: {
+        consoleFd: capture ? mux!.write : (consoleMode as { fd: number }).fd,
+        ...(capture ? { consoleTag: Channel.CONSOLE } : {}),
+        auxSerialSinks: [tagged(Channel.CONTROL), tagged(Channel.STDOUT), tagged(Channel.STDERR)],
+      },
+      close,
+    };
+  } catch (e) {
+    close();
+    throw e;
+  }
+}
+
+/** Options that shape the machine, which a snapshot fixes. */
+const MACHINE_OPTIONS = ["kernel", "initrd", "cmdline", "appendCmdline", "memory", "cpus", "nics", "guestIp", "cpuTemplate", "hideCpuFeatures", "entry", "agent"] as const;
+
+/** What the API keeps with a snapshot (SnapshotBody.annotations). */
+interface SnapshotAnnotations {
+  /** The agent had reported ready (its nproc), or not (null). */
+  agent: { nproc: number } | null;
+  info: Pick<VmInfo, "kernel" | "initrd" | "cmdline" | "agent" | "defaultGuest">;
+}
+
+function readAnnotations(dir: string, v: unknown): SnapshotAnnotations {
+  const bad = (): never => {
+    throw new SnapshotError("corrupted", `snapshot ${dir} is corrupted: its API annotations are not what this tskvm writes`);
+  };
+  if (typeof v !== "object" || v === null) bad();
+  const o = v as Record<string, unknown>;
+  const agent = o["agent"];
+  const info = o["info"] as Record<string, unknown> | undefined;
+  if (agent !== null && (typeof agent !== "object" || typeof (agent as { nproc?: unknown }).nproc !== "number")) bad();
+  if (typeof info !== "object" || info === null || typeof info["kernel"] !== "string" || typeof info["agent"] !== "boolean") bad();
+  return {
+    agent: agent as { nproc: number } | null,
+    info: {
+      kernel: info!["kernel"] as string,
+      initrd: typeof info!["initrd"] === "string" ? (info!["initrd"] as string) : undefined,
+      cmdline: typeof info!["cmdline"] === "string" ? (info!["cmdline"] as string) : "",
+      agent: info!["agent"] as boolean,
+      defaultGuest: info!["defaultGuest"] === true,
+    },
+  };
+}
+
+/**
+ * Rebuild a VM from a snapshot directory and let it go on. The guest agent, when the
+ * snapshot had it ready, is ready again once the guest's wall clock is set and per-run
+ * disks are re-read (see restorePrepareCommand).
+ */
+async function restoreVm(dir: string, options: VmOptions): Promise<Vm> {
+  let host: HostIo | undefined;
+  let machine: Machine | undefined;
+  try {
+    const given = MACHINE_OPTIONS.filter((o) => options[o] !== undefined);
+    if (given.length > 0) {
+      throw new VmStartError("options", `a restored VM is the machine its snapshot saved: leave out ${given.join(", ")}`, { option: "restore" });
+    }
+    const snapshot = readSnapshotDir(dir, { tskvmVersion: TSKVM_VERSION });
+    const annotations = readAnnotations(dir, snapshot.body.annotations);
+    const disks = (options.disks ?? []).map((d) => (typeof d === "string" ? parseDiskOption(d).path : d.path));
+    host = openHostIo(options, annotations.info.agent);
+    machine = Machine.restore({
+      snapshot,
+      ...host.serial,
+      ...(options.kvmPath !== undefined ? { kvmPath: options.kvmPath } : {}),
+      diskPaths: disks,
+    });
+    const info: VmInfo = {
+      ...annotations.info,
+      bootDescription: machine.boot.description,
+      memoryBytes: machine.memory.totalBytes,
+      cpus: machine.cpus,
+      cpuTemplate: machine.cpuTemplate,
+      disks: machine.diskPaths(),
+      taps: machine.tapNames(),
+      restoredFrom: dir,
+    };
+    const vm = new Vm(machine, info, {
+      capture: host.capture,
+      mux: host.mux,
+      logFd: host.logFd,
+      retain: options.consoleRetain ?? DEFAULT_CONSOLE_RETAIN,
+      ...(options.onWarning !== undefined ? { onWarning: options.onWarning } : {}),
+      restored: { agent: annotations.agent ?? undefined, detachedDisks: machine.detachedDisks() },
+    });
+    await vm.started;
+    return vm;
+  } catch (e) {
+    if (machine === undefined) host?.close();
+    else machine.destroy();
     throw toStartError(e);
   }
 }
@@ -210,6 +338,8 @@ export class Vm extends EventEmitter {
       logFd: number | undefined;
       retain: number;
       onWarning?: (message: string) => void;
+      /** A restored VM: the agent's state at the snapshot, and the per-run disks to re-read. */
+      restored?: { agent: { nproc: number } | undefined; detachedDisks: { index: number; sectors: number }[] };
     },
   ) {
     super();
@@ -242,6 +372,8 @@ export class Vm extends EventEmitter {
     }
     const running = machine.run();
     this.started = machine.allStarted();
+    const restoredAgent = io.restored?.agent;
+    if (restoredAgent !== undefined) this.settleRestoredGuest(restoredAgent, io.restored!.detachedDisks);
     this.exited = running.then(
       async (result) => this.finish(result, muxEnded),
       async (e: unknown) =>
@@ -282,6 +414,105 @@ export class Vm extends EventEmitter {
     clearTimeout(timer);
     if (r === "timeout") return this.stop(`the guest did not power off within ${formatMs(timeoutMs)}`);
     return r;
+  }
+
+  // ---- pause, snapshot ----
+
+  /** True while the VM is paused. */
+  get paused(): boolean {
+    return this.machine.isPaused;
+  }
+
+  /**
+   * Pause the VM: every vCPU out of the guest and parked, every virtio device quiesced (no
+   * request in flight). The guest's clocks go on; resume() lets it run again.
+   */
+  async pause(): Promise<void> {
+    if (this.exitInfo !== undefined) throw new VmExitedError("pause", this.exitInfo, `the VM has ended (${this.exitInfo.reason})`);
+    try {
+      await this.machine.pause();
+    } catch (e) {
+      if (this.exitInfo !== undefined || e instanceof SnapshotError) throw new VmSnapshotError("state", (e as Error).message);
+      throw e;
+    }
+  }
+
+  /** Let a paused VM run again (a no-op when it is not paused). */
+  resume(): void {
+    this.machine.resume();
+  }
+
+  /**
+   * Save the VM into `dir` (which must not exist yet; its parent must): KVM, device and
+   * guest agent state, the configuration, and guest RAM (sparse). The VM is paused for the
+   * time it takes and then goes on (a VM paused by pause() stays paused). Start another VM
+   * from it with startVm({ restore: dir }). Rejects with VmSnapshotError ("unwritable":
+   * the directory; "state": a command is running, the VM ended, ...); the VM keeps running.
+   */
+  async snapshot(dir: string, options: SnapshotOptions = {}): Promise<SnapshotInfo> {
+    if (this.exitInfo !== undefined) throw new VmSnapshotError("state", `the VM has ended (${this.exitInfo.reason})`);
+    let detached: boolean[] | undefined;
+    if (options.detachDisks === true && this.info.disks.length > 0) {
+      this.requireAgent();
+      const r = await this.run(SNAPSHOT_PREPARE_COMMAND);
+      if (r.status !== 0) throw new VmSnapshotError("state", `the guest could not drop its disk caches (status ${r.status}): ${r.stderr.trim().split("\n")[0] ?? ""}`);
+      const mounted = mountedDisks(r.stdout);
+      detached = this.info.disks.map((_, i) => !mounted.has(i));
+    }
+    // The agent must be idle (listening): a snapshot in the middle of a command would
+    // restore a guest whose command no one waits for.
+    const previous = this.runChain;
+    let release!: () => void;
+    this.runChain = new Promise((resolve) => (release = resolve));
+    try {
+      await previous;
+      const wasPaused = this.machine.isPaused;
+      const t0 = Date.now();
+      await this.pause();
+      try {
+        const annotations: SnapshotAnnotations = {
+          agent: this.readyInfo ?? null,
+          info: { kernel: this.info.kernel, initrd: this.info.initrd, cmdline: this.info.cmdline, agent: this.info.agent, defaultGuest: this.info.defaultGuest },
+        };
+        const written = this.machine.snapshot(dir, {
+          tskvmVersion: TSKVM_VERSION,
+          ...(detached !== undefined ? { detachedDisks: detached } : {}),
+          annotations: annotations as unknown as Json,
+        });
+        return {
+          dir,
+          ramBytes: written.ram.bytes,
+          ramDataBytes: written.ram.dataBytes,
+          ramTouchedBytes: written.ram.touchedBytes,
+          stateBytes: written.stateBytes,
+          detachedDisks: detached ?? this.info.disks.map(() => false),
+          pausedMs: Date.now() - t0,
+        };
+      } catch (e) {
+        if (e instanceof SnapshotError) throw new VmSnapshotError(e.kind, e.message, e.raced);
+        throw e;
+      } finally {
+        if (!wasPaused) this.machine.resume();
+      }
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * A restored guest's agent was listening at the snapshot: set the guest's wall clock and
+   * have it re-read its per-run disks, then report it ready. Commands wait for that.
+   */
+  private settleRestoredGuest(agent: { nproc: number }, disks: { index: number; sectors: number }[]): void {
+    const settle = this.runNow((id) => runRequest(id, restorePrepareCommand(Date.now() / 1000, disks)), { capture: true });
+    settle.then(
+      (r) => {
+        if (r.status !== 0) this.emit("warning", `setting up the restored guest failed (status ${r.status}): ${r.stderr.trim()}`);
+        this.readyInfo = agent;
+        for (const w of this.readyWaiters.splice(0)) w.resolve(agent);
+      },
+      () => undefined, // the VM ended: ready() waiters are rejected by finish()
+    );
   }
 
   /** Have every vCPU report its registers, each as a "registers" event (where is the guest?). */

@@ -268,3 +268,38 @@ function moveIoeventfds(vm: Vm, f: VirtioFunctionSpec, now: readonly NotifyAddre
     vm.ioeventfd(fd, q.address, { pio: q.pio, length: q.length, ...(q.datamatch !== undefined ? { datamatch: q.datamatch } : {}) });
   }
 }
+
+/**
+ * Every SharedArrayBuffer of a device set, by a name stable across runs of the same
+ * machine: all the register state of the UARTs, the ISA IRQ lines, CMOS, the i8042, the PCI
+ * root and every virtio-pci function (snapshots copy them out and back in).
+ */
+export function deviceSetBuffers(spec: DeviceSetSpec): [string, SharedArrayBuffer][] {
+  const out: [string, SharedArrayBuffer][] = [
+    ["com1", spec.serial.state],
+    ...spec.auxSerials.map((p, i): [string, SharedArrayBuffer] => [`com${i + 2}`, p.state]),
+    ["isa-irq-lines", spec.isaIrqs],
+    ["cmos", spec.cmos.state],
+    ["i8042", spec.i8042.state],
+  ];
+  if (spec.pci !== undefined) {
+    out.push(["pci-root", spec.pci.root.regs], ["pci-host-bridge", spec.pci.root.hostBridge]);
+    for (const f of spec.pci.functions) {
+      out.push([`pci-${f.slot.device}-config`, f.transport.config], [`pci-${f.slot.device}-virtio`, f.transport.regs]);
+    }
+  }
+  return out;
+}
+
+/**
+ * A restored machine: register every virtio function's queue-notification ioeventfds where
+ * its restored registers say the driver put them (the firmware's assignment and the
+ * driver's BAR moves happened in the VM the snapshot came from).
+ */
+export function registerRestoredIoeventfds(vm: Vm, spec: DeviceSetSpec, devices: DeviceSet): void {
+  if (spec.pci === undefined || devices.pci === undefined) return;
+  for (const f of spec.pci.functions) {
+    const transport = devices.pci.function(f.slot.device);
+    if (transport instanceof VirtioPciTransport) moveIoeventfds(vm, f, transport.notifyAddresses(), []);
+  }
+}

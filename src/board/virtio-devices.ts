@@ -20,6 +20,7 @@ import { VirtioPciDeviceSide } from "../devices/virtio/pci-device-side";
 import type { VirtioPciState } from "../devices/virtio/transport-state";
 import type { VirtioDevice, VirtioDeviceDescription } from "../devices/virtio/types";
 import { VirtioDeviceRunner, type DeviceLog, type InterruptSink } from "../devices/virtio/runner";
+import type { VirtqueueState } from "../devices/virtio/queue";
 import { VirtioBlock, blkDescription } from "../devices/virtio/blk/device";
 import { VirtioNet, netDescription } from "../devices/virtio/net/device";
 import { FileBlockEngine } from "../host/block-file-engine";
@@ -97,13 +98,16 @@ export interface IoSideDevice {
 }
 
 /** Bring a function to life in the I/O worker: its device model, runner and interrupt sink. */
-export function instantiateIoSide(spec: VirtioFunctionSpec, env: { memory: GuestMemory; vmFd: number; log: DeviceLog }): IoSideDevice {
+export function instantiateIoSide(
+  spec: VirtioFunctionSpec,
+  env: { memory: GuestMemory; vmFd: number; log: DeviceLog; restored?: readonly (VirtqueueState | undefined)[] | undefined },
+): IoSideDevice {
   const vm = new Vm(env.vmFd);
   const irq: InterruptSink = {
     msi: (address, data) => vm.signalMsi(address % 0x1_0000_0000, Math.floor(address / 0x1_0000_0000), data),
     intx: () => sys.signalEventfd(spec.intxFd),
   };
   const device = createVirtioDevice(spec.device, (line) => env.log.warn(`${spec.name}: ${line}`));
-  const runner = new VirtioDeviceRunner(spec.name, new VirtioPciDeviceSide(spec.transport), device, env.memory, irq, env.log);
+  const runner = new VirtioDeviceRunner(spec.name, new VirtioPciDeviceSide(spec.transport), device, env.memory, irq, env.log, env.restored);
   return { runner, kickFds: spec.kickFds, resampleFd: spec.resampleFd };
 }

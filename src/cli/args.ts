@@ -31,6 +31,7 @@ export const CLI_OPTION_NAMES: OptionNames = (option) =>
     guestIp: "--guest-ip",
     entry: "--entry",
     cpuTemplate: "--cpu-template",
+    restore: "--restore",
   })[option];
 
 /** Run an API check at parse time: its error becomes a UsageError naming the flag. */
@@ -63,6 +64,8 @@ export interface BootOptions {
   cpuTemplate: string | undefined;
   hideFeatures: string[];
   entry: "pvh" | "linux64" | undefined;
+  /** tskvm boot --restore DIR: the snapshot to continue instead of booting. */
+  restore: string | undefined;
   help: boolean;
 }
 
@@ -84,11 +87,20 @@ const BOOT_FLAGS = {
   help: { type: "boolean", short: "h" },
 } as const;
 
-export const BOOT_USAGE = `usage: tskvm boot [options]
+/** Flags of `tskvm boot` that `tskvm run` does not take. */
+const BOOT_ONLY_FLAGS = {
+  restore: { type: "string" },
+} as const;
 
-Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on first use.
+/** Boot flags a snapshot fixes: with --restore only --disk may be given. */
+const MACHINE_FLAGS: readonly [string, string][] = [
+  ["kernel", "-k"], ["initrd", "-i"], ["params", "-p"], ["memory", "-m"], ["cpus", "-c"], ["tap", "-t"],
+  ["tap-ip", "--tap-ip"], ["mac", "--mac"], ["guest-ip", "--guest-ip"], ["cpu-template", "--cpu-template"],
+  ["hide-cpu-feature", "--hide-cpu-feature"], ["entry", "--entry"],
+];
 
-  -k, --kernel PATH        bzImage or uncompressed ELF vmlinux
+/** The boot flags, as `tskvm boot --help` and `tskvm run --help` list them. */
+const BOOT_FLAG_HELP = `  -k, --kernel PATH        bzImage or uncompressed ELF vmlinux
   -i, --initrd PATH        initial ramdisk
       --modules DIR        a distribution kernel's /lib/modules/RELEASE: its virtio-pci,
                            virtio-blk, virtio-net and ext4 modules (and what they need) are
@@ -108,10 +120,19 @@ Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on f
       --cpu-template NAME  host (all KVM supports) or emulated (for kvm-pvm hosts);
                            default: chosen from the host's KVM
       --hide-cpu-feature F hide a CPUID feature (repeatable), e.g. avx2
-      --entry pvh|linux64  entry point for an ELF vmlinux (default: pvh when present)
+      --entry pvh|linux64  entry point for an ELF vmlinux (default: pvh when present)`;
+
+export const BOOT_USAGE = `usage: tskvm boot [options]
+
+Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on first use.
+
+${BOOT_FLAG_HELP}
+      --restore DIR        continue the VM saved in snapshot DIR (tskvm run --snapshot
+                           makes them) instead of booting; only -d may be given with it
   -h, --help               this help
 
-Console: the guest's serial port is on stdin/stdout. Ctrl-A x quits, Ctrl-A h helps.`;
+Console: the guest's serial port is on stdin/stdout. Ctrl-A x quits, Ctrl-A p pauses and
+resumes, Ctrl-A h helps.`;
 
 function parsePositiveInt(text: string, what: string, flag: string): number {
   if (!/^\s*\d+\s*$/.test(text)) throw new UsageError(`bad ${what} '${text}': give a whole number (${flag})`);
@@ -119,7 +140,14 @@ function parsePositiveInt(text: string, what: string, flag: string): number {
 }
 
 export function parseBootArgs(argv: readonly string[]): BootOptions {
-  return bootOptionsFrom(parseFlags(argv, BOOT_FLAGS, "boot"));
+  const values = parseFlags(argv, { ...BOOT_FLAGS, ...BOOT_ONLY_FLAGS }, "boot");
+  const restore = values.restore as string | undefined;
+  if (restore !== undefined) {
+    if (restore.trim() === "") throw new UsageError("--restore needs a snapshot directory");
+    const given = MACHINE_FLAGS.filter(([k]) => values[k] !== undefined).map(([, flag]) => flag);
+    if (given.length > 0) throw new UsageError(`--restore continues the machine its snapshot saved: leave out ${given.join(", ")}`);
+  }
+  return { ...bootOptionsFrom(values), restore };
 }
 
 function parseFlags(
@@ -161,6 +189,7 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
     cpuTemplate: str("cpu-template"),
     hideFeatures: list("hide-cpu-feature"),
     entry,
+    restore: undefined,
     help: values.help === true,
   };
 }
@@ -184,6 +213,8 @@ export interface RunCliOptions {
   consoleLog: string | undefined;
   /** Boot without an initrd (your kernel's root file system runs the agent). */
   noInitrd: boolean;
+  /** --snapshot DIR: restore the snapshot for these options from DIR, or make it there. */
+  snapshotDir: string | undefined;
   verbose: boolean;
   help: boolean;
 }
@@ -197,6 +228,7 @@ const RUN_FLAGS = {
   "ready-timeout": { type: "string" },
   "console-log": { type: "string" },
   "no-initrd": { type: "boolean" },
+  snapshot: { type: "string" },
   verbose: { type: "boolean", short: "v" },
 } as const;
 
@@ -215,8 +247,13 @@ Without -k the default guest boots; with -k and no -i, the default guest's initr
                               (default ${DEFAULT_READY_TIMEOUT_S}; 0: no limit)
       --console-log FILE      write the kernel's console (ttyS0) to FILE (default: discarded)
       --no-initrd             boot -k without an initrd (its root file system must run the agent)
+      --snapshot DIR          keep a snapshot of the booted guest in DIR, one per set of boot
+                              options (kernel, initrd, command line, memory, vCPUs, devices);
+                              when DIR has one, restore it instead of booting (a fraction of
+                              a second). Disks (-d) are attached as they are on each run.
   -v, --verbose               say what happens (boot, ready, exit) on stderr
-${BOOT_USAGE.split("\n").slice(4, -2).join("\n")}
+${BOOT_FLAG_HELP}
+  -h, --help               this help
 
 Exit status: CMD's; or 1 the guest failed (KVM could not run it), 2 bad command line,
 3 a file cannot be used, 4 the host cannot run VMs, 5 the guest did not become ready
@@ -254,6 +291,8 @@ export function parseRunArgs(argv: readonly string[]): RunCliOptions {
   if (noInitrd && values.initrd !== undefined) throw new UsageError("--no-initrd and -i contradict each other");
   if (noInitrd && values.kernel === undefined) throw new UsageError("--no-initrd needs a kernel (-k)");
   if (noInitrd && values.modules !== undefined) throw new UsageError("--modules adds the modules to an initrd: drop --no-initrd");
+  const snapshotDir = str("snapshot");
+  if (snapshotDir !== undefined && snapshotDir.trim() === "") throw new UsageError("--snapshot needs a directory");
   return {
     boot: bootOptionsFrom(values),
     command,
@@ -261,6 +300,7 @@ export function parseRunArgs(argv: readonly string[]): RunCliOptions {
     readyTimeoutMs: readyTimeout === undefined ? DEFAULT_READY_TIMEOUT_S * 1000 : parseDuration(readyTimeout, "--ready-timeout"),
     consoleLog,
     noInitrd,
+    snapshotDir,
     verbose: values.verbose === true,
     help,
   };

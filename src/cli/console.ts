@@ -1,13 +1,13 @@
 /**
  * The host side of the serial console: the user's stdin goes to the guest's UART, with
- * QEMU's and gokvm's escape key: Ctrl-A x quits, Ctrl-A Ctrl-A sends a literal Ctrl-A,
- * Ctrl-A h prints help. A terminal is put in raw mode and restored on every exit path.
+ * QEMU's and gokvm's escape key: Ctrl-A x quits, Ctrl-A p pauses or resumes the VM,
+ * Ctrl-A Ctrl-A sends a literal Ctrl-A, Ctrl-A h prints help. A terminal is put in raw mode and restored on every exit path.
  */
 import type { ReadStream } from "node:tty";
 
 export const ESCAPE_BYTE = 0x01; // Ctrl-A
 
-export type EscapeAction = "quit" | "help" | "dump";
+export type EscapeAction = "quit" | "help" | "dump" | "pause";
 
 /**
  * Splits input into bytes for the guest and escape commands. Stateful across chunks: a
@@ -26,6 +26,7 @@ export class EscapeParser {
         if (b === 0x78 /* x */ || b === 0x58) actions.push("quit");
         else if (b === 0x68 /* h */ || b === 0x3f) actions.push("help");
         else if (b === 0x64 /* d */) actions.push("dump");
+        else if (b === 0x70 /* p */) actions.push("pause");
         else if (b === ESCAPE_BYTE) out.push(ESCAPE_BYTE);
         // Any other key after Ctrl-A is dropped, as QEMU does.
         if (actions[actions.length - 1] === "quit") break;
@@ -40,7 +41,7 @@ export class EscapeParser {
 }
 
 export const ESCAPE_HELP =
-  "\r\ntskvm console keys:\r\n  Ctrl-A x    quit (stop the VM)\r\n  Ctrl-A h    this help\r\n  Ctrl-A d    print every vCPU's registers (where is the guest?)\r\n  Ctrl-A Ctrl-A  send Ctrl-A to the guest\r\n";
+  "\r\ntskvm console keys:\r\n  Ctrl-A x    quit (stop the VM)\r\n  Ctrl-A p    pause the VM, or resume it\r\n  Ctrl-A h    this help\r\n  Ctrl-A d    print every vCPU's registers (where is the guest?)\r\n  Ctrl-A Ctrl-A  send Ctrl-A to the guest\r\n";
 
 export interface ConsoleAttachment {
   /** Stop reading and give the terminal back as it was. Safe to call more than once. */

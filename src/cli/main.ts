@@ -2,8 +2,6 @@
  * `tskvm`: the command line. Every failure a user can cause ends here as one line on
  * stderr and a distinct exit status (exit-codes.ts); a stack trace only with TSKVM_DEBUG=1.
  */
-import { readFileSync } from "node:fs";
-import { resolve } from "node:path";
 import { ExitCode, exitCodeForFailure, signalExitCode, type StopSignal } from "./exit-codes";
 import { onStopSignal, stopSignal } from "./stop-signals";
 import { BOOT_USAGE, CLI_OPTION_NAMES, UsageError, parseBootArgs } from "./args";
@@ -16,17 +14,12 @@ import { startVm, type Vm } from "../api/vm";
 import { VmError, VmStartError } from "../api/errors";
 import { DiskBuildError } from "../api/disk";
 import { toStartError } from "../api/start";
+import { TSKVM_VERSION } from "../api/version";
 import type { VmExit } from "../api/types";
 
 export { InputFileError, readInputFile, guestIpArgument } from "../api/start";
 
-const VERSION: string = (() => {
-  try {
-    return (JSON.parse(readFileSync(resolve(__dirname, "..", "..", "..", "package.json"), "utf8")) as { version: string }).version;
-  } catch {
-    return "unknown";
-  }
-})();
+const VERSION = TSKVM_VERSION;
 
 const USAGE = `usage: tskvm <command> [options]
 
@@ -75,6 +68,11 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     process.stdout.write(`${BOOT_USAGE}\n`);
     return ExitCode.OK;
   }
+  if (opts.restore !== undefined) {
+    const vm = await startVm({ restore: opts.restore, ...(opts.disks.length > 0 ? { disks: opts.disks } : {}), console: { fd: 1 }, onWarning: say });
+    say(`${bootBanner(vm)}; Ctrl-A x quits`);
+    return runToEnd(vm);
+  }
   if (opts.kernel === undefined) say("no kernel given (-k): using the default guest (building it on first use, which takes minutes)");
   // A signal during start-up aborts it: startVm undoes what it did and rejects "stopped".
   const abort = new AbortController();
@@ -87,6 +85,21 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
   }
   say(`${bootBanner(vm)}; Ctrl-A x quits`);
   return runToEnd(vm);
+}
+
+/** Ctrl-A p: pause a running VM, resume a paused one (the terminal is in raw mode: CR LF). */
+async function togglePause(vm: Vm): Promise<void> {
+  if (vm.paused) {
+    vm.resume();
+    process.stderr.write("\r\ntskvm: resumed\r\n");
+    return;
+  }
+  try {
+    await vm.pause();
+    process.stderr.write("\r\ntskvm: paused (Ctrl-A p resumes)\r\n");
+  } catch (e) {
+    process.stderr.write(`\r\ntskvm: cannot pause: ${(e as Error).message}\r\n`);
+  }
 }
 
 /** Run a started VM with the console and signals attached; returns the exit status. */
@@ -106,6 +119,7 @@ async function runToEnd(vm: Vm): Promise<number> {
     (action) => {
       if (action === "quit") void vm.stop("Ctrl-A x");
       else if (action === "dump") vm.dumpRegisters();
+      else if (action === "pause") void togglePause(vm);
       else process.stderr.write(ESCAPE_HELP);
     },
   );

@@ -10,7 +10,10 @@ import { onStopSignal } from "./stop-signals";
 import { RUN_USAGE, parseRunArgs, type BootOptions, type RunCliOptions } from "./args";
 import { formatBytes } from "../vmm/machine";
 import { startVm, formatMs, type Vm } from "../api/vm";
-import { VmExitedError, VmTimeoutError } from "../api/errors";
+import { VmExitedError, VmSnapshotError, VmTimeoutError } from "../api/errors";
+import { snapshotCacheEntry } from "../api/snapshot-cache";
+import { mkdirSync } from "node:fs";
+import { dirname } from "node:path";
 import type { VmExit, VmOptions } from "../api/types";
 
 /** How long the guest gets to power off after CMD before tskvm stops it. */
@@ -44,13 +47,14 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
   };
 }
 
-/** "booting KERNEL (bzImage, ...), 2 vCPUs, 256 MiB, 1 disk, CPU template host" */
+/** "booting KERNEL (bzImage, ...), 2 vCPUs, 256 MiB, 1 disk, CPU template host" (or "restored from DIR: ...") */
 export function bootBanner(vm: Vm): string {
   const i = vm.info;
   const extras =
     (i.disks.length === 0 ? "" : `, ${i.disks.length} disk${i.disks.length > 1 ? "s" : ""}`) +
     (i.taps.length === 0 ? "" : `, network on ${i.taps.join(", ")}`);
-  return `booting ${i.kernel} (${i.bootDescription}), ${i.cpus} vCPU${i.cpus > 1 ? "s" : ""}, ${formatBytes(i.memoryBytes)}${extras}, CPU template ${i.cpuTemplate}`;
+  const what = i.restoredFrom !== undefined ? `restored from ${i.restoredFrom}: ${i.kernel}` : `booting ${i.kernel}`;
+  return `${what} (${i.bootDescription}), ${i.cpus} vCPU${i.cpus > 1 ? "s" : ""}, ${formatBytes(i.memoryBytes)}${extras}, CPU template ${i.cpuTemplate}`;
 }
 
 export async function runCommand(argv: readonly string[]): Promise<number> {
@@ -85,7 +89,7 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
   try {
     if (opts.boot.kernel === undefined) note("no kernel given (-k): using the default guest (building it on first use, which takes minutes)");
     const t0 = Date.now();
-    vm = await startVm({
+    const options: VmOptions = {
       ...vmOptionsFrom(opts.boot),
       ...(opts.noInitrd ? { initrd: null } : {}),
       agent: true,
@@ -93,9 +97,25 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
       onWarning: say,
       ...(opts.consoleLog !== undefined ? { consoleLog: opts.consoleLog } : {}),
       signal: abort.signal,
-    });
+    };
+    // With --snapshot: restore this option set's snapshot, or boot and make it once ready.
+    const cached = opts.snapshotDir === undefined ? undefined : snapshotCacheEntry(options, opts.snapshotDir);
+    if (cached?.exists === true) {
+      vm = await startVm({
+        restore: cached.dir,
+        ...(options.disks !== undefined && options.disks.length > 0 ? { disks: options.disks } : {}),
+        console: "capture",
+        onWarning: say,
+        ...(opts.consoleLog !== undefined ? { consoleLog: opts.consoleLog } : {}),
+        signal: abort.signal,
+      });
+    } else {
+      vm = await startVm(options);
+    }
+    if (signal !== undefined) void vm.stop(`stopped by ${signal}`);
     note(bootBanner(vm));
-    return await drive(vm, opts, () => signal, note, t0);
+    const makeSnapshot = cached !== undefined && !cached.exists ? cached.dir : undefined;
+    return await drive(vm, opts, () => signal, note, t0, makeSnapshot);
   } finally {
     off();
     // Whatever happened, no VM outlives the command.
@@ -105,7 +125,14 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
   }
 }
 
-async function drive(vm: Vm, opts: RunCliOptions, signal: () => StopSignal | undefined, note: (s: string) => void, t0: number): Promise<number> {
+async function drive(
+  vm: Vm,
+  opts: RunCliOptions,
+  signal: () => StopSignal | undefined,
+  note: (s: string) => void,
+  t0: number,
+  makeSnapshot: string | undefined,
+): Promise<number> {
   const since = (t: number) => formatMs(Date.now() - t);
   const stopped = (): number | undefined => {
     const s = signal();
@@ -133,6 +160,7 @@ async function drive(vm: Vm, opts: RunCliOptions, signal: () => StopSignal | und
     }
     throw e;
   }
+  if (makeSnapshot !== undefined) await saveSnapshot(vm, makeSnapshot, note);
   const command = opts.command.length === 1 ? opts.command[0]! : opts.command;
   const t1 = Date.now();
   let status: number;
@@ -165,6 +193,33 @@ async function drive(vm: Vm, opts: RunCliOptions, signal: () => StopSignal | und
   if (bySignal !== undefined) return bySignal;
   note(`${exit.reason}; ${since(t0)} in all`);
   return status;
+}
+
+/**
+ * The first run of an option set: snapshot the ready guest into `dir` for the next runs.
+ * A directory that cannot be written costs only the speed-up: one line, and CMD still runs.
+ */
+async function saveSnapshot(vm: Vm, dir: string, note: (s: string) => void): Promise<void> {
+  try {
+    mkdirSync(dirname(dir), { recursive: true });
+  } catch (e) {
+    say(`cannot write a snapshot to ${dir}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}; running without a snapshot`);
+    return;
+  }
+  try {
+    const s = await vm.snapshot(dir, { detachDisks: true });
+    note(`snapshot saved to ${dir} (${formatBytes(s.ramDataBytes)} of ${formatBytes(s.ramBytes)} RAM stored; paused ${formatMs(s.pausedMs)})`);
+  } catch (e) {
+    if (e instanceof VmSnapshotError && e.raced) {
+      note(`another tskvm saved the snapshot in ${dir} first`);
+      return;
+    }
+    if (e instanceof VmSnapshotError) {
+      say(`${e.message}; running without a snapshot`);
+      return;
+    }
+    throw e;
+  }
 }
 
 function guestFailed(exit: VmExit): number {

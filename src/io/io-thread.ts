@@ -12,8 +12,14 @@ import { join } from "node:path";
 import * as sys from "../sys/libc";
 import type { RegionDescriptor } from "../memory/guest-memory";
 import type { VirtioFunctionSpec } from "../board/virtio-devices";
+import type { VirtqueueState } from "../devices/virtio/queue";
 
-export const IoControlCell = { STOP: 0, COUNT: 1 } as const;
+/**
+ * Cells of the I/O worker's control SharedArrayBuffer. STOP: flush and exit. PAUSE: serve
+ * what is signalled, quiesce every device, report their queue positions ("parked") and
+ * sleep until PAUSE is cleared (Atomics.notify on the cell).
+ */
+export const IoControlCell = { STOP: 0, PAUSE: 1, COUNT: 2 } as const;
 
 export function createIoControl(): Int32Array {
   return new Int32Array(new SharedArrayBuffer(4 * IoControlCell.COUNT));
@@ -26,10 +32,22 @@ export interface IoWorkerInit {
   controlFd: number;
   control: Int32Array;
   devices: VirtioFunctionSpec[];
+  /** A restored VM: each function's queue positions at the snapshot (by function). */
+  restoredQueues?: readonly (QueueStates | undefined)[];
 }
 
-/** From the worker: a device's warning (a line for the user), or why the worker died. */
-export type IoWorkerMessage = { type: "warning"; message: string } | { type: "failed"; message: string };
+/** One device's queue positions, by queue (undefined: queue not in use). */
+export type QueueStates = (VirtqueueState | undefined)[];
+
+/**
+ * From the worker: a device's warning (a line for the user), why the worker died, or that
+ * it parked for a pause with every device quiesced (their queue positions by function;
+ * undefined for a device its driver has not started).
+ */
+export type IoWorkerMessage =
+  | { type: "warning"; message: string }
+  | { type: "failed"; message: string }
+  | { type: "parked"; queues: (QueueStates | undefined)[] };
 
 export class IoThread {
   private worker: Worker | undefined;
@@ -52,12 +70,44 @@ export class IoThread {
     this.worker = worker;
     worker.on("message", (m: IoWorkerMessage) => {
       if (m.type === "warning") this.onWarning(m.message);
+      else if (m.type === "parked") this.parked?.(m.queues);
       else this.failure = m.message;
     });
     worker.on("error", (e) => {
       this.failure = e.message;
     });
-    worker.on("exit", () => this.resolveDone());
+    worker.on("exit", () => {
+      this.exited = true;
+      this.parked?.(undefined);
+      this.resolveDone();
+    });
+  }
+
+  private parked: ((queues: (QueueStates | undefined)[] | undefined) => void) | undefined;
+  private exited = false;
+
+  /**
+   * Park the worker: it serves what is already signalled, quiesces every device (no request
+   * in flight; everything completed on the used rings, its interrupt sent) and sleeps.
+   * Resolves with every device's queue positions, or undefined when the worker is gone.
+   */
+  pause(): Promise<(QueueStates | undefined)[] | undefined> {
+    if (this.worker === undefined || this.exited) return Promise.resolve(undefined);
+    const answer = new Promise<(QueueStates | undefined)[] | undefined>((resolve) => {
+      this.parked = (queues) => {
+        this.parked = undefined;
+        resolve(queues);
+      };
+    });
+    Atomics.store(this.init.control, IoControlCell.PAUSE, 1);
+    this.poke();
+    return answer;
+  }
+
+  /** Wake a parked worker; it serves every queue again (chains given back wait there). */
+  resume(): void {
+    Atomics.store(this.init.control, IoControlCell.PAUSE, 0);
+    Atomics.notify(this.init.control, IoControlCell.PAUSE);
   }
 
   /** Wake the worker to re-read device state (a driver set DRIVER_OK or reset). */
@@ -68,6 +118,8 @@ export class IoThread {
   /** Stop the worker after its back ends have flushed; resolves when it has exited. */
   stop(): Promise<void> {
     Atomics.store(this.init.control, IoControlCell.STOP, 1);
+    // A parked worker sleeps on the PAUSE cell.
+    Atomics.notify(this.init.control, IoControlCell.PAUSE);
     if (this.worker !== undefined) this.poke();
     else this.resolveDone();
     return this.done;

@@ -27,7 +27,7 @@ type Source =
 function main(init: IoWorkerInit): void {
   const memory = GuestMemory.attach(init.memory);
   const log = { warn: (message: string) => post({ type: "warning", message }) };
-  const devices = init.devices.map((spec) => instantiateIoSide(spec, { memory, vmFd: init.vmFd, log }));
+  const devices = init.devices.map((spec, i) => instantiateIoSide(spec, { memory, vmFd: init.vmFd, log, restored: init.restoredQueues?.[i] }));
   // Eventfds are polled always; back-end fds (a TAP) as their device asks, so they are
   // appended afresh before every poll.
   const fixed: sys.PollFd[] = [];
@@ -41,6 +41,33 @@ function main(init: IoWorkerInit): void {
     d.kickFds.forEach((fd, queue) => watch(fd, { kind: "kick", device: d, queue }));
     watch(d.resampleFd, { kind: "resample", device: d });
   }
+  if (init.restoredQueues !== undefined) {
+    for (const d of devices) {
+      // A restored device whose driver had it running goes on at once; an INTx line that
+      // was pending may not have reached the restored irqchip (irqfd injection is
+      // asynchronous in the kernel): assert it again, as an EOI would.
+      d.runner.sync();
+      d.runner.resampled();
+    }
+  }
+
+  /** Serve what is already signalled, quiesce every device, report, sleep until resumed. */
+  const park = (): void => {
+    const ready = fixed.map((p) => ({ fd: p.fd, events: p.events, revents: 0 }));
+    sys.poll(ready, 0);
+    ready.forEach((p, i) => {
+      const s = fixedSources[i]!;
+      if (p.revents === 0 || s.kind === "control") return;
+      sys.drainEventfd(p.fd);
+      if (s.kind === "kick") s.device.runner.kicked(s.queue);
+      else if (s.kind === "resample") s.device.runner.resampled();
+    });
+    post({ type: "parked", queues: devices.map((d) => d.runner.quiesce()) });
+    while (Atomics.load(init.control, IoControlCell.PAUSE) !== 0 && Atomics.load(init.control, IoControlCell.STOP) === 0) {
+      Atomics.wait(init.control, IoControlCell.PAUSE, 1);
+    }
+    if (Atomics.load(init.control, IoControlCell.STOP) === 0) for (const d of devices) d.runner.resumed();
+  };
 
   for (;;) {
     const fds = fixed.slice();
@@ -65,6 +92,7 @@ function main(init: IoWorkerInit): void {
       if (s.kind === "kick") s.device.runner.kicked(s.queue);
       else if (s.kind === "resample") s.device.runner.resampled();
       else {
+        if (Atomics.load(init.control, IoControlCell.PAUSE) !== 0) park();
         if (Atomics.load(init.control, IoControlCell.STOP) !== 0) {
           // The back ends flush; the worker's exit tells the main thread they are done.
           for (const d of devices) d.runner.stop();

@@ -89,6 +89,41 @@ export const KvmIrqRoutingEntry = {
 } as const;
 export const KvmFpu = { size: 416 } as const;
 
+// State save/restore (snapshots). Kernel structs kept whole as bytes by src/kvm/vcpu-state.ts
+// and vm-state.ts; the offsets are for the fields tskvm reads or checks.
+
+/** struct kvm_xsave: the legacy 4 KiB buffer; KVM_GET_XSAVE2 may want more (KVM_CAP_XSAVE2). */
+export const KvmXsave = { size: 4096 } as const;
+export const KvmXcr = { size: 16, xcr: 0, value: 8 } as const;
+export const KvmXcrs = { size: 392, nr_xcrs: 0, flags: 4, xcrs: 8 } as const;
+export const KvmDebugregs = { size: 128, db: 0, dr6: 32, dr7: 40, flags: 48 } as const;
+export const KvmVcpuEvents = {
+  size: 64,
+  exception: { injected: 0, nr: 1, has_error_code: 2, pending: 3, error_code: 4 },
+  interrupt: { injected: 8, nr: 9, soft: 10, shadow: 11 },
+  nmi: { injected: 12, pending: 13, masked: 14 },
+  sipi_vector: 16,
+  flags: 20,
+  smi: { smm: 24, pending: 25, smm_inside_nmi: 26, latched_init: 27 },
+  triple_fault: { pending: 28 },
+  exception_has_payload: 55,
+  exception_payload: 56,
+} as const;
+/** struct kvm_irqchip: chip_id, then a 512-byte union (PIC or IOAPIC state). */
+export const KvmIrqchip = { size: 520, chip_id: 0, chip: 8 } as const;
+export const KvmPicState = {
+  size: 16, last_irr: 0, irr: 1, imr: 2, isr: 3, priority_add: 4, irq_base: 5, read_reg_select: 6,
+  poll: 7, special_mask: 8, init_state: 9, auto_eoi: 10, rotate_on_auto_eoi: 11,
+  special_fully_nested_mode: 12, init4: 13, elcr: 14, elcr_mask: 15,
+} as const;
+export const KvmIoapicState = { size: 216, base_address: 0, ioregsel: 8, id: 12, irr: 16, redirtbl: 24 } as const;
+export const KvmPitChannelState = {
+  size: 24, count: 0, latched_count: 4, count_latched: 6, status_latched: 7, status: 8, read_state: 9,
+  write_state: 10, write_latch: 11, rw_mode: 12, mode: 13, bcd: 14, gate: 15, count_load_time: 16,
+} as const;
+export const KvmPitState2 = { size: 112, channels: 0, flags: 72 } as const;
+export const KvmClockData = { size: 48, clock: 0, flags: 8, realtime: 16, host_tsc: 24 } as const;
+
 // ---- ioctls ----
 
 export const Ioctl = {
@@ -127,6 +162,27 @@ export const Ioctl = {
   GET_CPUID2: iowr(KVMIO, 0x91, KvmCpuid2.size),
   GET_MP_STATE: ior(KVMIO, 0x98, KvmMpState.size),
   SET_MP_STATE: iow(KVMIO, 0x99, KvmMpState.size),
+  // State save/restore (snapshots)
+  GET_MSR_FEATURE_INDEX_LIST: iowr(KVMIO, 0x0a, KvmMsrList.size),
+  GET_IRQCHIP: iowr(KVMIO, 0x62, KvmIrqchip.size),
+  // _IOR although user space passes the state in: a historical mistake the ABI keeps.
+  SET_IRQCHIP: ior(KVMIO, 0x63, KvmIrqchip.size),
+  SET_CLOCK: iow(KVMIO, 0x7b, KvmClockData.size),
+  GET_CLOCK: ior(KVMIO, 0x7c, KvmClockData.size),
+  GET_PIT2: ior(KVMIO, 0x9f, KvmPitState2.size),
+  SET_PIT2: iow(KVMIO, 0xa0, KvmPitState2.size),
+  GET_VCPU_EVENTS: ior(KVMIO, 0x9f, KvmVcpuEvents.size),
+  SET_VCPU_EVENTS: iow(KVMIO, 0xa0, KvmVcpuEvents.size),
+  GET_DEBUGREGS: ior(KVMIO, 0xa1, KvmDebugregs.size),
+  SET_DEBUGREGS: iow(KVMIO, 0xa2, KvmDebugregs.size),
+  SET_TSC_KHZ: io(KVMIO, 0xa2),
+  GET_TSC_KHZ: io(KVMIO, 0xa3),
+  GET_XSAVE: ior(KVMIO, 0xa4, KvmXsave.size),
+  SET_XSAVE: iow(KVMIO, 0xa5, KvmXsave.size),
+  GET_XCRS: ior(KVMIO, 0xa6, KvmXcrs.size),
+  SET_XCRS: iow(KVMIO, 0xa7, KvmXcrs.size),
+  KVMCLOCK_CTRL: io(KVMIO, 0xad),
+  GET_XSAVE2: ior(KVMIO, 0xcf, KvmXsave.size),
 } as const;
 export type IoctlName = keyof typeof Ioctl;
 
@@ -157,6 +213,17 @@ export const Cap = {
   IRQFD_RESAMPLE: 82,
   MAX_VCPU_ID: 128,
   IMMEDIATE_EXIT: 136,
+  // State save/restore (snapshots)
+  ADJUST_CLOCK: 39,
+  VCPU_EVENTS: 41,
+  DEBUGREGS: 50,
+  XSAVE: 55,
+  XCRS: 56,
+  TSC_CONTROL: 60,
+  GET_TSC_KHZ: 61,
+  KVMCLOCK_CTRL: 76,
+  GET_MSR_FEATURES: 153,
+  XSAVE2: 208,
 } as const;
 export type CapName = keyof typeof Cap;
 
@@ -223,3 +290,16 @@ export const KVM_IOEVENTFD_FLAG_PIO = 2;
 export const KVM_IOEVENTFD_FLAG_DEASSIGN = 4;
 export const KVM_IRQ_ROUTING_IRQCHIP = 1;
 export const KVM_IRQ_ROUTING_MSI = 2;
+
+/** KVM_GET/SET_IRQCHIP chip ids. */
+export const IrqchipId = { PIC_MASTER: 0, PIC_SLAVE: 1, IOAPIC: 2 } as const;
+export const KVM_IOAPIC_NUM_PINS = 24;
+export const KVM_MAX_XCRS = 16;
+/** kvm_clock_data.flags: KVM_GET_CLOCK reports them; KVM_SET_CLOCK accepts only KVM_CLOCK_REALTIME. */
+export const KVM_CLOCK_TSC_STABLE = 2;
+export const KVM_CLOCK_REALTIME = 4;
+export const KVM_CLOCK_HOST_TSC = 8;
+export const KVM_VCPUEVENT_VALID_NMI_PENDING = 1;
+export const KVM_VCPUEVENT_VALID_SIPI_VECTOR = 2;
+export const KVM_VCPUEVENT_VALID_SHADOW = 4;
+export const KVM_VCPUEVENT_VALID_SMM = 8;

@@ -118,12 +118,7 @@ export class Vcpu {
   getRegisters(): Registers {
     const buf = new Uint8Array(KvmRegs.size);
     this.call("GET_REGS", buf);
-    const dv = new DataView(buf.buffer);
-    const regs = {} as Registers;
-    KvmRegs.fields.forEach((name, i) => {
-      regs[name] = dv.getBigUint64(i * 8, true);
-    });
-    return regs;
+    return decodeRegisters(buf);
   }
 
   setRegisters(regs: Partial<Record<RegName, bigint | number>>): void {
@@ -208,6 +203,16 @@ export class Vcpu {
     new DataView(buf.buffer).setUint32(0, state, true);
     this.call("SET_MP_STATE", buf);
   }
+}
+
+/** struct kvm_regs bytes -> named registers. */
+export function decodeRegisters(buf: Uint8Array): Registers {
+  const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const regs = {} as Registers;
+  KvmRegs.fields.forEach((name, i) => {
+    regs[name] = dv.getBigUint64(i * 8, true);
+  });
+  return regs;
 }
 
 function decodeSegment(dv: DataView, o: number): Segment {

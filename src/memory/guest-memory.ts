@@ -71,6 +71,21 @@ export interface Run {
   readonly host: number;
 }
 
+/**
+ * What the host memory behind guest RAM is. It decides which pages are known to be zero
+ * without reading them (src/memory/ram-file.ts): in anonymous memory every page the guest
+ * never touched; in a copy-on-write mapping of a snapshot's RAM file, the file's holes.
+ */
+export type RamBacking =
+  | { kind: "anonymous" }
+  /** A file mapped MAP_PRIVATE (a snapshot's RAM): the guest's writes never reach the file. */
+  | { kind: "file-private"; fd: number }
+  /**
+   * A file mapped MAP_SHARED that other processes map too (a memfd for vhost-user back
+   * ends): what they write is not in our page tables, so the file's holes say what is zero.
+   */
+  | { kind: "shared-fd"; fd: number };
+
 export class GuestMemory {
   readonly regions: readonly GuestRegion[];
   readonly totalBytes: number;
@@ -89,6 +104,8 @@ export class GuestMemory {
   /** The region found last: accesses cluster, so it is tried first. */
   private lastRegion = 0;
   private mapping: { address: bigint; length: number } | undefined;
+  /** Set for memory this object mapped itself (allocate, adopt); undefined for views and test memory. */
+  backing: RamBacking | undefined;
 
   private constructor(regions: GuestRegion[], mapping?: { address: bigint; length: number }) {
     this.regions = regions.slice().sort((a, b) => a.base - b.base);
@@ -127,14 +144,24 @@ export class GuestMemory {
     // Transparent huge pages where the host offers them on request (THP "madvise"): fewer
     // page-table levels for KVM to walk or shadow, as QEMU does for guest RAM.
     sys.madvise(address, totalBytes, sys.MADV_HUGEPAGE);
+    return GuestMemory.adopt(address, ranges, { kind: "anonymous" });
+  }
+
+  /**
+   * Take ownership of host memory mapped at `address`, as long as the ranges of `layout`
+   * together (freed with munmap by free(), which also closes a backing file), the ranges
+   * one after another in the mapping.
+   */
+  static adopt(address: bigint, layout: readonly RamRange[], backing: RamBacking): GuestMemory {
     let offset = 0n;
-    const descriptors: RegionDescriptor[] = ranges.map((r) => {
+    const descriptors: RegionDescriptor[] = layout.map((r) => {
       const d = { base: r.base, size: r.size, hostAddress: address + offset };
       offset += BigInt(r.size);
       return d;
     });
     const mem = GuestMemory.attach(descriptors);
-    mem.mapping = { address, length: totalBytes };
+    mem.mapping = { address, length: Number(offset) };
+    mem.backing = backing;
     return mem;
   }
 
@@ -171,6 +198,8 @@ export class GuestMemory {
       sys.munmap(this.mapping.address, this.mapping.length);
       this.mapping = undefined;
     }
+    if (this.backing !== undefined && this.backing.kind !== "anonymous") sys.close(this.backing.fd);
+    this.backing = undefined;
   }
 
   /**

@@ -44,6 +44,7 @@ interface Bindings {
   pipe2: Fn;
   fcntlInt: Fn;
   prctl: Fn;
+  lseek: Fn;
 }
 
 let bound: Bindings | undefined;
@@ -91,6 +92,7 @@ function libc(): Bindings {
     fcntlInt: lib.func("fcntl", "int", ["int", "int", "long"]),
     // prctl is variadic; every option used here takes unsigned long arguments.
     prctl: lib.func("prctl", "int", ["int", "unsigned long", "unsigned long", "unsigned long", "unsigned long"]),
+    lseek: lib.func("lseek64", "int64_t", ["int", "int64_t", "int"]),
   };
   return bound;
 }
@@ -521,6 +523,24 @@ export const PR_SET_PDEATHSIG = 1;
  */
 export function setParentDeathSignal(signal: number): void {
   check("prctl", libc().prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0), "PR_SET_PDEATHSIG");
+}
+
+/** lseek(2) whence values that find a sparse file's data and holes. */
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+
+/**
+ * lseek(2) with SEEK_DATA or SEEK_HOLE: the offset of the next data (or hole) at or after
+ * `offset`, or -1 when there is none before the end of the file (ENXIO).
+ */
+export function seekData(fd: number, offset: number, whence: typeof SEEK_DATA | typeof SEEK_HOLE): number {
+  const r = Number(libc().lseek(fd, offset, whence));
+  if (r < 0) {
+    const e = koffi.errno();
+    if (e === Errno.ENXIO) return -1;
+    throw new SysError("lseek", e, whence === SEEK_DATA ? "SEEK_DATA" : "SEEK_HOLE");
+  }
+  return r;
 }
 
 export { SysError, Errno, errnoName } from "./errors";

@@ -26,8 +26,11 @@ export type VcpuStop =
  *       (Ctrl-A d on the console, for finding out where a guest is stuck).
  * HALT_PROBE: a generation counter; a vCPU that sees it change answers in the halt-status
  *       array whether it sits in HLT with interrupts disabled (see probeHalt).
+ * PAUSE: set (and every vCPU kicked) to park the vCPUs out of KVM_RUN; cleared, with
+ *       Atomics.notify on the cell, to let them go on.
+ * PARKED: how many vCPUs are parked now (each notifies the cell as it comes and goes).
  */
-export const RunControlCell = { STOP: 0, DUMP: 1, HALT_PROBE: 2, COUNT: 3 } as const;
+export const RunControlCell = { STOP: 0, DUMP: 1, HALT_PROBE: 2, PAUSE: 3, PARKED: 4, COUNT: 5 } as const;
 
 export function createRunControl(): Int32Array {
   return new Int32Array(new SharedArrayBuffer(4 * RunControlCell.COUNT));
@@ -78,16 +81,53 @@ export class ExitLoop implements VmControl {
     for (;;) {
       if (this.pending !== undefined) return this.pending;
       if (this.stopRequested()) return { kind: "stopped" };
-      const stop = this.handleExit(vcpu.run());
+      const exit = vcpu.run();
+      if (exit.kind === "interrupted" && Atomics.load(this.control, RunControlCell.PAUSE) !== 0) {
+        this.park();
+        continue;
+      }
+      const stop = this.handleExit(exit);
       if (stop !== undefined) return stop;
     }
+  }
+
+  /**
+   * Sit out a pause. Only ever called right after KVM_RUN returned EINTR: KVM has then
+   * completed any PIO/MMIO exit in progress (its api.rst: such an exit is finished by the
+   * next KVM_RUN, and is in no state an ioctl reports), so this vCPU's KVM state is whole
+   * and another thread may read or write it until the pause ends.
+   */
+  private park(): void {
+    const c = this.control;
+    Atomics.add(c, RunControlCell.PARKED, 1);
+    Atomics.notify(c, RunControlCell.PARKED);
+    while (Atomics.load(c, RunControlCell.PAUSE) !== 0 && !this.stopRequested()) Atomics.wait(c, RunControlCell.PAUSE, 1);
+    Atomics.sub(c, RunControlCell.PARKED, 1);
+    Atomics.notify(c, RunControlCell.PARKED);
+    this.clearKick();
+  }
+
+  /**
+   * The kick was answered: let KVM_RUN run the guest again, unless another request came
+   * meanwhile. The requests are read after immediate_exit is cleared, and the main thread
+   * stores a request before it sets immediate_exit, so no request is lost between the two.
+   */
+  private clearKick(): void {
+    const c = this.control;
+    this.vcpu.setImmediateExit(false);
+    const more =
+      Atomics.load(c, RunControlCell.PAUSE) !== 0 ||
+      this.stopRequested() ||
+      Atomics.load(c, RunControlCell.DUMP) !== this.dumpSeen ||
+      (this.haltStatus !== undefined && Atomics.load(c, RunControlCell.HALT_PROBE) !== this.haltProbeSeen);
+    if (more) this.vcpu.setImmediateExit(true);
   }
 
   private dumpIfAsked(): void {
     const gen = Atomics.load(this.control, RunControlCell.DUMP);
     if (gen === this.dumpSeen) return;
     this.dumpSeen = gen;
-    this.vcpu.setImmediateExit(false);
+    this.clearKick();
     this.onRegisterDump(formatRegisterDump(this.vcpu.getRegisters(), this.vcpu.getSpecialRegisters()));
   }
 
@@ -101,7 +141,7 @@ export class ExitLoop implements VmControl {
     const gen = Atomics.load(this.control, RunControlCell.HALT_PROBE);
     if (gen === this.haltProbeSeen || this.haltStatus === undefined) return;
     this.haltProbeSeen = gen;
-    this.vcpu.setImmediateExit(false);
+    this.clearKick();
     const state = this.vcpu.getMpState();
     const dead =
       state === MpState.UNINITIALIZED ||

@@ -81,8 +81,9 @@ export class VcpuThread {
       if (msg.type === "started") {
         this.thread = msg.thread;
         this.resolveStarted();
-        // A stop may have been requested before the thread id was known.
-        if (Atomics.load(this.init.control, RunControlCell.STOP) !== 0) this.kick();
+        // A stop or pause may have been requested before the thread id was known.
+        const c = this.init.control;
+        if (Atomics.load(c, RunControlCell.STOP) !== 0 || Atomics.load(c, RunControlCell.PAUSE) !== 0) this.kick();
       } else if (msg.type === "registers") {
         this.onRegisterDump?.(msg.dump);
       } else {

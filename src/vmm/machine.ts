@@ -33,7 +33,30 @@ import type { Serial } from "../devices/legacy/serial";
 import { createHaltStatus, createRunControl, RunControlCell, ExitCounters, VcpuStop } from "../vcpu/exit-loop";
 import { VcpuThread, VcpuThreadResult, holdKickHandler } from "../vcpu/vcpu-thread";
 import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
-import { prepareBoot, BootSource, BootSummary } from "./boot-source";
+import { prepareBoot, BootSource } from "./boot-source";
+import { VirtioPciDeviceSide } from "../devices/virtio/pci-device-side";
+import { BlkConfig } from "../devices/virtio/blk/device";
+import { SECTOR_SIZE } from "../devices/virtio/blk/request";
+import { deviceSetBuffers, registerRestoredIoeventfds } from "../board/devices";
+import { identityChange, openFileIdentity } from "../host/file-identity";
+import type { QueueStates } from "../io/io-thread";
+import { RamFileError, mapRamFile, writeRamFile } from "../memory/ram-file";
+import { kvmclockStopped, msrIndexList, restoreVcpuState, saveVcpuState, setTscKhz, getTscKhz, vcpuStateSupport, type VcpuState } from "../kvm/vcpu-state";
+import { adjustClockSupported, restoreVmState, saveVmState } from "../kvm/vm-state";
+import { Reader, SnapshotError, writeSnapshotDir, type Json, type ReadSnapshot, type WrittenSnapshot } from "./snapshot/format";
+import { checkHostFacts, collectHostFacts, hostXsaveSize } from "./snapshot/host-facts";
+import {
+  copyBuffers,
+  decodeDevices,
+  decodeMachine,
+  encodeDevices,
+  encodeMachine,
+  macBytes,
+  macText,
+  restoreBuffers,
+  type SavedDevices,
+  type SavedMachine,
+} from "./snapshot/machine-state";
 
 export interface MachineConfig {
   /** Guest RAM in bytes. */
@@ -66,6 +89,35 @@ export interface MachineConfig {
   nics?: readonly NicConfig[];
 }
 
+/** What to rebuild a machine from: a snapshot, and where its serial ports go now. */
+export interface MachineRestoreConfig {
+  /** A snapshot read and checked by readSnapshotDir (vmm/snapshot/format.ts). */
+  snapshot: ReadSnapshot;
+  consoleFd: number;
+  consoleTag?: number;
+  auxSerialSinks?: readonly (SerialSinkSpec | undefined)[];
+  kvmPath?: string;
+  /**
+   * Disk images to attach in place of the snapshot's, by disk (undefined: the snapshot's
+   * path). A detached disk (a per-run disk) may be any image; another must be the file the
+   * snapshot saw, unchanged.
+   */
+  diskPaths?: readonly (string | undefined)[];
+}
+
+/** What the machine booted, for messages. */
+export interface MachineBootInfo {
+  /** e.g. "bzImage, 64-bit entry at 0x100200", or what a restored machine had booted. */
+  description: string;
+  /** The kernel command line as passed (Linux boots only). */
+  cmdline?: string;
+  /** The snapshot directory a restored machine came from. */
+  restoredFrom?: string;
+}
+
+/** How to continue after building the devices: boot something, or take a snapshot's state. */
+type MachineSource = { kind: "boot"; boot: BootSource } | { kind: "restore"; snapshot: ReadSnapshot; machine: SavedMachine; devices: SavedDevices; reader: Reader };
+
 export interface NicConfig {
   /** TAP name: created (and removed on exit) unless a persistent one exists. */
   tap: string;
@@ -97,6 +149,9 @@ interface VirtioResources {
   images: DiskImage[];
   taps: Tap[];
   controlFd: number | undefined;
+  /** What a snapshot records of each disk and NIC. */
+  disks: { serial: string }[];
+  nics: { tap: string; mac: Uint8Array; hostCidr?: string }[];
 }
 
 /**
@@ -136,14 +191,18 @@ export class Machine {
     readonly memory: GuestMemory,
     private readonly vcpus: Vcpu[],
     private readonly deviceSpec: DeviceSetSpec,
-    readonly boot: BootSummary,
+    readonly boot: MachineBootInfo,
     private readonly consoleFd: number,
     readonly cpuTemplate: string,
     private readonly virtio: VirtioResources,
     private readonly irqchip: boolean,
+    /** What a snapshot records of the configuration (disk identities are taken at the snapshot). */
+    private readonly shape: Omit<SavedMachine, "disks" | "nics">,
+    restoredQueues: (QueueStates | undefined)[] | undefined,
   ) {
     // The main thread's own view of the devices: it feeds serial input, and plays
-    // firmware for PCI (BAR addresses; the first ioeventfd registrations).
+    // firmware for PCI (BAR addresses; the first ioeventfd registrations). A restored
+    // machine's devices are where the guest's driver left them.
     this.devices = instantiateDevices(deviceSpec, {
       vmFd: vm.fd,
       consoleFd,
@@ -151,7 +210,8 @@ export class Machine {
       control: { requestReset: (reason) => this.stop(reason) },
       ...(virtio.controlFd !== undefined ? { ioControlFd: virtio.controlFd } : {}),
     });
-    this.devices.pci?.assignResources();
+    if (restoredQueues === undefined) this.devices.pci?.assignResources();
+    else registerRestoredIoeventfds(vm, deviceSpec, this.devices);
     const stopped = () => Atomics.load(this.control, RunControlCell.STOP) !== 0;
     this.inputs = [this.devices.serial, ...this.devices.auxSerials].map((uart) => new SerialInput(uart, stopped));
     if (virtio.controlFd !== undefined) {
@@ -161,6 +221,7 @@ export class Machine {
         controlFd: virtio.controlFd,
         control: createIoControl(),
         devices: virtio.functions,
+        ...(restoredQueues !== undefined ? { restoredQueues } : {}),
       });
       this.io.onWarning = (message) => this.onDiagnostic({ kind: "warning", message });
     }
@@ -170,9 +231,45 @@ export class Machine {
 
   /** Build the whole machine; nothing runs until run(). Cleans up after itself on failure. */
   static create(config: MachineConfig): Machine {
+    return Machine.undoOnFailure((cleanups) => Machine.build(config, { kind: "boot", boot: config.boot }, cleanups));
+  }
+
+  /**
+   * Rebuild a machine from a snapshot: the same memory (mapped copy-on-write from the
+   * snapshot's RAM file), vCPUs, devices and back ends (disk images, TAPs), every KVM and
+   * device state as it was; run() continues the guest where it was paused. Throws a
+   * SnapshotError when this host or a disk image cannot carry the snapshot, and leaves
+   * nothing behind.
+   */
+  static restore(config: MachineRestoreConfig): Machine {
+    const snap = config.snapshot;
+    const reader = new Reader(snap.dir, "not this tskvm's machine");
+    const machine = decodeMachine(reader, snap.body.machine);
+    const devices = decodeDevices(reader, snap.body.devices);
+    const paths = config.diskPaths ?? [];
+    if (paths.length > machine.disks.length) {
+      throw new SnapshotError("state", `snapshot ${snap.dir} has ${machine.disks.length} disks; ${paths.length} were given`);
+    }
+    const shape: Omit<MachineConfig, "boot"> = {
+      memoryBytes: machine.memoryBytes,
+      cpus: machine.cpus,
+      consoleFd: config.consoleFd,
+      ...(config.consoleTag !== undefined ? { consoleTag: config.consoleTag } : {}),
+      ...(config.auxSerialSinks !== undefined ? { auxSerialSinks: config.auxSerialSinks } : {}),
+      cpuTemplate: machine.cpuTemplate,
+      hideFeatures: machine.hideFeatures,
+      irqchip: machine.irqchip,
+      ...(config.kvmPath !== undefined ? { kvmPath: config.kvmPath } : {}),
+      disks: machine.disks.map((d, i) => ({ path: paths[i] ?? d.path, readOnly: d.readOnly, serial: d.serial })),
+      nics: machine.nics.map((n) => ({ tap: n.tap, mac: macBytes(n.mac), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
+    };
+    return Machine.undoOnFailure((cleanups) => Machine.build(shape, { kind: "restore", snapshot: snap, machine, devices, reader }, cleanups));
+  }
+
+  private static undoOnFailure(build: (cleanups: (() => void)[]) => Machine): Machine {
     const cleanups: (() => void)[] = [];
     try {
-      return Machine.build(config, cleanups);
+      return build(cleanups);
     } catch (e) {
       for (const undo of cleanups.reverse()) {
         try {
@@ -185,7 +282,7 @@ export class Machine {
     }
   }
 
-  private static build(config: MachineConfig, cleanups: (() => void)[]): Machine {
+  private static build(config: Omit<MachineConfig, "boot">, source: MachineSource, cleanups: (() => void)[]): Machine {
     if (config.memoryBytes < MIN_GUEST_MEMORY) {
       throw new ConfigError(`guest memory ${formatBytes(config.memoryBytes)} is too small: give at least ${formatBytes(MIN_GUEST_MEMORY)}`, "memoryBytes");
     }
@@ -193,6 +290,13 @@ export class Machine {
     cleanups.push(() => kvm.close());
     const irqchip = config.irqchip ?? true;
     kvm.requireCapabilities();
+    if (source.kind === "restore") {
+      // Before anything is built: can this host run the saved vCPUs at all?
+      const snap = source.snapshot;
+      const current = collectHostFacts(kvm);
+      checkHostFacts(snap.dir, snap.body.host, current, snap.body.vcpus, hostXsaveSize(current.caps));
+      if (snap.body.vcpus.length !== config.cpus) throw new SnapshotError("corrupted", `snapshot ${snap.dir} is corrupted: it has ${snap.body.vcpus.length} vCPU states for ${config.cpus} vCPUs`);
+    }
     const limits = kvm.vcpuLimits();
     const maxCpus = Math.min(limits.max, maxMpTableCpus((config.disks ?? []).length + (config.nics ?? []).length));
     if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > maxCpus) {
@@ -216,16 +320,27 @@ export class Machine {
       vm.createPit();
     }
 
-    const memory = allocateMemory(config.memoryBytes);
+    // A restored machine's RAM is the snapshot's file, mapped copy-on-write: nothing is
+    // read until the guest touches it, so the cost does not grow with the RAM size.
+    const memory = source.kind === "restore" ? mapSnapshotRam(source.snapshot, config.memoryBytes) : allocateMemory(config.memoryBytes);
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
     const virtio = openVirtioDevices(vm, config.disks ?? [], config.nics ?? [], irqchip, cleanups);
-    const boot = prepareBoot(memory, config.boot, {
-      cpus: config.cpus,
-      extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)],
-      pciIrqs: virtio.functions.map((f) => ({ device: f.slot.device, pin: f.slot.intxPin, ioapicPin: f.slot.gsi })),
-    });
+    if (source.kind === "restore") {
+      checkDisks(source.snapshot.dir, source.machine, virtio);
+      if (source.devices.queues.length !== virtio.functions.length) {
+        throw new SnapshotError("corrupted", `snapshot ${source.snapshot.dir} is corrupted: it has queue state for ${source.devices.queues.length} virtio devices, the machine has ${virtio.functions.length}`);
+      }
+    }
+    const bootSummary =
+      source.kind === "boot"
+        ? prepareBoot(memory, source.boot, {
+            cpus: config.cpus,
+            extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)],
+            pciIrqs: virtio.functions.map((f) => ({ device: f.slot.device, pin: f.slot.intxPin, ioapicPin: f.slot.gsi })),
+          })
+        : undefined;
     const deviceSpec = createDeviceSetSpec({
       memory,
       cpus: config.cpus,
@@ -233,6 +348,7 @@ export class Machine {
       ...(config.consoleTag !== undefined ? { consoleTag: config.consoleTag } : {}),
       ...(config.auxSerialSinks !== undefined ? { auxSinks: config.auxSerialSinks } : {}),
     });
+    if (source.kind === "restore") restoreBuffers(source.snapshot.dir, source.devices.buffers, deviceSetBuffers(deviceSpec));
 
     const supported = kvm.supportedCpuid();
     const runSize = kvm.vcpuMmapSize();
@@ -241,6 +357,7 @@ export class Machine {
       const vcpu = Vcpu.map(id, vm.createVcpu(id), runSize);
       vcpus.push(vcpu);
       cleanups.push(() => vcpu.destroy());
+      if (bootSummary === undefined) continue;
       const cpuid = vcpuCpuid(supported, { apicId: id, vcpuCount: config.cpus, hidden });
       vcpu.setCpuid(cpuid);
       // XCR0 as the CPUID offers it, so that KVM's XSAVE sizes match the guest's (xcr.ts).
@@ -249,9 +366,32 @@ export class Machine {
       if (irqchip) configureLapicForBoot(vcpu);
       // Application processors wait for INIT/SIPI in the in-kernel LAPIC; only the BSP
       // gets the boot state.
-      if (id === 0) applyBootState(vcpu, boot.cpu);
+      if (id === 0) applyBootState(vcpu, bootSummary.cpu);
     }
-    return new Machine(kvm, vm, memory, vcpus, deviceSpec, boot, config.consoleFd, templateName, virtio, irqchip);
+    if (source.kind === "restore") restoreKvmState(source.snapshot, vm, vcpus);
+
+    const shape = {
+      memoryBytes: config.memoryBytes,
+      cpus: config.cpus,
+      cpuTemplate: templateName,
+      hideFeatures: [...(config.hideFeatures ?? [])],
+      irqchip,
+      bootDescription: source.kind === "boot" ? bootSummary!.description : source.machine.bootDescription,
+      ...((source.kind === "boot" ? bootSummary!.cmdline : source.machine.cmdline) !== undefined
+        ? { cmdline: (source.kind === "boot" ? bootSummary!.cmdline : source.machine.cmdline)! }
+        : {}),
+    };
+    const bootInfo: MachineBootInfo = {
+      description: shape.bootDescription,
+      ...(shape.cmdline !== undefined ? { cmdline: shape.cmdline } : {}),
+      ...(source.kind === "restore" ? { restoredFrom: source.snapshot.dir } : {}),
+    };
+    const machine = new Machine(
+      kvm, vm, memory, vcpus, deviceSpec, bootInfo, config.consoleFd, templateName, virtio, irqchip, shape,
+      source.kind === "restore" ? source.devices.queues : undefined,
+    );
+    if (source.kind === "restore") machine.attachDetachedDisks(source.machine);
+    return machine;
   }
 
   /** Start every vCPU thread; resolves once all have stopped. */
@@ -295,6 +435,152 @@ export class Machine {
       return { stop, requestedBy: this.requestedBy, vcpus: results, counters };
     });
     return this.running;
+  }
+
+  private paused: { ioQueues: (QueueStates | undefined)[] | undefined } | undefined;
+  private pausing: Promise<void> | undefined;
+
+  /** True between pause() and resume(). */
+  get isPaused(): boolean {
+    return this.paused !== undefined;
+  }
+
+  /**
+   * Pause the guest: every vCPU out of KVM_RUN and parked (an I/O instruction in progress
+   * completed first), then the I/O worker parked with every device quiesced: no request in
+   * flight, every completed one on its used ring with its interrupt sent. Kicks and
+   * interrupts that come meanwhile wait in their eventfds and in the irqchip. Resolves
+   * when everything is parked; rejects if the VM ends first.
+   */
+  pause(): Promise<void> {
+    if (this.paused !== undefined) return Promise.resolve();
+    if (this.pausing !== undefined) return this.pausing;
+    if (this.running === undefined || Atomics.load(this.control, RunControlCell.STOP) !== 0) {
+      return Promise.reject(new SnapshotError("state", "the VM is not running: nothing to pause"));
+    }
+    this.pausing = this.parkAll().finally(() => {
+      this.pausing = undefined;
+    });
+    return this.pausing;
+  }
+
+  private async parkAll(): Promise<void> {
+    this.stopHaltProbes();
+    Atomics.store(this.control, RunControlCell.PAUSE, 1);
+    for (const t of this.threads) t.kick();
+    const ended = this.running!.then(() => "ended" as const);
+    for (;;) {
+      const parked = Atomics.load(this.control, RunControlCell.PARKED);
+      if (parked >= this.threads.length) break;
+      const wait = waitAsync(this.control, RunControlCell.PARKED, parked);
+      if (wait.async && (await Promise.race([wait.value, ended])) === "ended") {
+        throw new SnapshotError("state", "the VM ended while it was being paused");
+      }
+    }
+    const ioQueues = this.io === undefined ? undefined : await this.io.pause();
+    if (Atomics.load(this.control, RunControlCell.STOP) !== 0) throw new SnapshotError("state", "the VM ended while it was being paused");
+    // The guest's time goes on while it is paused: tell a kvmclock guest, so that its
+    // soft-lockup watchdog does not take the gap for a hung CPU (as QEMU does on "stop").
+    for (const v of this.vcpus) kvmclockStopped(v);
+    this.paused = { ioQueues };
+  }
+
+  /** Let a paused guest go on: the I/O worker first (it serves what waited), then the vCPUs. */
+  resume(): void {
+    if (this.paused === undefined) return;
+    this.paused = undefined;
+    this.io?.resume();
+    Atomics.store(this.control, RunControlCell.PAUSE, 0);
+    Atomics.notify(this.control, RunControlCell.PAUSE);
+    if (this.irqchip && Atomics.load(this.control, RunControlCell.STOP) === 0) this.startHaltProbes();
+  }
+
+  /**
+   * Write a snapshot of the paused machine into `dir` (which must not exist yet): every
+   * vCPU's and the VM's KVM state, every device's state, the configuration to rebuild the
+   * machine, and guest RAM (sparse). `detachedDisks[i]` says the guest holds nothing of disk
+   * i (not mounted, caches dropped), so a restore may attach another image in its place.
+   * The machine stays paused. Throws SnapshotError: "state" when not paused, "unwritable"
+   * when `dir` cannot be written (nothing is left behind).
+   */
+  snapshot(dir: string, opts: { tskvmVersion: string; detachedDisks?: readonly boolean[]; annotations?: Json }): WrittenSnapshot {
+    const paused = this.paused;
+    if (paused === undefined) throw new SnapshotError("state", "the VM must be paused for a snapshot");
+    const support = vcpuStateSupport(this.vm);
+    const msrIndices = msrIndexList(this.kvm);
+    // VM state after the vCPUs': KVM_GET_MP_STATE may move pending LAPIC events first.
+    const vcpus: VcpuState[] = this.vcpus.map((v) => saveVcpuState(v, { support, msrIndices, irqchip: this.irqchip }));
+    const vmState = saveVmState(this.vm, { irqchip: this.irqchip, clock: adjustClockSupported(this.vm) });
+    const saved: SavedMachine = {
+      ...this.shape,
+      disks: this.virtio.images.map((image, i) => ({
+        path: image.path,
+        readOnly: image.readOnly,
+        serial: this.virtio.disks[i]!.serial,
+        identity: openFileIdentity(image.fd, image.path),
+        detached: opts.detachedDisks?.[i] ?? false,
+      })),
+      nics: this.virtio.nics.map((n) => ({ tap: n.tap, mac: macText(n.mac), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
+    };
+    const devices: SavedDevices = {
+      buffers: copyBuffers(deviceSetBuffers(this.deviceSpec)),
+      queues: this.virtio.functions.map((_, i) => paused.ioQueues?.[i]),
+    };
+    return writeSnapshotDir(dir, {
+      tskvmVersion: opts.tskvmVersion,
+      body: {
+        host: collectHostFacts(this.kvm, vcpus[0]?.tscKhz ?? 0),
+        machine: encodeMachine(saved),
+        vm: vmState,
+        vcpus,
+        devices: encodeDevices(devices),
+        annotations: opts.annotations ?? null,
+      },
+      writeRam: (fd) => writeRamFile(this.memory, fd),
+    });
+  }
+
+  /** A restored machine's per-run (detached) disks: index and size now, in sectors. */
+  private detached: { index: number; sectors: number }[] = [];
+
+  /** The per-run disks of a restored machine (see SavedDisk.detached), with their sizes now. */
+  detachedDisks(): { index: number; sectors: number }[] {
+    return this.detached.slice();
+  }
+
+  get cpus(): number {
+    return this.vcpus.length;
+  }
+
+  /** The disk images attached, in order (vda, vdb, ...). */
+  diskPaths(): string[] {
+    return this.virtio.images.map((i) => i.path);
+  }
+
+  /** The TAP devices attached, in order (eth0, ...). */
+  tapNames(): string[] {
+    return this.virtio.taps.map((t) => t.name);
+  }
+
+  /**
+   * A restored machine's per-run (detached) disks: one that is another size now has its
+   * capacity changed in its configuration space, and a configuration-change interrupt
+   * tells the driver to read it again (it arrives when the guest runs).
+   */
+  private attachDetachedDisks(saved: SavedMachine): void {
+    saved.disks.forEach((d, i) => {
+      const image = this.virtio.images[i]!;
+      if (d.detached) this.detached.push({ index: i, sectors: image.sizeBytes / SECTOR_SIZE });
+      if (!d.detached || image.sizeBytes === d.identity.size) return;
+      const f = this.virtio.functions[i]!;
+      const side = new VirtioPciDeviceSide(f.transport);
+      const capacity = new Uint8Array(8);
+      new DataView(capacity.buffer).setBigUint64(0, BigInt(image.sizeBytes / SECTOR_SIZE), true);
+      side.updateDeviceConfig(BlkConfig.CAPACITY, capacity);
+      const d2 = side.signalConfigChange();
+      if (d2.kind === "msix") this.vm.signalMsi(d2.address % 0x1_0000_0000, Math.floor(d2.address / 0x1_0000_0000), d2.data);
+      else if (d2.kind === "intx") sys.signalEventfd(f.intxFd);
+    });
   }
 
   /** Bytes the guest has written to its serial console so far (all vCPUs). */
@@ -354,6 +640,8 @@ export class Machine {
   private stopAll(): void {
     this.stopHaltProbes();
     Atomics.store(this.control, RunControlCell.STOP, 1);
+    // Parked vCPUs sleep on the PAUSE cell.
+    Atomics.notify(this.control, RunControlCell.PAUSE);
     for (const t of this.threads) t.kick();
   }
 
@@ -449,7 +737,7 @@ function openVirtioDevices(
   irqchip: boolean,
   cleanups: (() => void)[],
 ): VirtioResources {
-  const res: VirtioResources = { functions: [], fds: [], images: [], taps: [], controlFd: undefined };
+  const res: VirtioResources = { functions: [], fds: [], images: [], taps: [], controlFd: undefined, disks: [], nics: [] };
   if (disks.length + nics.length === 0) return res;
   if (!irqchip) throw new ConfigError("virtio devices need the in-kernel irqchip");
   const eventfd = () => {
@@ -478,6 +766,7 @@ function openVirtioDevices(
     const image = openDiskImage(d.path, { readOnly: d.readOnly });
     res.images.push(image);
     const disk = { fd: image.fd, sizeBytes: image.sizeBytes, readOnly: image.readOnly, path: image.path, serial: d.serial ?? defaultSerial(image.path) };
+    res.disks.push({ serial: disk.serial });
     add(`virtio-blk vd${String.fromCharCode(0x61 + (i % 26))} (${d.path})`, { kind: "virtio-blk", disk });
   });
   nics.forEach((n, i) => {
@@ -486,6 +775,7 @@ function openVirtioDevices(
     res.taps.push(tap);
     if (n.hostCidr !== undefined) configureHostSide(tap.name, n.hostCidr);
     const nic = { tapFd: tap.fd, tapName: tap.name, created: tap.created, mac, offloads: probeOffloads(tap) };
+    res.nics.push({ tap: n.tap, mac, ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) });
     add(`virtio-net eth${i} (${tap.name})`, { kind: "virtio-net", nic });
   });
   return res;
@@ -499,7 +789,66 @@ function allocateMemory(bytes: number): GuestMemory {
   }
 }
 
-function applyBootState(vcpu: Vcpu, cpu: BootCpuState): void {
+/** Atomics.waitAsync (Node 16+; not in TypeScript's ES2022 library). */
+function waitAsync(cells: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> } {
+  return (Atomics as unknown as { waitAsync: typeof waitAsync }).waitAsync(cells, index, value);
+}
+
+function mapSnapshotRam(snap: ReadSnapshot, bytes: number): GuestMemory {
+  try {
+    return mapRamFile(snap.ramPath, ramLayout(bytes));
+  } catch (e) {
+    if (e instanceof RamFileError) throw new SnapshotError("corrupted", `snapshot ${snap.dir} is corrupted: ${e.message}`);
+    throw e;
+  }
+}
+
+/**
+ * Every disk the guest may hold parts of in its memory (page cache, file systems) must be
+ * the image the snapshot saw, unchanged; a detached one may be any image now.
+ */
+function checkDisks(dir: string, saved: SavedMachine, virtio: VirtioResources): void {
+  saved.disks.forEach((d, i) => {
+    if (d.detached) return;
+    const image = virtio.images[i]!;
+    const change = identityChange(d.identity, openFileIdentity(image.fd, image.path));
+    if (change !== undefined) {
+      throw new SnapshotError("changed", `disk image ${image.path} is not as snapshot ${dir} saw it (${change}), and the guest holds parts of it in memory: make the snapshot again`);
+    }
+  });
+}
+
+/** TSC rates closer than this (parts per million) are the same clock measured twice (QEMU's and Firecracker's tolerance). */
+const TSC_KHZ_TOLERANCE_PPM = 250;
+
+/**
+ * Put the saved KVM state into a new machine's VM and vCPUs: the TSC rate first (scaled
+ * when this host's differs), then the VM (PIT, clock, irqchips), then each vCPU. The
+ * guest's clocks go on from where they were: its wall clock is set afterwards by whoever
+ * talks to the guest (the API, through its agent).
+ */
+function restoreKvmState(snap: ReadSnapshot, vm: Vm, vcpus: readonly Vcpu[]): void {
+  const states = snap.body.vcpus;
+  const saved = states[0]?.tscKhz;
+  if (saved !== undefined && saved > 0) {
+    const here = getTscKhz(vcpus[0]!);
+    if (Math.abs(here - saved) * 1_000_000 > saved * TSC_KHZ_TOLERANCE_PPM) {
+      try {
+        for (const v of vcpus) setTscKhz(v, saved);
+      } catch {
+        throw new SnapshotError("host", `snapshot ${snap.dir} cannot run on this host: its guest's TSC ran at ${saved} kHz, this host's at ${here} kHz, and KVM cannot scale it`);
+      }
+    }
+  }
+  try {
+    restoreVmState(vm, snap.body.vm);
+    states.forEach((st, i) => restoreVcpuState(vcpus[i]!, st, { kvmclockCtrl: true, firstVcpu: i === 0 }));
+  } catch (e) {
+    throw new SnapshotError("host", `snapshot ${snap.dir} cannot run on this host: ${(e as Error).message}`);
+  }
+}
+
+export function applyBootState(vcpu: Vcpu, cpu: BootCpuState): void {
   vcpu.updateSpecialRegisters((s) => {
     s.cs = cpu.sregs.cs;
     s.ds = cpu.sregs.ds;

@@ -149,3 +149,43 @@ export const ECHO_UNTIL_Q = Uint8Array.from([
   0xe6, 0x64, //             25: out 0x64, al (i8042 reset)
   0xf4, //                   27: hlt
 ]);
+
+/** Where counterLoop keeps its memory counter, and the port it reports on. */
+export const COUNTER_ADDRESS = 0x200000;
+export const COUNTER_PORT = 0x5e0;
+
+/**
+ * 64-bit: count in RBX and in the qword at COUNTER_ADDRESS, and exit to user space on
+ * COUNTER_PORT after each step, forever. Both counters say how far the guest has run.
+ */
+export function counterLoop(): Uint8Array {
+  const a = COUNTER_ADDRESS;
+  return Uint8Array.from([
+    0x48, 0xff, 0xc3, //                            0: inc rbx
+    0x48, 0xff, 0x04, 0x25, a & 0xff, (a >> 8) & 0xff, (a >> 16) & 0xff, (a >>> 24) & 0xff, // 3: inc qword [a]
+    0x66, 0xba, COUNTER_PORT & 0xff, COUNTER_PORT >> 8, // 11: mov dx, port
+    0xee, //                                       15: out dx, al
+    0xeb, 0xee, //                                 16: jmp 0
+  ]);
+}
+
+/**
+ * 64-bit: count in the qword at COUNTER_ADDRESS and in COM1's scratch register (a device
+ * register), and print the scratch register's value on COM1 after each step: the console
+ * reads 1, 2, 3, ... (mod 256), forever. Memory, device state and console output say how
+ * far the guest has run.
+ */
+export function counterWithDevice(): Uint8Array {
+  const a = COUNTER_ADDRESS;
+  const scr = COM1 + 7;
+  return Uint8Array.from([
+    0x48, 0xff, 0x04, 0x25, a & 0xff, (a >> 8) & 0xff, (a >> 16) & 0xff, (a >>> 24) & 0xff, // 0: inc qword [a]
+    0x66, 0xba, scr & 0xff, scr >> 8, //            8: mov dx, COM1 + 7 (SCR)
+    0xec, //                                       12: in al, dx
+    0xfe, 0xc0, //                                 13: inc al
+    0xee, //                                       15: out dx, al
+    0x66, 0xba, COM1 & 0xff, COM1 >> 8, //         16: mov dx, COM1 (THR)
+    0xee, //                                       20: out dx, al
+    0xeb, 0xe9, //                                 21: jmp 0
+  ]);
+}

@@ -367,6 +367,18 @@ export class ChainWriter extends ChainCursor {
  * One split virtqueue. Create it at activation (`Virtqueue.create` validates the rings),
  * then: pop chains, addUsed each, and ask needsNotification before interrupting.
  */
+/** A queue's device-side positions (Virtqueue.state), plain data for snapshots. */
+export interface VirtqueueState {
+  /** The next available-ring entry the device will consume. */
+  readonly nextAvail: number;
+  /** The used index published to the driver. */
+  readonly nextUsed: number;
+  /** The used index at the last interrupt decision (EVENT_IDX), -1 before any. */
+  readonly signalled: number;
+  /** used.flags as the device last wrote them. */
+  readonly usedFlags: number;
+}
+
 export class Virtqueue {
   readonly index: number;
   readonly size: number;
@@ -396,7 +408,7 @@ export class Virtqueue {
   private unsignalled = 0;
   private usedFlags = 0;
 
-  private constructor(memory: GuestMemory, config: QueueConfig, features: bigint) {
+  private constructor(memory: GuestMemory, config: QueueConfig, features: bigint, resume?: VirtqueueState) {
     this.memory = memory;
     this.index = config.index;
     this.size = config.size;
@@ -413,6 +425,14 @@ export class Virtqueue {
     this.used32 = new Uint32Array(u.buffer, u.byteOffset, Math.floor(u.length / 4));
     this.usedEventAt = 2 + this.size;
     this.availEventAt = 2 + 4 * this.size;
+    if (resume !== undefined) {
+      // A restored device goes on where it was: its rings are in guest RAM as they were.
+      this.nextAvail = this.availSeen = resume.nextAvail & 0xffff;
+      this.nextUsed = this.published = resume.nextUsed & 0xffff;
+      this.signalled = resume.signalled;
+      this.usedFlags = resume.usedFlags & 0xffff;
+      return;
+    }
     // A freshly reset device starts both indices at 0 (the driver zeroed the rings).
     Atomics.store(this.used16, 0, 0);
   }
@@ -421,12 +441,32 @@ export class Virtqueue {
    * Check a queue the driver set up and make it usable: size a power of 2 up to 32768,
    * each ring aligned (descriptors 16, available 2, used 4) and inside one RAM region.
    */
-  static create(memory: GuestMemory, config: QueueConfig, features: bigint): Virtqueue {
+  static create(memory: GuestMemory, config: QueueConfig, features: bigint, resume?: VirtqueueState): Virtqueue {
     const s = config.size;
     if (!Number.isInteger(s) || !isPowerOf2(s) || s > MAX_QUEUE_SIZE) {
       throw new VirtqueueError("InvalidQueueConfig", config.index, `queue size ${s} is not a power of 2 from 1 to ${MAX_QUEUE_SIZE}`);
     }
-    return new Virtqueue(memory, config, features);
+    return new Virtqueue(memory, config, features, resume);
+  }
+
+  /**
+   * Where the device is in the rings, for a snapshot. Valid when the device is quiesced:
+   * every used element published and every chain it popped either used or given back
+   * (unpop), so that this and guest RAM are the whole queue state.
+   */
+  state(): VirtqueueState {
+    return { nextAvail: this.nextAvail, nextUsed: this.nextUsed, signalled: this.signalled, usedFlags: this.usedFlags };
+  }
+
+  /**
+   * Give back the last `count` chains popped and not used: they are popped again, in the
+   * same order, next time (a device quiescing for a snapshot with buffers it held on to).
+   */
+  unpop(count: number): void {
+    if (!Number.isInteger(count) || count < 0 || count > ((this.nextAvail - this.nextUsed) & 0xffff)) {
+      throw new RangeError(`virtqueue ${this.index}: cannot give back ${count} chains`);
+    }
+    this.nextAvail = (this.nextAvail - count) & 0xffff;
   }
 
   private ringSlice(addr: number, length: number, align: number, what: string): Uint8Array {

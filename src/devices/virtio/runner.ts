@@ -7,6 +7,7 @@
  */
 import type { GuestMemory } from "../../memory/guest-memory";
 import type { VirtioDevice } from "./types";
+import type { VirtqueueState } from "./queue";
 import type { InterruptDelivery, VirtioPciDeviceSide } from "./pci-transport";
 
 /** How the worker reaches KVM and the interrupt eventfds; faked in tests. */
@@ -25,6 +26,11 @@ export class VirtioDeviceRunner {
   private active = false;
   private generation = -1;
 
+  /**
+   * `restored`: the device's queue positions when the VM is restored from a snapshot (the
+   * transport's restored registers say whether the driver had it running); used by the
+   * first activation only.
+   */
   constructor(
     readonly name: string,
     private readonly transport: VirtioPciDeviceSide,
@@ -32,6 +38,7 @@ export class VirtioDeviceRunner {
     private readonly memory: GuestMemory,
     private readonly irq: InterruptSink,
     private readonly log: DeviceLog,
+    private restored?: readonly (VirtqueueState | undefined)[],
   ) {}
 
   /**
@@ -46,6 +53,8 @@ export class VirtioDeviceRunner {
       this.active = false;
     }
     this.generation = gen;
+    const restored = this.restored;
+    this.restored = undefined;
     if (!this.active && this.transport.driverOk()) {
       this.active = true;
       // Signals carry the generation they were activated in: after a reset the transport
@@ -59,8 +68,34 @@ export class VirtioDeviceRunner {
           this.log.warn(`${this.name}: ${reason}; the device needs a reset by its driver`);
           this.deliver(this.transport.setNeedsReset());
         },
+        ...(restored !== undefined ? { queueStates: restored } : {}),
       });
+      // A kick that was in its eventfd when the snapshot was taken is gone: look at every queue.
+      if (restored !== undefined) this.serveAllQueues();
     }
+  }
+
+  /**
+   * Snapshots: have the device model finish or give back what it has in flight (see
+   * VirtioDevice.quiesce). Returns its queue positions, or undefined when the driver has not
+   * started the device (nothing to save beyond the transport's registers).
+   */
+  quiesce(): (VirtqueueState | undefined)[] | undefined {
+    if (!this.active) return undefined;
+    this.device.quiesce();
+    return this.device.queueStates();
+  }
+
+  /**
+   * The VM goes on after a pause: serve every queue, since chains given back by quiesce()
+   * and kicks that came meanwhile wait there.
+   */
+  resumed(): void {
+    if (this.active) this.serveAllQueues();
+  }
+
+  private serveAllQueues(): void {
+    for (let q = 0; q < this.device.queueCount; q++) this.device.queueNotified(q);
   }
 
   kicked(queue: number): void {

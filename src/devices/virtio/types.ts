@@ -4,6 +4,7 @@
  * specification.
  */
 import type { GuestMemory } from "../../memory/guest-memory";
+import type { VirtqueueState } from "./queue";
 
 export const VirtioDeviceType = { NET: 1, BLOCK: 2 } as const;
 
@@ -78,6 +79,16 @@ export interface VirtioDevice extends VirtioDeviceDescription {
   pollFds?(): readonly { fd: number; events: number }[];
   /** One of pollFds() is ready with `revents` (IoReady bits). */
   pollReady?(fd: number, revents: number): void;
+  /**
+   * Snapshots: finish or give back everything in flight, so that the queues' positions and
+   * guest RAM are the device's whole state: every completed request on the used ring (and
+   * its interrupt sent), every chain popped and not used given back (Virtqueue.unpop), a
+   * half-received frame dropped. The device stays active; the runner kicks every queue
+   * when the VM goes on, so what was given back is served again.
+   */
+  quiesce(): void;
+  /** After quiesce(): each queue's positions, undefined for a queue not in use. */
+  queueStates(): (VirtqueueState | undefined)[];
 }
 
 /**
@@ -96,4 +107,9 @@ export interface VirtioActivation {
   signalUsed(index: number): void;
   /** The device found the driver's data broken: set DEVICE_NEEDS_RESET, tell the driver. */
   needsReset(reason: string): void;
+  /**
+   * A restored device's queue positions (from queueStates() at the snapshot), by queue:
+   * each queue goes on from there instead of from a reset.
+   */
+  queueStates?: readonly (VirtqueueState | undefined)[];
 }

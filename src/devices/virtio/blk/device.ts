@@ -8,7 +8,7 @@
 import { createHash } from "node:crypto";
 import { resolve } from "node:path";
 import { type VirtioActivation, type VirtioDevice, type VirtioDeviceDescription, VirtioDeviceType, feature } from "../types";
-import { DescriptorChain, Virtqueue, VirtqueueError } from "../queue";
+import { DescriptorChain, Virtqueue, VirtqueueError, type VirtqueueState } from "../queue";
 import { BlockOp, BlockRequest, type BlockBackend } from "./backend";
 import {
   BLK_DISCARD_SECTOR_ALIGNMENT,
@@ -189,7 +189,7 @@ export class VirtioBlock implements VirtioDevice {
     const q = ctx.queues[0];
     if (q === undefined || !q.ready) return; // nothing to serve; kicks are ignored
     try {
-      this.queue = Virtqueue.create(ctx.memory, q, ctx.features);
+      this.queue = Virtqueue.create(ctx.memory, q, ctx.features, ctx.queueStates?.[0]);
       if (this.slots[0]?.chain.memory !== ctx.memory) this.slots = [];
     } catch (e) {
       this.fail(e);
@@ -213,6 +213,13 @@ export class VirtioBlock implements VirtioDevice {
       if (q.needsNotification()) ctx.signalUsed(0);
       this.fail(e);
     }
+  }
+
+  /** Requests complete within a drain: nothing is ever in flight between kicks. */
+  quiesce(): void {}
+
+  queueStates(): (VirtqueueState | undefined)[] {
+    return [this.queue?.state()];
   }
 
   reset(): void {

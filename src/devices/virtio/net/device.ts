@@ -19,7 +19,7 @@ import {
   VirtioFeatureBit,
   feature,
 } from "../types";
-import { Virtqueue, VirtqueueError } from "../queue";
+import { Virtqueue, VirtqueueError, type VirtqueueState } from "../queue";
 import { NetOffload, probeOffloads, type NetBackend } from "./backend";
 import { NetChainError, NetHdr, type NetLink, type NetStats } from "./header";
 import { NetRx } from "./rx";
@@ -220,8 +220,8 @@ export class VirtioNet implements VirtioDevice, NetLink {
     let rxq: Virtqueue | undefined;
     let txq: Virtqueue | undefined;
     try {
-      if (rx !== undefined && rx.ready) rxq = Virtqueue.create(ctx.memory, rx, ctx.features);
-      if (tx !== undefined && tx.ready) txq = Virtqueue.create(ctx.memory, tx, ctx.features);
+      if (rx !== undefined && rx.ready) rxq = Virtqueue.create(ctx.memory, rx, ctx.features, ctx.queueStates?.[NET_RX_QUEUE]);
+      if (tx !== undefined && tx.ready) txq = Virtqueue.create(ctx.memory, tx, ctx.features, ctx.queueStates?.[NET_TX_QUEUE]);
     } catch (e) {
       this.fail(e);
       return;
@@ -256,6 +256,15 @@ export class VirtioNet implements VirtioDevice, NetLink {
     }
     if ((revents & IoReady.WRITABLE) !== 0) this.transmit();
     if ((revents & IoReady.READABLE) !== 0) this.receive();
+  }
+
+  quiesce(): void {
+    this.rx.quiesce();
+    this.tx.quiesce();
+  }
+
+  queueStates(): (VirtqueueState | undefined)[] {
+    return [this.rx.queueState(), this.tx.queueState()];
   }
 
   reset(): void {

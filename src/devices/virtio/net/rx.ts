@@ -9,7 +9,7 @@
  * into the held chains' buffers, plus rxBuf for what does not fit (copied into further
  * chains). Otherwise read into rxBuf and copied.
  */
-import { DescriptorChain, type Virtqueue, VirtqueueError } from "../queue";
+import { DescriptorChain, type Virtqueue, type VirtqueueState, VirtqueueError } from "../queue";
 import { IovecArray, hostAddressOf } from "../../../memory/iovec";
 import type { GuestMemory } from "../../../memory/guest-memory";
 import type { NetBackend } from "./backend";
@@ -63,6 +63,23 @@ export class NetRx {
     if (this.length > 0) this.link.stats.rxDropped++;
     this.forget();
     this.queue = undefined;
+  }
+
+  /**
+   * Snapshots: give the chains held back to the ring (they are the last ones popped, none
+   * used) and drop a half-received frame, so the queue's positions are all its state.
+   */
+  quiesce(): void {
+    if (this.length > 0) this.link.stats.rxDropped++;
+    this.queue?.unpop(this.held);
+    this.endFrame();
+    this.held = 0;
+    this.capacity = 0;
+  }
+
+  /** The queue's positions (after quiesce), or undefined when the driver did not enable it. */
+  queueState(): VirtqueueState | undefined {
+    return this.queue?.state();
   }
 
   /** Wants the back end read: no frame waiting for buffers, and buffers to read into. */

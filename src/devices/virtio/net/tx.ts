@@ -4,7 +4,7 @@
  * else copied into txBuf. A write that would block is kept and retried when the back end
  * polls writable, in order: nothing after it goes out first.
  */
-import { DescriptorChain, type Virtqueue } from "../queue";
+import { DescriptorChain, type Virtqueue, type VirtqueueState } from "../queue";
 import { IovecArray } from "../../../memory/iovec";
 import type { GuestMemory } from "../../../memory/guest-memory";
 import type { NetBackend } from "./backend";
@@ -48,6 +48,20 @@ export class NetTx {
     this.pendingLength = 0;
     this.queue = undefined;
     this.chain = undefined;
+  }
+
+  /**
+   * Snapshots: a frame waiting for the back end goes back to the ring (its chain is the
+   * last one popped) and is sent again when the VM goes on.
+   */
+  quiesce(): void {
+    if (this.pendingLength > 0) this.queue?.unpop(1);
+    this.pendingLength = 0;
+  }
+
+  /** The queue's positions (after quiesce), or undefined when the driver did not enable it. */
+  queueState(): VirtqueueState | undefined {
+    return this.queue?.state();
   }
 
   /** Frames the driver queued that the device has not looked at (before DRIVER_OK, say). */
