@@ -2,7 +2,8 @@
  * UNIX stream sockets beyond socket(2)/bind(2) in libc.ts: listen, connect, shutdown, and
  * sendmsg/recvmsg carrying file descriptors (SCM_RIGHTS), for vhost-user and the helper
  * processes tskvm starts. Structures (sockaddr_un, msghdr, iovec, cmsghdr) are laid out by
- * hand for x86-64 Linux; native/abi_check.c would name a mismatch.
+ * hand for x86-64 Linux (glibc); test/unit/sys-socket.test.ts passes real descriptors
+ * through them.
  */
 import koffi from "koffi";
 import { constants as osConstants } from "node:os";

@@ -131,7 +131,7 @@ export class Machine {
 
   private constructor(
     private readonly kvm: Kvm,
-    private readonly vm: Vm,
+    readonly vm: Vm,
     readonly memory: GuestMemory,
     private readonly vcpus: Vcpu[],
     private readonly deviceSpec: DeviceSetSpec,
