@@ -6,6 +6,8 @@
  *   vcpu-start    process start -> all N vCPU threads about to enter KVM_RUN, N = 1, 2, 8.
  *   virtio-blk    device-model throughput (4 KiB random reads, 1 MiB sequential writes)
  *                 through the virtqueue in-process vs. plain pread/pwrite. Target >= 0.8.
+ *   irq           cost of raising an MSI from a device thread: irqfd on a GSI routed to the
+ *                 message (how virtiofsd does it) vs. KVM_SIGNAL_MSI, and the round trip.
  *   virtio-net    device-model packet rate TAP -> guest RX ring and TX ring -> TAP (64 B and
  *                 1500 B frames) vs. raw TAP read/write, in a namespace it makes and removes.
  *   boot          wall time to each Linux boot milestone with the default guest, beside QEMU
@@ -25,6 +27,7 @@ import { bootFilesFor, findDefaultGuest } from "../src/api/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
 import { benchBlock, formatBlockBench } from "./bench-blk";
 import { benchNet, formatNetBench } from "./bench-net";
+import { benchIrq, formatIrqBench } from "./bench-irq";
 import { netTestSkipReason } from "../test/helpers/netns";
 
 /** A port nothing claims, in KVM or tskvm: the C baseline uses the same. */
@@ -166,7 +169,7 @@ async function bootComparison(rounds: number): Promise<Record<string, unknown> |
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
-  // --only=pio,vcpu,blk,net,boot runs just those sections.
+  // --only=pio,vcpu,blk,irq,net,boot runs just those sections.
   const only = args.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
   const want = (section: string) => only === undefined || only.includes(section);
   const host = detectHostKvm();
@@ -195,6 +198,12 @@ async function main(): Promise<void> {
     const blk = await benchBlock();
     results["virtio-blk"] = blk;
     for (const line of formatBlockBench(blk).split("\n")) console.log(`virtio-blk   ${line}`);
+  }
+
+  if (want("irq")) {
+    const irq = await benchIrq();
+    results["msi-injection"] = irq;
+    for (const line of formatIrqBench(irq).split("\n")) console.log(`irq          ${line}`);
   }
 
   const netSkip = want("net") ? netTestSkipReason() : "not selected (--only)";
