@@ -22,7 +22,8 @@ import { accessSync, constants as fsConstants, readFileSync, statSync } from "no
 import { VhostUserChannel } from "./vhost-user/channel";
 import { VhostUserFrontend, type BackendInfo } from "./vhost-user/frontend";
 import { VhostUserError, bit } from "./vhost-user/protocol";
-import { type HelperExit, type HelperProcess, describeExit, listenConnected, spawnHelper } from "./helper-process";
+import { listenConnected } from "./vhost-user/listener";
+import { HelperError, type HelperExit, HelperProcess, describeExit } from "./helper-process";
 import * as sys from "../sys/libc";
 
 /** The Debian package that ships the supported virtiofsd. */
@@ -54,7 +55,7 @@ export interface Share {
 export type CacheMode = "auto" | "always" | "none";
 
 export interface StartOptions {
-  /** A private directory for the socket (helper-process.ts RuntimeDir). */
+  /** A private directory for the socket (helper-process.ts createRuntimeDir). */
   runtimeDir: string;
   /** Distinguishes the sockets of several shares in one directory. */
   index: number;
@@ -201,11 +202,14 @@ export async function startVirtiofsd(share: Share, opts: StartOptions): Promise<
   }
   const name = `virtiofsd for ${share.hostPath}`;
   const { listenFd, connFd } = listenConnected(opts.runtimeDir, `virtiofsd-${opts.index}.sock`);
+  const [command, ...args] = virtiofsdCommand(binary, share, sandbox, opts.cache ?? "auto");
   let helper: HelperProcess;
   try {
-    helper = spawnHelper({ name, argv: virtiofsdCommand(binary, share, sandbox, opts.cache ?? "auto"), fds: [listenFd] });
+    // Ready at once: the connection is already made; the handshake below is the real check.
+    helper = await HelperProcess.start({ name, command: command!, args, passFds: [listenFd], ready: () => true });
   } catch (e) {
     sys.close(connFd);
+    if (e instanceof HelperError) throw new VirtiofsdError("host", `${name} cannot start: ${e.message}`);
     throw e;
   } finally {
     // virtiofsd has its own copy now; ours would keep the socket alive after it exits.
@@ -214,6 +218,8 @@ export async function startVirtiofsd(share: Share, opts: StartOptions): Promise<
   const frontend = new VhostUserFrontend(new VhostUserChannel(connFd, { ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}), peer: name }));
   const stop = async (): Promise<HelperExit> => {
     frontend.close();
+    // Closing the connection is what ends virtiofsd; the signals are for one that hangs.
+    if (await helper.waitExit(2000)) return helper.exited;
     return helper.stop();
   };
   let backend: BackendInfo;
@@ -226,8 +232,10 @@ export async function startVirtiofsd(share: Share, opts: StartOptions): Promise<
       throw new VirtiofsdError("host", `${name} serves ${backend.queueCount} queue; virtio-fs needs 2 (hiprio and a request queue)`);
     }
   } catch (e) {
-    const exit = await Promise.race([helper.exited, delay(2000)]);
+    const exit = (await helper.waitExit(2000)) ? await helper.exited : undefined;
     await stop();
+    // Its last words may still be in the pipe when the exit is reported.
+    await new Promise((r) => setTimeout(r, 50));
     if (e instanceof VhostUserError) throw startFailure(share, sandbox, helper, exit, e);
     throw e;
   }
@@ -235,7 +243,7 @@ export async function startVirtiofsd(share: Share, opts: StartOptions): Promise<
 }
 
 function startFailure(share: Share, sandbox: Sandbox, helper: HelperProcess, exit: HelperExit | undefined, e: VhostUserError): VirtiofsdError {
-  const said = helper.stderrTail();
+  const said = helper.outputTail().split("\n").map((l) => l.trim()).filter((l) => l !== "").slice(-2).join("; ");
   const how = exit !== undefined ? describeExit(exit) : e.message;
   const detail = said !== "" ? `${how}: ${said}` : how;
   if (/Operation not permitted|EPERM/.test(said)) {
@@ -247,6 +255,3 @@ function startFailure(share: Share, sandbox: Sandbox, helper: HelperProcess, exi
   return new VirtiofsdError("host", `virtiofsd for ${share.hostPath} failed to start (${detail})`);
 }
 
-function delay(ms: number): Promise<undefined> {
-  return new Promise((resolve) => setTimeout(() => resolve(undefined), ms).unref());
-}

@@ -3,13 +3,13 @@
  * does, speak FUSE to it (INIT, read hello.txt, create a file), and print one JSON line with
  * what happened. Tests run it as another user (setpriv) to check the unprivileged path.
  */
-import { RuntimeDir } from "../../src/host/helper-process";
+import { createRuntimeDir } from "../../src/host/helper-process";
 import { startVirtiofsd } from "../../src/host/virtiofsd";
 import { FuseClient } from "./fuse-client";
 
 async function main(): Promise<void> {
   const [dir, mode] = process.argv.slice(2);
-  const runtime = RuntimeDir.create("probe");
+  const runtime = createRuntimeDir("probe");
   const result: Record<string, unknown> = { uid: process.getuid!() };
   try {
     const d = await startVirtiofsd({ hostPath: dir!, tag: "probe", readOnly: mode === "ro" }, { runtimeDir: runtime.path, index: 0 });
