@@ -17,6 +17,8 @@
  *   in a mount namespace of its own where the shared directory is a read-only bind mount
  *   (so even a guest that remounts the share read-write gets EROFS).
  * - It serves one request queue (a second one makes it exit): num_request_queues is 1.
+ * - Without a thread pool (--thread-pool-size=0, its default) it answers each queue's
+ *   requests in the order they were made available: checked by the host tests.
  */
 import { accessSync, constants as fsConstants, readFileSync, statSync } from "node:fs";
 import { VhostUserChannel } from "./vhost-user/channel";
@@ -168,6 +170,10 @@ export function virtiofsdCommand(binary: string, share: Share, sandbox: Sandbox,
     "-o", `sandbox=${sandbox.mode}`,
     "-o", `cache=${cache}`,
     "-o", "log_level=warn",
+    // No thread pool: each queue's thread answers its requests in the order it took them,
+    // so when virtiofsd dies the unanswered ones are known from the rings
+    // (devices/virtio/fs/in-flight.ts). (Also its default; said here because we rely on it.)
+    "--thread-pool-size=0",
   ];
   if (!share.readOnly) return [...sandbox.prefix, ...daemon];
   // A read-only bind mount of the share over itself in a mount namespace of virtiofsd's

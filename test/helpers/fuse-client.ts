@@ -93,6 +93,30 @@ export class FuseClient {
     }
   }
 
+  /**
+   * Several requests made available at once, one kick: the order of the answers in the used
+   * ring (as indices into `requests`).
+   */
+  answerOrder(requests: readonly { opcode: number; nodeid: bigint; body: Uint8Array }[], timeoutMs = 10_000): number[] {
+    const q = this.requests;
+    const heads = requests.map((r) => {
+      const unique = this.unique++;
+      const input = new Uint8Array(FUSE_IN_HEADER_SIZE + r.body.byteLength);
+      encodeInHeader({ len: input.byteLength, opcode: r.opcode, unique, nodeid: r.nodeid }, input);
+      input.set(r.body, FUSE_IN_HEADER_SIZE);
+      return q.addChain([q.readable(input), q.writable(FUSE_OUT_HEADER_SIZE + 4096, 0)]);
+    });
+    for (const h of heads) q.publish(h);
+    sys.write(this.kickFds[1]!, new Uint8Array(new BigUint64Array([1n]).buffer));
+    const order: number[] = [];
+    const deadline = Date.now() + timeoutMs;
+    while (order.length < heads.length && Date.now() < deadline) {
+      for (const u of q.used()) order.push(heads.indexOf(u.id));
+      if (order.length < heads.length) sys.pollOne(this.callFds[1]!, sys.POLLIN, 100);
+    }
+    return order;
+  }
+
   /** FUSE_INIT: the protocol version virtiofsd answers (major, minor). */
   init(): { major: number; minor: number } {
     const body = new Uint8Array(64);
