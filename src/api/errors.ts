@@ -35,7 +35,9 @@ export type OptionName =
   | "nics.hostCidr"
   | "guestIp"
   | "entry"
-  | "cpuTemplate";
+  | "cpuTemplate"
+  | "shares"
+  | "rootfs";
 
 /**
  * How a message names an option. The API names them by their VmOptions field; a caller

@@ -39,6 +39,33 @@ export class ShareOptionError extends Error {
   }
 }
 
+/**
+ * A share given as text, "path[,tag=NAME][,readonly]" (the API's string shares, the CLI's
+ * --share). A path containing a comma cannot be given this way (as with disks); use the
+ * object form.
+ */
+export function parseShareOption(spec: string): ShareOptions {
+  const parts = spec.split(",");
+  const path = parts[0]!;
+  if (path === "") throw new ShareOptionError(`share "${spec}" has no directory (expected DIR[,tag=NAME][,readonly])`);
+  const out: ShareOptions = { path };
+  for (const opt of parts.slice(1)) {
+    const eq = opt.indexOf("=");
+    const key = eq < 0 ? opt : opt.slice(0, eq);
+    const value = eq < 0 ? undefined : opt.slice(eq + 1);
+    if (key === "readonly" || key === "ro") {
+      if (value === undefined || value === "on" || value === "true") out.readOnly = true;
+      else if (value === "off" || value === "false") out.readOnly = false;
+      else throw new ShareOptionError(`share option "${opt}" in "${spec}": readonly takes on or off`);
+    } else if (key === "tag" && value !== undefined) {
+      out.tag = value;
+    } else {
+      throw new ShareOptionError(`unknown share option "${opt}" in "${spec}" (known: tag=NAME, readonly)`);
+    }
+  }
+  return out;
+}
+
 /** Guest directories a share may not cover: the guest's own root and kernel file systems. */
 const GUEST_OWNED = ["/", "/proc", "/sys", "/dev"];
 

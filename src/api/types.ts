@@ -1,4 +1,5 @@
 /** The API's option and result types (see docs/api.md). */
+import type { Share, ShareOptions } from "./shares";
 
 export interface DiskOptions {
   /** A raw image file, a whole number of 512-byte sectors. */
@@ -74,6 +75,18 @@ export interface VmOptions {
   onWarning?: (message: string) => void;
   /** Another KVM device node than /dev/kvm. */
   kvmPath?: string;
+  /**
+   * Host directories shared with the guest over virtio-fs, each served by a virtiofsd that
+   * tskvm starts and stops: a path ("path[,tag=NAME][,readonly]"), or options. The default
+   * guest mounts each at the same path as on the host (docs/virtiofs.md).
+   */
+  shares?: readonly (string | ShareOptions)[];
+  /**
+   * "host": the default guest's user space is the host's own: its root file system,
+   * read-only over virtio-fs under a tmpfs overlay (writes are thrown away, except in
+   * shares); commands run there, with the host's binaries and libraries.
+   */
+  rootfs?: "host";
 }
 
 /** How the VM ended. */
@@ -108,6 +121,10 @@ export interface VmInfo {
   agent: boolean;
   /** True when the kernel (and initrd) are the default guest's. */
   defaultGuest: boolean;
+  /** The shares, with their tags (the host's root file system's not included). */
+  shares: Share[];
+  /** "host" when the guest runs in the host's root file system. */
+  rootfs: "host" | undefined;
 }
 
 export interface RunOptions {
@@ -119,6 +136,8 @@ export interface RunOptions {
   onStderr?: (chunk: Buffer) => void;
   /** Keep stdout and stderr for the result (default true; false for long outputs you stream). */
   capture?: boolean;
+  /** The directory to run it in, in the guest (default /): a share's path, say. */
+  cwd?: string;
 }
 
 export interface RunResult {

@@ -13,6 +13,9 @@ import type { SerialSinkSpec } from "../board/devices";
 import { VmError, VmExitedError, VmTimeoutError, GuestAgentError, VmStartError, type VmWait } from "./errors";
 import { Channel, ChannelDemux, LineSplitter, POWEROFF_REQUEST, commandLine, parseControlLine, runRequest } from "./protocol";
 import { checkOptions, readInputFile, resolveBootFiles, toStartError } from "./start";
+import { ShareServers } from "./share-servers";
+import { checkShareDirectory } from "../host/virtiofsd";
+import { shellQuote } from "./protocol";
 import type { ConsoleMode, RunOptions, RunResult, VmExit, VmInfo, VmOptions } from "./types";
 
 /** The pipe the UARTs share, made large so that a busy event loop does not stall the vCPUs. */
@@ -67,9 +70,15 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
   let logFd: number | undefined;
   let mux: { read: number; write: number } | undefined;
   let machine: Machine | undefined;
+  let shareServers: ShareServers | undefined;
   try {
     const checked = checkOptions(options);
+    // A missing share is the user's to fix before anything is built or started.
+    for (const share of checked.shares) checkShareDirectory(share.hostPath);
     const files = resolveBootFiles(options, checked.agent);
+    if (checked.rootfsHost && (options.initrd !== undefined || files.initrdPath === undefined)) {
+      throw new VmStartError("options", (n) => `${n("rootfs")} host needs the default guest's initrd (its /init mounts the host's root file system): give no ${n("initrd")}`, { option: "rootfs" });
+    }
     const kernel = readInputFile(files.kernelPath, "kernel image");
     const initrd = files.initrdPath === undefined ? undefined : readInputFile(files.initrdPath, "initrd");
     const consoleMode: ConsoleMode = options.console ?? "capture";
@@ -92,6 +101,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     }
     const tagged = (tag: number): SerialSinkSpec | undefined => (checked.agent ? { fd: mux!.write, tag } : undefined);
     const cmdline = [files.cmdline.trim(), ...checked.extraArgs].filter((a) => a !== "").join(" ");
+    shareServers = await ShareServers.start(checked.shares, checked.rootfsHost);
     try {
       machine = Machine.create({
         memoryBytes: checked.memoryBytes,
@@ -110,6 +120,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
         hideFeatures: options.hideCpuFeatures ?? [],
         disks: checked.disks,
         nics: checked.nics,
+        shares: shareServers.configs,
         ...(options.kvmPath !== undefined ? { kvmPath: options.kvmPath } : {}),
       });
     } catch (e) {
@@ -129,12 +140,15 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       taps: checked.nics.map((n) => n.tap),
       agent: checked.agent,
       defaultGuest: files.defaultGuest,
+      shares: checked.shares,
+      rootfs: checked.rootfsHost ? "host" : undefined,
     };
     const vm = new Vm(machine, info, {
       capture,
       mux,
       logFd,
       retain: options.consoleRetain ?? DEFAULT_CONSOLE_RETAIN,
+      shareServers,
       ...(options.onWarning !== undefined ? { onWarning: options.onWarning } : {}),
     });
     await vm.started;
@@ -146,6 +160,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
         sys.close(mux.write);
       }
       if (logFd !== undefined) closeSync(logFd);
+      await shareServers?.stop();
     }
     throw toStartError(e);
   }
@@ -178,6 +193,7 @@ export class Vm extends EventEmitter {
   private muxSocket: Socket | undefined;
   private muxWriteFd: number | undefined;
   private agentBusyWithPoweroff = false;
+  private readonly shareServers: ShareServers | undefined;
 
   /** @internal Use startVm(). */
   constructor(
@@ -188,11 +204,14 @@ export class Vm extends EventEmitter {
       mux: { read: number; write: number } | undefined;
       logFd: number | undefined;
       retain: number;
+      shareServers?: ShareServers;
       onWarning?: (message: string) => void;
     },
   ) {
     super();
     const onWarning = io.onWarning ?? ((message: string) => this.emit("warning", message));
+    this.shareServers = io.shareServers;
+    this.shareServers?.watch(onWarning);
     machine.onDiagnostic = (d) => {
       if (d.kind === "warning") onWarning(d.message);
       else this.emit("registers", { vcpu: d.vcpu, dump: d.dump });
@@ -285,6 +304,8 @@ export class Vm extends EventEmitter {
     } catch (e) {
       cleanup = ` (releasing the VM failed: ${(e as Error).message})`;
     }
+    // Only now: the I/O worker that used their connections has ended.
+    await this.shareServers?.stop();
     if (this.logFd !== undefined) closeSync(this.logFd);
     const stop = result.stop;
     const exit: VmExit =
@@ -456,7 +477,7 @@ export class Vm extends EventEmitter {
   }
 
   /**
-   * Run a command in the guest with `sh -c`, in /, stdin from /dev/null; commands run one at
+   * Run a command in the guest with `sh -c`, in / (or `cwd`), stdin from /dev/null; commands run one at
    * a time, in call order. A string is a shell command line; an array is a program and its
    * arguments (quoted for you). Waits for ready() first (without a limit: call ready() with
    * a timeout to bound the boot). Resolves with the exit status and output; rejects with
@@ -467,7 +488,8 @@ export class Vm extends EventEmitter {
     this.requireAgent();
     let request: (id: number) => string;
     try {
-      const line = commandLine(command);
+      let line = commandLine(command);
+      if (options.cwd !== undefined) line = `cd -- ${shellQuote(options.cwd)} || exit; ${line}`;
       runRequest(0, line);
       request = (id) => runRequest(id, line);
     } catch (e) {

@@ -30,6 +30,8 @@ export const CLI_OPTION_NAMES: OptionNames = (option) =>
     guestIp: "--guest-ip",
     entry: "--entry",
     cpuTemplate: "--cpu-template",
+    shares: "--share",
+    rootfs: "--rootfs",
   })[option];
 
 /** Run an API check at parse time: its error becomes a UsageError naming the flag. */
@@ -60,6 +62,9 @@ export interface BootOptions {
   cpuTemplate: string | undefined;
   hideFeatures: string[];
   entry: "pvh" | "linux64" | undefined;
+  /** --share values, as given (DIR[,tag=NAME][,readonly]). */
+  shares: string[];
+  rootfs: "host" | undefined;
   help: boolean;
 }
 
@@ -77,6 +82,8 @@ const BOOT_FLAGS = {
   "cpu-template": { type: "string" },
   "hide-cpu-feature": { type: "string", multiple: true },
   entry: { type: "string" },
+  share: { type: "string", multiple: true },
+  rootfs: { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -102,6 +109,12 @@ Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on f
                            default: chosen from the host's KVM
       --hide-cpu-feature F hide a CPUID feature (repeatable), e.g. avx2
       --entry pvh|linux64  entry point for an ELF vmlinux (default: pvh when present)
+      --share DIR[,tag=NAME][,readonly]
+                           share host directory DIR with the guest (virtio-fs, served by
+                           virtiofsd from qemu-system-common); the default guest mounts it
+                           at the same path (repeatable; readonly: writes fail with EROFS)
+      --rootfs host        the host's root file system as the guest's, read-only under a
+                           tmpfs overlay: run the host's own binaries (default guest only)
   -h, --help               this help
 
 Console: the guest's serial port is on stdin/stdout. Ctrl-A x quits, Ctrl-A h helps.`;
@@ -153,8 +166,16 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
     cpuTemplate: str("cpu-template"),
     hideFeatures: list("hide-cpu-feature"),
     entry,
+    shares: list("share"),
+    rootfs: parseRootfs(str("rootfs")),
     help: values.help === true,
   };
+}
+
+function parseRootfs(text: string | undefined): "host" | undefined {
+  if (text === undefined) return undefined;
+  if (text !== "host") throw new UsageError(`bad --rootfs '${text}': the only one is host (the host's root file system)`);
+  return "host";
 }
 
 function parseSizeOrUsage(text: string): number {
@@ -197,7 +218,8 @@ export const RUN_USAGE = `usage: tskvm run [options] -- CMD [ARG...]
 Boot a guest, run CMD in its shell, stream CMD's stdout and stderr here, power the guest
 off and exit with CMD's exit status. One argument is a shell command line
 (tskvm run -- 'make -C /mnt check'); several are a program and its arguments
-(tskvm run -- sh -c 'exit 3'). CMD runs in / as root with stdin from /dev/null.
+(tskvm run -- sh -c 'exit 3'). CMD runs as root with stdin from /dev/null, in the
+current directory when it is shared (--share .) or with --rootfs host, else in /.
 Without -k the default guest boots; with -k and no -i, the default guest's initrd
 (whose /init runs tskvm's guest agent) goes with your kernel.
 

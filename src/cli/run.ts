@@ -11,6 +11,7 @@ import { formatBytes } from "../vmm/machine";
 import { startVm, formatMs, type Vm } from "../api/vm";
 import { VmExitedError, VmTimeoutError } from "../api/errors";
 import type { VmExit, VmOptions } from "../api/types";
+import { guestDirectoryFor } from "../api/shares";
 
 /** How long the guest gets to power off after CMD before tskvm stops it. */
 const POWEROFF_TIMEOUT_MS = 30_000;
@@ -39,6 +40,8 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
     ...(opts.cpuTemplate !== undefined ? { cpuTemplate: opts.cpuTemplate } : {}),
     hideCpuFeatures: opts.hideFeatures,
     ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
+    ...(opts.shares.length > 0 ? { shares: opts.shares } : {}),
+    ...(opts.rootfs !== undefined ? { rootfs: opts.rootfs } : {}),
   };
 }
 
@@ -47,7 +50,9 @@ export function bootBanner(vm: Vm): string {
   const i = vm.info;
   const extras =
     (i.disks.length === 0 ? "" : `, ${i.disks.length} disk${i.disks.length > 1 ? "s" : ""}`) +
-    (i.taps.length === 0 ? "" : `, network on ${i.taps.join(", ")}`);
+    (i.taps.length === 0 ? "" : `, network on ${i.taps.join(", ")}`) +
+    i.shares.map((s) => `, ${s.hostPath} shared as ${s.tag}${s.readOnly ? " (read-only)" : ""}`).join("") +
+    (i.rootfs === "host" ? ", the host's root file system" : "");
   return `booting ${i.kernel} (${i.bootDescription}), ${i.cpus} vCPU${i.cpus > 1 ? "s" : ""}, ${formatBytes(i.memoryBytes)}${extras}, CPU template ${i.cpuTemplate}`;
 }
 
@@ -130,11 +135,13 @@ async function drive(vm: Vm, opts: RunCliOptions, signal: () => StopSignal | und
     throw e;
   }
   const command = opts.command.length === 1 ? opts.command[0]! : opts.command;
+  const cwd = commandDirectory(vm);
   const t1 = Date.now();
   let status: number;
   try {
     const result = await vm.run(command, {
       ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}),
+      ...(cwd !== undefined ? { cwd } : {}),
       onStdout: (chunk) => process.stdout.write(chunk),
       onStderr: (chunk) => process.stderr.write(chunk),
       capture: false,
@@ -161,6 +168,16 @@ async function drive(vm: Vm, opts: RunCliOptions, signal: () => StopSignal | und
   if (bySignal !== undefined) return bySignal;
   note(`${exit.reason}; ${since(t0)} in all`);
   return status;
+}
+
+/**
+ * Where CMD runs: this directory, when the guest has it (inside a share, mounted at the same
+ * path, or anywhere in the host's root file system with --rootfs host); else / (undefined).
+ */
+function commandDirectory(vm: Vm): string | undefined {
+  const here = process.cwd();
+  if (vm.info.rootfs === "host") return here;
+  return guestDirectoryFor(here, vm.info.shares);
 }
 
 function guestFailed(exit: VmExit): number {

@@ -133,3 +133,42 @@ export function encodeRouting(entries: readonly RoutingEntry[]): Uint8Array {
   });
   return buf;
 }
+
+/**
+ * One VM's MSI routes, committed to KVM on every change (the whole table each time, see
+ * above). It has one owner thread: the I/O worker, which routes the vhost-user back ends'
+ * call eventfds.
+ */
+export class MsiRoutes {
+  private readonly table: GsiRoutingTable;
+
+  constructor(private readonly vm: { setGsiRouting(table: Uint8Array): void }, maxRoutes = MAX_ROUTES) {
+    this.table = new GsiRoutingTable(maxRoutes);
+  }
+
+  /** A GSI for `message`, routed in KVM when this returns. */
+  add(message: MsiMessage): number {
+    const gsi = this.table.allocateMsi(message);
+    try {
+      this.vm.setGsiRouting(this.table.encode());
+    } catch (e) {
+      this.table.release(gsi);
+      throw e;
+    }
+    return gsi;
+  }
+
+  /** Point `gsi` at `message` (no system call when it already does). */
+  update(gsi: number, message: MsiMessage): void {
+    if (this.table.setMsi(gsi, message)) this.vm.setGsiRouting(this.table.encode());
+  }
+
+  remove(gsi: number): void {
+    this.table.release(gsi);
+    this.vm.setGsiRouting(this.table.encode());
+  }
+
+  messageOf(gsi: number): MsiMessage | undefined {
+    return this.table.msiFor(gsi);
+  }
+}

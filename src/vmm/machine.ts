@@ -18,10 +18,12 @@ import * as sys from "../sys/libc";
 import { openDiskImage, type DiskImage } from "../host/disk-image";
 import { VirtioPciTransport } from "../devices/virtio/pci-transport";
 import { defaultSerial } from "../devices/virtio/blk/device";
+import { fsDescription } from "../devices/virtio/fs/device";
 import type { PciSlot } from "../devices/pci/types";
 import { IoThread, createIoControl } from "../io/io-thread";
-import { describeVirtioDevice, type VirtioDeviceSpec, type VirtioFunctionSpec } from "../board/virtio-devices";
+import { describeVirtioDevice, type FsSpec, type VirtioDeviceSpec, type VirtioFunctionSpec } from "../board/virtio-devices";
 import { openTap, configureHostSide, type Tap } from "../host/tap";
+import type { BackendInfo } from "../host/vhost-user/frontend";
 import { defaultMac } from "../devices/virtio/net/device";
 import { probeOffloads } from "../devices/virtio/net/backend";
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
@@ -63,6 +65,22 @@ export interface MachineConfig {
   disks?: readonly DiskConfig[];
   /** virtio-net interfaces on TAP devices, in order: eth0, eth1, ... */
   nics?: readonly NicConfig[];
+  /**
+   * virtio-fs devices, each served by a virtiofsd that is running and negotiated
+   * (host/virtiofsd.ts). With any, guest RAM is a memfd mapped shared, which they map.
+   */
+  shares?: readonly ShareConfig[];
+}
+
+export interface ShareConfig {
+  /** The virtio-fs tag the guest mounts it by. */
+  tag: string;
+  /** For messages: "virtiofsd for /home/me/tree". */
+  name: string;
+  /** The vhost-user connection (owned by the caller, which closes it after the machine is destroyed). */
+  connFd: number;
+  /** What the handshake found. */
+  backend: BackendInfo;
 }
 
 export interface NicConfig {
@@ -193,7 +211,8 @@ export class Machine {
     const irqchip = config.irqchip ?? true;
     kvm.requireCapabilities();
     const limits = kvm.vcpuLimits();
-    const maxCpus = Math.min(limits.max, maxMpTableCpus((config.disks ?? []).length + (config.nics ?? []).length));
+    const functionCount = (config.disks ?? []).length + (config.nics ?? []).length + (config.shares ?? []).length;
+    const maxCpus = Math.min(limits.max, maxMpTableCpus(functionCount));
     if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > maxCpus) {
       const why = maxCpus === limits.max ? "this host's KVM allows" : "tskvm's MP table holds";
       throw new ConfigError(`cannot give the guest ${config.cpus} vCPUs: ${why} 1 to ${maxCpus}`, "cpus");
@@ -215,11 +234,12 @@ export class Machine {
       vm.createPit();
     }
 
-    const memory = allocateMemory(config.memoryBytes);
+    const shares = config.shares ?? [];
+    const memory = allocateMemory(config.memoryBytes, shares.length > 0);
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
-    const virtio = openVirtioDevices(vm, config.disks ?? [], config.nics ?? [], irqchip, cleanups);
+    const virtio = openVirtioDevices(vm, memory, { disks: config.disks ?? [], nics: config.nics ?? [], shares }, irqchip, cleanups);
     const boot = prepareBoot(memory, config.boot, {
       cpus: config.cpus,
       extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)],
@@ -436,17 +456,20 @@ class SerialInput {
  * Open the disk images and TAP devices and give each a virtio-pci function: a slot, its
  * shared transport state, eventfds for queue kicks and for its INTx line (irqfd with a
  * resample fd, since the line is level-triggered), and what the I/O worker needs to run its
- * back end. Disks come first (vda, vdb, ...), then network interfaces (eth0, ...).
+ * back end. Disks come first (vda, vdb, ...), then network interfaces (eth0, ...), then
+ * shares (their virtiofsd is already running; each queue also gets a "call" eventfd that
+ * virtiofsd signals).
  */
 function openVirtioDevices(
   vm: Vm,
-  disks: readonly DiskConfig[],
-  nics: readonly NicConfig[],
+  memory: GuestMemory,
+  devices: { disks: readonly DiskConfig[]; nics: readonly NicConfig[]; shares: readonly ShareConfig[] },
   irqchip: boolean,
   cleanups: (() => void)[],
 ): VirtioResources {
+  const { disks, nics, shares } = devices;
   const res: VirtioResources = { functions: [], fds: [], images: [], taps: [], controlFd: undefined };
-  if (disks.length + nics.length === 0) return res;
+  if (disks.length + nics.length + shares.length === 0) return res;
   if (!irqchip) throw new ConfigError("virtio devices need the in-kernel irqchip");
   const eventfd = () => {
     const fd = sys.eventfd(0, sys.EFD_NONBLOCK);
@@ -484,12 +507,17 @@ function openVirtioDevices(
     const nic = { tapFd: tap.fd, tapName: tap.name, created: tap.created, mac, offloads: probeOffloads(tap) };
     add(`virtio-net eth${i} (${tap.name})`, { kind: "virtio-net", nic });
   });
+  for (const share of shares) {
+    const callFds = Array.from({ length: fsDescription({ tag: share.tag, backendFeatures: share.backend.features }).queueCount }, eventfd);
+    const fs: FsSpec = { tag: share.tag, name: share.name, connFd: share.connFd, backend: share.backend, memory: memory.shared!, callFds };
+    add(`virtio-fs ${share.tag} (${share.name})`, { kind: "virtio-fs", fs });
+  }
   return res;
 }
 
-function allocateMemory(bytes: number): GuestMemory {
+function allocateMemory(bytes: number, shared: boolean): GuestMemory {
   try {
-    return GuestMemory.allocate(ramLayout(bytes));
+    return GuestMemory.allocate(ramLayout(bytes), { shared });
   } catch (e) {
     throw new ConfigError(`cannot reserve ${formatBytes(bytes)} of guest memory on this host (${(e as Error).message}): give less`, "memoryBytes");
   }

@@ -5,6 +5,7 @@ import {
   FIRST_MSI_GSI,
   GsiRoutingError,
   GsiRoutingTable,
+  MsiRoutes,
   defaultIrqchipRoutes,
   KVM_IRQCHIP_IOAPIC,
   KVM_IRQCHIP_PIC_MASTER,
@@ -65,5 +66,32 @@ describe("GSI routing table", () => {
     assert.equal(dv.getUint32(last + KvmIrqRoutingEntry.u + 4, true), 1);
     assert.equal(dv.getUint32(last + KvmIrqRoutingEntry.u + 8, true), 0x4041);
     assert.equal(dv.getUint32(last + KvmIrqRoutingEntry.flags, true), 0);
+  });
+});
+
+describe("MsiRoutes", () => {
+  it("commits the whole table on each change, and nothing when nothing changed", () => {
+    const commits: number[] = [];
+    const vm = { setGsiRouting: (t: Uint8Array) => commits.push(new DataView(t.buffer).getUint32(0, true)) };
+    const routes = new MsiRoutes(vm);
+    const a = routes.add({ address: 0xfee0_0000n, data: 0x41 });
+    const b = routes.add({ address: 0xfee0_0000n, data: 0x42 });
+    routes.update(a, { address: 0xfee0_0000n, data: 0x41 });
+    routes.update(a, { address: 0xfee0_1000n, data: 0x41 });
+    routes.remove(b);
+    assert.deepEqual(commits, [41, 42, 42, 41], "entry counts: 40 irqchip routes + the MSI ones");
+    assert.deepEqual(routes.messageOf(a), { address: 0xfee0_1000n, data: 0x41 });
+  });
+
+  it("gives the GSI back when KVM refuses the table", () => {
+    let refuse = true;
+    const routes = new MsiRoutes({
+      setGsiRouting: () => {
+        if (refuse) throw new Error("EINVAL");
+      },
+    });
+    assert.throws(() => routes.add({ address: 0n, data: 0 }), /EINVAL/);
+    refuse = false;
+    assert.equal(routes.add({ address: 0xfee0_0000n, data: 1 }), FIRST_MSI_GSI);
   });
 });

@@ -8,6 +8,7 @@ import {
   guestDirectoryFor,
   resolveShares,
   shareKernelArgs,
+  parseShareOption,
   shareMountCommand,
 } from "../../src/api/shares";
 
@@ -65,5 +66,16 @@ describe("shares: what the default guest's /init reads", () => {
     assert.equal(guestDirectoryFor("/home/me/tree/sub", shares), "/home/me/tree/sub");
     assert.equal(guestDirectoryFor("/home/me/tree2", shares), undefined);
     assert.equal(guestDirectoryFor("/home/me", shares), undefined);
+  });
+});
+
+describe("shares: as text", () => {
+  it("parses DIR[,tag=NAME][,readonly]", () => {
+    assert.deepEqual(parseShareOption("."), { path: "." });
+    assert.deepEqual(parseShareOption("/a,tag=src,readonly"), { path: "/a", tag: "src", readOnly: true });
+    assert.deepEqual(parseShareOption("/a,ro=off"), { path: "/a", readOnly: false });
+    bad(() => parseShareOption(",tag=x"), /has no directory/);
+    bad(() => parseShareOption("/a,rw"), /unknown share option "rw" in "\/a,rw" \(known: tag=NAME, readonly\)/);
+    bad(() => parseShareOption("/a,readonly=maybe"), /readonly takes on or off/);
   });
 });

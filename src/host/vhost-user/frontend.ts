@@ -68,6 +68,16 @@ export class VhostUserFrontend {
 
   constructor(readonly channel: VhostUserChannel) {}
 
+  /**
+   * A front end over a connection whose handshake another thread already did (the main
+   * thread negotiates, then the I/O worker runs the queues): same socket, same results.
+   */
+  static resume(channel: VhostUserChannel, info: BackendInfo): VhostUserFrontend {
+    const f = new VhostUserFrontend(channel);
+    f.info = { ...info };
+    return f;
+  }
+
   get backend(): BackendInfo {
     if (this.info === undefined) throw new Error("vhost-user handshake has not run");
     return this.info;
