@@ -14,7 +14,7 @@ import { VmError, VmExitedError, VmTimeoutError, GuestAgentError, VmStartError, 
 import { Channel, ChannelDemux, LineSplitter, POWEROFF_REQUEST, commandLine, parseControlLine, runRequest } from "./protocol";
 import { checkOptions, readInputFile, resolveBootFiles, toStartError } from "./start";
 import { ShareServers } from "./share-servers";
-import { checkShareDirectory } from "../host/virtiofsd";
+import { checkShareDirectory, requireVirtiofsd } from "../host/virtiofsd";
 import { shellQuote } from "./protocol";
 import type { ConsoleMode, RunOptions, RunResult, VmExit, VmInfo, VmOptions } from "./types";
 
@@ -73,8 +73,9 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
   let shareServers: ShareServers | undefined;
   try {
     const checked = checkOptions(options);
-    // A missing share is the user's to fix before anything is built or started.
+    // A missing share or virtiofsd is the user's to fix before anything is built or started.
     for (const share of checked.shares) checkShareDirectory(share.hostPath);
+    if (checked.shares.length > 0 || checked.rootfsHost) requireVirtiofsd();
     const files = resolveBootFiles(options, checked.agent);
     if (checked.rootfsHost && (options.initrd !== undefined || files.initrdPath === undefined)) {
       throw new VmStartError("options", (n) => `${n("rootfs")} host needs the default guest's initrd (its /init mounts the host's root file system): give no ${n("initrd")}`, { option: "rootfs" });

@@ -91,7 +91,9 @@ export function requireVirtiofsd(): string {
       `virtiofsd is not installed (looked for ${VIRTIOFSD_PATHS.join(", ")}): install the Debian package ${VIRTIOFSD_PACKAGE} (apt-get install ${VIRTIOFSD_PACKAGE}), or set TSKVM_VIRTIOFSD`,
     );
   }
-  if (!isExecutable(found)) throw new VirtiofsdError("host", `TSKVM_VIRTIOFSD=${found} is not an executable file`);
+  if (!isExecutable(found)) {
+    throw new VirtiofsdError("host", `TSKVM_VIRTIOFSD=${found} is not an executable file (virtiofsd comes with the Debian package ${VIRTIOFSD_PACKAGE})`);
+  }
   return found;
 }
 
