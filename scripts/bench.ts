@@ -10,6 +10,9 @@
  *                 message (how virtiofsd does it) vs. KVM_SIGNAL_MSI, and the round trip.
  *   virtio-net    device-model packet rate TAP -> guest RX ring and TX ring -> TAP (64 B and
  *                 1500 B frames) vs. raw TAP read/write, in a namespace it makes and removes.
+ *   virtio-fs     inside the default guest: a 256 MiB file read and a 10,000-file tree walked
+ *                 over virtio-fs (virtiofsd) vs. the same files on a virtio-blk ext4 image,
+ *                 in the same VM (scripts/bench-fs.ts). Skipped with --no-boot.
  *   boot          wall time to each Linux boot milestone with the default guest, beside QEMU
  *                 (microvm, KVM) booting the same kernel, initrd, command line and CPU features
  *                 when qemu-system-x86 is installed. Target: tskvm <= QEMU to the ready
@@ -28,6 +31,7 @@ import { detectHostKvm } from "../src/kvm/host";
 import { benchBlock, formatBlockBench } from "./bench-blk";
 import { benchNet, formatNetBench } from "./bench-net";
 import { benchIrq, formatIrqBench } from "./bench-irq";
+import { benchFs, formatFsBench, fsBenchSkipReason } from "./bench-fs";
 import { netTestSkipReason } from "../test/helpers/netns";
 
 /** A port nothing claims, in KVM or tskvm: the C baseline uses the same. */
@@ -169,7 +173,7 @@ async function bootComparison(rounds: number): Promise<Record<string, unknown> |
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
-  // --only=pio,vcpu,blk,irq,net,boot runs just those sections.
+  // --only=pio,vcpu,blk,irq,net,fs,boot runs just those sections.
   const only = args.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
   const want = (section: string) => only === undefined || only.includes(section);
   const host = detectHostKvm();
@@ -214,6 +218,17 @@ async function main(): Promise<void> {
     const net = await benchNet();
     results["virtio-net"] = net;
     for (const line of formatNetBench(net).split("\n")) console.log(`virtio-net   ${line}`);
+  }
+
+  // Boots a guest too: skipped with --no-boot, like the boot timing.
+  const fsSkip = args.includes("--no-boot") ? "--no-boot" : !want("fs") ? "not selected (--only)" : fsBenchSkipReason();
+  if (fsSkip !== undefined) {
+    results["virtio-fs"] = `skipped: ${fsSkip}`;
+    console.log(`virtio-fs    skipped: ${fsSkip}`);
+  } else {
+    const fs = await benchFs();
+    results["virtio-fs"] = fs;
+    for (const line of formatFsBench(fs).split("\n")) console.log(`virtio-fs    ${line}`);
   }
 
   if (args.includes("--no-boot") || !want("boot")) {

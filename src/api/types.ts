@@ -127,6 +127,14 @@ export interface VmInfo {
   rootfs: "host" | undefined;
 }
 
+/** What the guest agent reports when it is ready. */
+export interface ReadyInfo {
+  /** The guest's CPU count. */
+  nproc: number;
+  /** Tags of shares the default guest's /init could not mount (empty: all mounted). */
+  unmounted: string[];
+}
+
 export interface RunOptions {
   /** Give up after this long (ms): the VM is stopped and run() rejects with VmTimeoutError. Default: no limit. */
   timeoutMs?: number;

@@ -16,7 +16,7 @@ import { checkOptions, readInputFile, resolveBootFiles, toStartError } from "./s
 import { ShareServers } from "./share-servers";
 import { checkShareDirectory, requireVirtiofsd } from "../host/virtiofsd";
 import { shellQuote } from "./protocol";
-import type { ConsoleMode, RunOptions, RunResult, VmExit, VmInfo, VmOptions } from "./types";
+import type { ConsoleMode, ReadyInfo, RunOptions, RunResult, VmExit, VmInfo, VmOptions } from "./types";
 
 /** The pipe the UARTs share, made large so that a busy event loop does not stall the vCPUs. */
 const MUX_PIPE_BYTES = 1024 * 1024;
@@ -186,8 +186,8 @@ export class Vm extends EventEmitter {
   /** Offset (in everything the console printed) of consoleBuf's first character. */
   private consoleBase = 0;
   private consoleWaiters: ConsoleWaiter[] = [];
-  private readyInfo: { nproc: number } | undefined;
-  private readyWaiters: { resolve: (r: { nproc: number }) => void; reject: (e: Error) => void }[] = [];
+  private readyInfo: ReadyInfo | undefined;
+  private readyWaiters: { resolve: (r: ReadyInfo) => void; reject: (e: Error) => void }[] = [];
   private current: PendingRun | undefined;
   private runChain: Promise<void> = Promise.resolve();
   private nextId = 1;
@@ -415,7 +415,7 @@ export class Vm extends EventEmitter {
     const msg = parseControlLine(line);
     if (msg === undefined) return;
     if (msg.type === "ready") {
-      this.readyInfo = { nproc: msg.nproc };
+      this.readyInfo = { nproc: msg.nproc, unmounted: msg.unmounted };
       for (const w of this.readyWaiters.splice(0)) w.resolve(this.readyInfo);
       return;
     }
@@ -446,10 +446,11 @@ export class Vm extends EventEmitter {
 
   /**
    * Wait until the guest agent reports that it is listening (the guest has booted to its
-   * /init). Resolves with the guest's CPU count. Rejects with VmTimeoutError, or
-   * VmExitedError when the VM ends first (a kernel panic resets it, for instance).
+   * /init). Resolves with the guest's CPU count and the tags of shares its /init could not
+   * mount (a kernel without virtio-fs, say). Rejects with VmTimeoutError, or VmExitedError
+   * when the VM ends first (a kernel panic resets it, for instance).
    */
-  ready(options: { timeoutMs?: number } = {}): Promise<{ nproc: number }> {
+  ready(options: { timeoutMs?: number } = {}): Promise<ReadyInfo> {
     this.requireAgent();
     if (this.readyInfo !== undefined) return Promise.resolve(this.readyInfo);
     if (this.exitInfo !== undefined) {
@@ -458,7 +459,7 @@ export class Vm extends EventEmitter {
     return new Promise((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
       const waiter = {
-        resolve: (r: { nproc: number }) => {
+        resolve: (r: ReadyInfo) => {
           clearTimeout(timer);
           resolve(r);
         },

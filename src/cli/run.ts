@@ -11,7 +11,7 @@ import { formatBytes } from "../vmm/machine";
 import { startVm, formatMs, type Vm } from "../api/vm";
 import { VmExitedError, VmTimeoutError } from "../api/errors";
 import type { VmExit, VmOptions } from "../api/types";
-import { guestDirectoryFor } from "../api/shares";
+import { ROOTFS_TAG, guestDirectoryFor } from "../api/shares";
 
 /** How long the guest gets to power off after CMD before tskvm stops it. */
 const POWEROFF_TIMEOUT_MS = 30_000;
@@ -117,6 +117,11 @@ async function drive(vm: Vm, opts: RunCliOptions, signal: () => StopSignal | und
   try {
     const r = await vm.ready(opts.readyTimeoutMs !== undefined ? { timeoutMs: opts.readyTimeoutMs } : {});
     note(`guest ready after ${since(t0)} (${r.nproc} CPU${r.nproc > 1 ? "s" : ""})`);
+    if (r.unmounted.length > 0) {
+      // The command would run without the files it was given: not ready for it.
+      say(`the guest could not mount ${r.unmounted.map((tag) => describeShare(vm, tag)).join(", ")} (does its kernel have virtio-fs? see --console-log)`);
+      return ExitCode.NOT_READY;
+    }
   } catch (e) {
     const bySignal = stopped();
     if (bySignal !== undefined) return bySignal;
@@ -168,6 +173,12 @@ async function drive(vm: Vm, opts: RunCliOptions, signal: () => StopSignal | und
   if (bySignal !== undefined) return bySignal;
   note(`${exit.reason}; ${since(t0)} in all`);
   return status;
+}
+
+function describeShare(vm: Vm, tag: string): string {
+  if (tag === ROOTFS_TAG) return "the host's root file system (--rootfs host)";
+  const share = vm.info.shares.find((s) => s.tag === tag);
+  return share === undefined ? `share ${tag}` : `share ${tag} (${share.hostPath})`;
 }
 
 /**
