@@ -7,6 +7,7 @@
  */
 import { resolve } from "node:path";
 import { shellQuote } from "./protocol";
+import { onOff, splitOptionList } from "./option-values";
 
 export interface ShareOptions {
   /** The host directory (relative paths are taken from the current directory). */
@@ -45,18 +46,14 @@ export class ShareOptionError extends Error {
  * object form.
  */
 export function parseShareOption(spec: string): ShareOptions {
-  const parts = spec.split(",");
-  const path = parts[0]!;
+  const { head: path, options } = splitOptionList(spec);
   if (path === "") throw new ShareOptionError(`share "${spec}" has no directory (expected DIR[,tag=NAME][,readonly])`);
   const out: ShareOptions = { path };
-  for (const opt of parts.slice(1)) {
-    const eq = opt.indexOf("=");
-    const key = eq < 0 ? opt : opt.slice(0, eq);
-    const value = eq < 0 ? undefined : opt.slice(eq + 1);
+  for (const { text: opt, key, value } of options) {
     if (key === "readonly" || key === "ro") {
-      if (value === undefined || value === "on" || value === "true") out.readOnly = true;
-      else if (value === "off" || value === "false") out.readOnly = false;
-      else throw new ShareOptionError(`share option "${opt}" in "${spec}": readonly takes on or off`);
+      const on = onOff(value);
+      if (on === undefined) throw new ShareOptionError(`share option "${opt}" in "${spec}": readonly takes on or off`);
+      out.readOnly = on;
     } else if (key === "tag" && value !== undefined) {
       out.tag = value;
     } else {

@@ -7,35 +7,18 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
-import { findDefaultGuest } from "../../src/api/default-guest";
-import { detectHostKvm } from "../../src/kvm/host";
+import { READY_MS, guestOrSkip } from "../helpers/linux-tier";
 import { RunningCli, runCli } from "../helpers/cli";
 import { startVm, makeDiskImage } from "../../src/api";
 import { findMkfsExt4 } from "../../src/api/disk";
 
-const emulated = existsSync("/dev/kvm") && detectHostKvm().kind === "emulated-pvm";
-/** Boot to the agent's ready report: ~25 s here, a few seconds on hardware KVM. */
-const READY_MS = emulated ? 300_000 : 60_000;
 const TEST_MS = 900_000;
 const dir = mkdtempSync(join(tmpdir(), "tskvm-run-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
-
-function guestOrSkip(t: { skip: (msg: string) => void }): boolean {
-  if (!existsSync("/dev/kvm")) {
-    t.skip("no /dev/kvm on this host");
-    return false;
-  }
-  if (findDefaultGuest() === undefined) {
-    if (process.env.TSKVM_REQUIRE_GUEST) assert.fail("the default guest is not built (npm run guest) but TSKVM_REQUIRE_GUEST is set");
-    t.skip("no default guest built: run `npm run guest` to enable the Linux tests");
-    return false;
-  }
-  return true;
-}
 
 const run = (args: string[]) => {
   const started = Date.now();

@@ -10,35 +10,14 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, 
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
-import { findDefaultGuest } from "../../src/api/default-guest";
-import { detectHostKvm } from "../../src/kvm/host";
-import { findVirtiofsd } from "../../src/host/virtiofsd";
 import { startVm } from "../../src/api";
+import { READY_MS, guestOrSkip } from "../helpers/linux-tier";
 import { RunningCli, runCli } from "../helpers/cli";
 
-const emulated = existsSync("/dev/kvm") && detectHostKvm().kind === "emulated-pvm";
-const READY_MS = emulated ? 300_000 : 60_000;
 const TEST_MS = 900_000;
 const dir = mkdtempSync(join(tmpdir(), "tskvm-virtiofs-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
-
-function canRun(t: { skip: (msg: string) => void }): boolean {
-  if (!existsSync("/dev/kvm")) {
-    t.skip("no /dev/kvm on this host");
-    return false;
-  }
-  if (findDefaultGuest() === undefined) {
-    if (process.env.TSKVM_REQUIRE_GUEST) assert.fail("the default guest is not built (npm run guest) but TSKVM_REQUIRE_GUEST is set");
-    t.skip("no default guest built: run `npm run guest` to enable the Linux tests");
-    return false;
-  }
-  if (findVirtiofsd() === undefined) {
-    if (process.env.TSKVM_REQUIRE_VIRTIOFSD) assert.fail("virtiofsd is not installed but TSKVM_REQUIRE_VIRTIOFSD is set");
-    t.skip("virtiofsd is not installed (Debian: apt-get install qemu-system-common)");
-    return false;
-  }
-  return true;
-}
+const canRun = (t: { skip: (msg: string) => void }) => guestOrSkip(t, { virtiofsd: true });
 
 function fresh(name: string, files: Record<string, string> = {}): string {
   const d = join(dir, name);
