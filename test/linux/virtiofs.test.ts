@@ -128,6 +128,23 @@ test("tskvm run --rootfs host runs the host's python3 and returns its status; wr
   assert.deepEqual(virtiofsdFor("/"), []);
 });
 
+test("a guest without MSI-X (pci=nomsi) gets virtiofsd's answers through INTx, relayed by tskvm", { timeout: TEST_MS }, async (t) => {
+  if (!canRun(t)) return;
+  const share = fresh("intx", { "f.txt": "over INTx\n" });
+  const vm = await startVm({ shares: [share], appendCmdline: "pci=nomsi" });
+  try {
+    await vm.ready({ timeoutMs: READY_MS });
+    const r = await vm.run(`cat ${share}/f.txt && echo back > ${share}/g.txt && grep -c virtio /proc/interrupts; grep virtio /proc/interrupts`);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /^over INTx\n/);
+    assert.doesNotMatch(r.stdout, /PCI-MSI/, "no MSI in the guest");
+    assert.match(r.stdout, /IO-APIC .*virtio/);
+    assert.equal(readFileSync(join(share, "g.txt"), "utf8"), "back\n");
+  } finally {
+    await vm.poweroff();
+  }
+});
+
 test("every exit path leaves no virtiofsd and no runtime directory: failed start, SIGTERM, SIGKILL, Ctrl-A x", { timeout: TEST_MS }, async (t) => {
   if (!canRun(t)) return;
   const share = fresh("exits", { "f.txt": "f\n" });

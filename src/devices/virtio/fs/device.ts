@@ -96,6 +96,17 @@ export class VirtioFs implements VirtioDevice {
     return this.state.kind;
   }
 
+  /**
+   * Has the driver ever made a request available (any queue's avail.idx moved)? A Linux
+   * guest probes the device at boot but sends FUSE_INIT only when it mounts the share; until
+   * then the FUSE session's state is nowhere, so a snapshot can be taken (issue 14).
+   */
+  requestsMade(): boolean {
+    if (this.state.kind === "idle") return false;
+    const { memory, queues } = this.state.ctx;
+    return queues.some((q) => q.ready && memory.contains(q.availAddr, 4) && memory.readU16(q.availAddr + 2) !== 0);
+  }
+
   activate(ctx: VirtioActivation): void {
     if (this.backend.isGone()) {
       this.takeOver(ctx);
@@ -133,7 +144,10 @@ export class VirtioFs implements VirtioDevice {
     const s = this.state;
     if (s.kind === "running") {
       if (fd === this.backend.watchFd) {
-        if (this.backend.isGone()) this.takeOver(s.ctx);
+        // The back end only ever answers requests: anything else on its connection (an
+        // unasked message, a hang-up) means it is gone or broken. Reading on would spin.
+        if (!this.backend.isGone()) this.log(`${this.backend.name} sent a message it was not asked for; the guest gets I/O errors on this share`);
+        this.takeOver(s.ctx);
         return;
       }
       const q = this.backend.callFds.indexOf(fd);
