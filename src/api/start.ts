@@ -152,7 +152,7 @@ export function checkOptions(o: VmOptions): CheckedOptions {
   if (o.rootfs !== undefined && o.rootfs !== "host") throw optionsError((n) => `bad ${n("rootfs")} '${String(o.rootfs)}': the only one is host`, "rootfs");
   const rootfsHost = o.rootfs === "host";
   const shares = resolveShares((o.shares ?? []).map((s) => (typeof s === "string" ? parseShareOption(s) : s)), { rootfsHost });
-  extraArgs.push(...shareKernelArgs(shares, rootfsHost));
+  extraArgs.push(...shareKernelArgs(o.mountShares === false ? [] : shares, rootfsHost));
   const agent = o.agent ?? true;
   if (agent) extraArgs.push(AGENT_CMDLINE_ARG);
   const append = o.appendCmdline === undefined ? [] : typeof o.appendCmdline === "string" ? [o.appendCmdline] : [...o.appendCmdline];

@@ -82,6 +82,12 @@ export interface VmOptions {
    */
   shares?: readonly (string | ShareOptions)[];
   /**
+   * Have the default guest mount the shares at boot (default true). false: the devices are
+   * there but unused until you mount them (shareMountCommand(): a VM to be snapshotted must
+   * not have used them).
+   */
+  mountShares?: boolean;
+  /**
    * "host": the default guest's user space is the host's own: its root file system,
    * read-only over virtio-fs under a tmpfs overlay (writes are thrown away, except in
    * shares); commands run there, with the host's binaries and libraries.
