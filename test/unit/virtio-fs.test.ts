@@ -193,6 +193,21 @@ describe("virtio-fs: when its back end dies", () => {
     assert.equal(h.backend.calls.filter((c) => c === "start").length, 1);
   });
 
+  it("asks the driver for the next kick, whatever the dead back end had said (EVENT_IDX)", () => {
+    const h = harness();
+    h.ctx.features = V1 | feature(VirtioFeatureBit.RING_EVENT_IDX);
+    h.dev.activate(h.ctx);
+    h.request(FuseOpcode.LOOKUP);
+    h.request(FuseOpcode.LOOKUP);
+    // The back end had said "kick me when avail.idx passes 0" and died before taking these.
+    h.mem.writeU16(h.requests.usedAddr + 4 + 8 * h.requests.size, 0);
+    h.backend.gone = true;
+    h.dev.pollReady(300, IoReady.HANGUP);
+    assert.equal(h.requests.used().length, 2);
+    assert.equal(h.requests.availEvent(), 2, "the next request is kicked");
+    assert.equal(h.requests.kickNeeded(2, 3), true);
+  });
+
   it("answers requests without a reply (INTERRUPT, BATCH_FORGET) with nothing", () => {
     const h = harness();
     h.dev.activate(h.ctx);

@@ -207,19 +207,24 @@ export class VirtioFs implements VirtioDevice {
     if (queue === undefined) return;
     const chain = this.chainFor(s.ctx);
     try {
-      while (queue.pop(chain) !== undefined) {
-        let written = 0;
-        chain.reader.reset();
-        if (q !== FS_HIPRIO_QUEUE && chain.reader.readInto(this.header) === FUSE_IN_HEADER_SIZE) {
-          const h = decodeInHeader(this.header);
-          if (expectsReply(h.opcode)) {
-            encodeOutHeader({ len: FUSE_OUT_HEADER_SIZE, error: -BACKEND_GONE_ERRNO, unique: h.unique }, this.reply);
-            chain.writer.reset();
-            written = chain.writer.write(this.reply);
+      // Drain, then ask for the next kick (avail_event, or the NO_NOTIFY flag): the dead
+      // back end may have left either saying "don't kick"; if more came meanwhile, drain again.
+      do {
+        queue.disableNotification();
+        while (queue.pop(chain) !== undefined) {
+          let written = 0;
+          chain.reader.reset();
+          if (q !== FS_HIPRIO_QUEUE && chain.reader.readInto(this.header) === FUSE_IN_HEADER_SIZE) {
+            const h = decodeInHeader(this.header);
+            if (expectsReply(h.opcode)) {
+              encodeOutHeader({ len: FUSE_OUT_HEADER_SIZE, error: -BACKEND_GONE_ERRNO, unique: h.unique }, this.reply);
+              chain.writer.reset();
+              written = chain.writer.write(this.reply);
+            }
           }
+          queue.addUsed(chain.head, written);
         }
-        queue.addUsed(chain.head, written);
-      }
+      } while (queue.enableNotification());
     } catch (e) {
       if (!(e instanceof VirtqueueError)) throw e;
       s.queues[q] = undefined;
