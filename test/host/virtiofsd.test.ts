@@ -103,8 +103,8 @@ describe("virtiofsd over tskvm's vhost-user front end", { skip }, () => {
     await withShare(true, (_d, c) => {
       c.init();
       assert.equal(c.readFile(c.lookup(1n, "hello.txt") as bigint), "hello from the host\n");
-      // A fresh name: virtiofsd 7.2 aborts on a CREATE of an existing file in a read-only
-      // directory (it retries openat with O_CREAT and no mode; docs/virtiofs.md).
+      // A fresh name: virtiofsd 7.2 aborts on a CREATE of a name that exists (it retries the
+      // open with O_CREAT and no mode; docs/virtiofs.md).
       assert.equal(c.createFile(1n, "nope.txt", "x"), EROFS);
       assert.equal(existsSync(join(work, "share", "nope.txt")), false);
     });
