@@ -6,8 +6,13 @@
  *   vcpu-start    process start -> all N vCPU threads about to enter KVM_RUN, N = 1, 2, 8.
  *   virtio-blk    device-model throughput (4 KiB random reads, 1 MiB sequential writes)
  *                 through the virtqueue in-process vs. plain pread/pwrite. Target >= 0.8.
+ *   irq           cost of raising an MSI from a device thread: irqfd on a GSI routed to the
+ *                 message (how virtiofsd does it) vs. KVM_SIGNAL_MSI, and the round trip.
  *   virtio-net    device-model packet rate TAP -> guest RX ring and TX ring -> TAP (64 B and
  *                 1500 B frames) vs. raw TAP read/write, in a namespace it makes and removes.
+ *   virtio-fs     inside the default guest: a 256 MiB file read and a 10,000-file tree walked
+ *                 over virtio-fs (virtiofsd) vs. the same files on a virtio-blk ext4 image,
+ *                 in the same VM (scripts/bench-fs.ts). Skipped with --no-boot.
  *   boot          wall time to each Linux boot milestone with the default guest, beside QEMU
  *                 (microvm, KVM) booting the same kernel, initrd, command line and CPU features
  *                 when qemu-system-x86 is installed. Target: tskvm <= QEMU to the ready
@@ -35,6 +40,8 @@ import { bootFilesFor, findDefaultGuest } from "../src/api/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
 import { benchBlock, formatBlockBench } from "./bench-blk";
 import { benchNet, formatNetBench } from "./bench-net";
+import { benchIrq, formatIrqBench } from "./bench-irq";
+import { benchFs, formatFsBench, fsBenchSkipReason } from "./bench-fs";
 import { netTestSkipReason } from "../test/helpers/netns";
 import { benchRestoreStart, benchSnapshotRun, formatSnapshotBench } from "./bench-snapshot";
 
@@ -214,7 +221,7 @@ async function inHarnessVm(args: string[]): Promise<number> {
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   if (args.includes("--in-harness-vm")) process.exit(await inHarnessVm(args.filter((a) => a !== "--in-harness-vm" && !a.startsWith("--results="))));
-  // --only=pio,vcpu,blk,net,boot,snapshot runs just those sections.
+  // --only=pio,vcpu,blk,irq,net,fs,boot,snapshot runs just those sections.
   const only = args.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
   const want = (section: string) => only === undefined || only.includes(section);
   const host = detectHostKvm();
@@ -251,6 +258,12 @@ async function main(): Promise<void> {
     for (const line of formatBlockBench(blk).split("\n")) console.log(`virtio-blk   ${line}`);
   }
 
+  if (want("irq")) {
+    const irq = await benchIrq();
+    results["msi-injection"] = irq;
+    for (const line of formatIrqBench(irq).split("\n")) console.log(`irq          ${line}`);
+  }
+
   const netSkip = want("net") ? netTestSkipReason() : "not selected (--only)";
   if (netSkip !== undefined) {
     results["virtio-net"] = `skipped: ${netSkip}`;
@@ -259,6 +272,17 @@ async function main(): Promise<void> {
     const net = await benchNet();
     results["virtio-net"] = net;
     for (const line of formatNetBench(net).split("\n")) console.log(`virtio-net   ${line}`);
+  }
+
+  // Boots a guest too: skipped with --no-boot, like the boot timing.
+  const fsSkip = args.includes("--no-boot") ? "--no-boot" : !want("fs") ? "not selected (--only)" : fsBenchSkipReason();
+  if (fsSkip !== undefined) {
+    results["virtio-fs"] = `skipped: ${fsSkip}`;
+    console.log(`virtio-fs    skipped: ${fsSkip}`);
+  } else {
+    const fs = await benchFs();
+    results["virtio-fs"] = fs;
+    for (const line of formatFsBench(fs).split("\n")) console.log(`virtio-fs    ${line}`);
   }
 
   if (args.includes("--no-boot") || !want("boot")) {

@@ -5,6 +5,7 @@
  *   tier          files                     needs
  *   unit          dist/test/unit/           nothing (fake guest memory)
  *   harness       dist/test/harness/        QEMU: the harness VM itself (always on this host)
+ *   host tools    dist/test/host/           helper programs tskvm starts (virtiofsd), no VM
  *   KVM           dist/test/kvm/            a KVM device (kvm-pvm will do)
  *   Linux         dist/test/linux/          a KVM device and the default guest
  *   Linux/stock   dist/test/linux/stock/    KVM with hardware semantics: a stock kernel
@@ -15,7 +16,7 @@
  * on hardware KVM everything runs here; on kvm-pvm the stock-kernel tier goes to the VM;
  * without /dev/kvm the KVM and Linux tiers do. All tiers the VM runs share one VM.
  *
- *   node dist/scripts/test.js [--tiers=unit,harness,kvm,linux,stock] [--harness=auto|never|always] [FILE...]
+ *   node dist/scripts/test.js [--tiers=unit,harness,host,kvm,linux,stock] [--harness=auto|never|always] [FILE...]
  *
  * --harness (or TSKVM_HARNESS): auto (default) as above; never: run every tier here (tests
  * that cannot run skip, or fail where TSKVM_REQUIRE_* says they must run); always: the KVM
@@ -34,7 +35,7 @@ import { HarnessError, harnessAvailable, runInHarnessVm } from "./harness-vm";
 import { fetchDebianKernel } from "./lib/debian-kernel";
 import { hostKvm, kvmUnavailable } from "../test/helpers/tiers";
 
-type TierId = "unit" | "harness" | "kvm" | "linux" | "stock";
+type TierId = "unit" | "harness" | "host" | "kvm" | "linux" | "stock";
 type Needs = "nothing" | "qemu" | "kvm" | "hardware-kvm";
 
 interface Tier {
@@ -49,6 +50,7 @@ const TEST_DIST = join(ROOT, "dist", "test");
 const TIERS: readonly Tier[] = [
   { id: "unit", title: "unit", needs: "nothing", dir: join(TEST_DIST, "unit") },
   { id: "harness", title: "harness", needs: "qemu", dir: join(TEST_DIST, "harness") },
+  { id: "host", title: "host tools", needs: "nothing", dir: join(TEST_DIST, "host") },
   { id: "kvm", title: "KVM", needs: "kvm", dir: join(TEST_DIST, "kvm") },
   { id: "linux", title: "Linux", needs: "kvm", dir: join(TEST_DIST, "linux") },
   { id: "stock", title: "Linux/stock", needs: "hardware-kvm", dir: join(TEST_DIST, "linux", "stock") },

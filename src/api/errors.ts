@@ -38,7 +38,9 @@ export type OptionName =
   | "guestIp"
   | "entry"
   | "cpuTemplate"
-  | "restore";
+  | "restore"
+  | "shares"
+  | "rootfs";
 
 /**
  * How a message names an option. The API names them by their VmOptions field; a caller

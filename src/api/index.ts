@@ -10,8 +10,9 @@
  */
 export { startVm, Vm, formatMs, type ConsoleMatch, type WaitForConsoleOptions } from "./vm";
 export { VmError, VmStartError, VmTimeoutError, VmExitedError, GuestAgentError, VmSnapshotError, type VmStartFailure, type VmWait } from "./errors";
-export type { VmOptions, VmExit, VmInfo, RunOptions, RunResult, DiskOptions, NicOptions, ConsoleMode, SnapshotOptions, SnapshotInfo } from "./types";
 export { snapshotCacheEntry, type SnapshotCacheEntry } from "./snapshot-cache";
+export type { VmOptions, VmExit, VmInfo, ReadyInfo, RunOptions, RunResult, DiskOptions, NicOptions, ConsoleMode, SnapshotOptions, SnapshotInfo } from "./types";
+export { shareMountCommand, type Share, type ShareOptions } from "./shares";
 export { makeDiskImage, DiskBuildError, type MakeDiskOptions, type MakeDiskResult } from "./disk";
 export { DEFAULT_CMDLINE, DEFAULT_MEMORY_BYTES } from "./start";
 export { commandLine, shellQuote } from "./protocol";

@@ -80,18 +80,14 @@ export const MAX_SERIAL_LENGTH = VIRTIO_BLK_ID_BYTES;
  * QEMU's -drive without doubling commas); rename or symlink it.
  */
 export function parseDiskOption(spec: string): DiskOption {
-  const parts = spec.split(",");
-  const path = parts[0]!;
+  const { head: path, options } = splitOptionList(spec);
   if (path === "") throw new DiskImageError("", `disk option "${spec}" has no image path (expected path[,readonly][,serial=ID])`);
   const out: DiskOption = { path, readOnly: false };
-  for (const opt of parts.slice(1)) {
-    const eq = opt.indexOf("=");
-    const key = eq < 0 ? opt : opt.slice(0, eq);
-    const value = eq < 0 ? undefined : opt.slice(eq + 1);
+  for (const { text: opt, key, value } of options) {
     if (key === "readonly" || key === "ro") {
-      if (value === undefined || value === "on" || value === "true") out.readOnly = true;
-      else if (value === "off" || value === "false") out.readOnly = false;
-      else throw new DiskImageError(path, `disk option "${opt}" in "${spec}": readonly takes on or off`);
+      const on = onOff(value);
+      if (on === undefined) throw new DiskImageError(path, `disk option "${opt}" in "${spec}": readonly takes on or off`);
+      out.readOnly = on;
     } else if (key === "serial") {
       if (value === undefined || value.length > MAX_SERIAL_LENGTH || !/^[\x20-\x7e]*$/.test(value)) {
         throw new DiskImageError(path, `disk option "${opt}" in "${spec}": serial must be up to ${MAX_SERIAL_LENGTH} printable ASCII characters`);
@@ -102,4 +98,23 @@ export function parseDiskOption(spec: string): DiskOption {
     }
   }
   return out;
+}
+
+/** "head,key=value,flag" -> the head and each option (split at its first '='). */
+export function splitOptionList(spec: string): { head: string; options: { text: string; key: string; value: string | undefined }[] } {
+  const [head, ...rest] = spec.split(",");
+  return {
+    head: head!,
+    options: rest.map((text) => {
+      const eq = text.indexOf("=");
+      return { text, key: eq < 0 ? text : text.slice(0, eq), value: eq < 0 ? undefined : text.slice(eq + 1) };
+    }),
+  };
+}
+
+/** A flag option's value: absent, "on" or "true" is true, "off" or "false" false, else undefined. */
+export function onOff(value: string | undefined): boolean | undefined {
+  if (value === undefined || value === "on" || value === "true") return true;
+  if (value === "off" || value === "false") return false;
+  return undefined;
 }

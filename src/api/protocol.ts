@@ -16,7 +16,7 @@
  * Control channel lines ("\n"-terminated):
  *   host -> guest   RUN <id> <command as a $'...' string>
  *                   POWEROFF
- *   guest -> host   TSKVM-CTL READY nproc=<n>
+ *   guest -> host   TSKVM-CTL READY nproc=<n>[ unmounted=<tag>,...]
  *                   TSKVM-CTL START <id>
  *                   TSKVM-CTL EXIT <id> <status>
  */
@@ -32,7 +32,7 @@ export const AGENT_CMDLINE_ARG = "tskvm.agent=1";
 export const MAX_COMMAND_BYTES = 100_000;
 
 export type ControlMessage =
-  | { type: "ready"; nproc: number }
+  | { type: "ready"; nproc: number; unmounted: string[] }
   | { type: "start"; id: number }
   | { type: "exit"; id: number; status: number };
 
@@ -45,7 +45,9 @@ export function parseControlLine(line: string): ControlMessage | undefined {
   switch (m[1]) {
     case "READY": {
       const nproc = int(/^nproc=(\d+)$/.exec(args[0] ?? "")?.[1]);
-      return nproc === undefined ? undefined : { type: "ready", nproc };
+      // Shares the default guest's /init could not mount (virtio-fs), by tag.
+      const unmounted = /^unmounted=([A-Za-z0-9._,-]+)$/.exec(args[1] ?? "")?.[1]?.split(",").filter((t) => t !== "") ?? [];
+      return nproc === undefined ? undefined : { type: "ready", nproc, unmounted };
     }
     case "START": {
       const id = int(args[0]);

@@ -20,6 +20,8 @@ import { TapError, parseCidr } from "../host/tap";
 import { MacAddressError, SizeError, parseDiskOption, parseMac, parseSize } from "./option-values";
 import { VmStartError, VmError, type OptionMessage, type OptionName } from "./errors";
 import { AGENT_CMDLINE_ARG } from "./protocol";
+import { type Share, ShareOptionError, parseShareOption, resolveShares, shareKernelArgs } from "./shares";
+import { VirtiofsdError } from "../host/virtiofsd";
 import type { VmOptions } from "./types";
 
 export const DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024;
@@ -67,6 +69,8 @@ export function toStartError(e: unknown): VmError {
     const option = MACHINE_OPTIONS[e.option];
     return new VmStartError("options", (n) => `${message} (${n(option)})`, { cause: e, option });
   }
+  if (e instanceof ShareOptionError) return new VmStartError("options", (n) => `${message} (${n("shares")})`, { cause: e, option: "shares" });
+  if (e instanceof VirtiofsdError) return wrap(e.failure);
   if (e instanceof SizeError || e instanceof ConfigError || e instanceof CpuidError || e instanceof MacAddressError) return wrap("options");
   if (e instanceof InputFileError || e instanceof BootError || e instanceof GuestBuildError || e instanceof DiskImageError) return wrap("input");
   // A snapshot that cannot be restored here (bad, foreign, another version or host, a
@@ -99,9 +103,11 @@ export interface CheckedOptions {
   cpus: number;
   disks: DiskConfig[];
   nics: NicConfig[];
-  /** Arguments for the end of the command line (ip=, tskvm.agent=1, appendCmdline). */
+  /** Arguments for the end of the command line (ip=, tskvm.agent=1, tskvm.share=, appendCmdline). */
   extraArgs: string[];
   agent: boolean;
+  shares: Share[];
+  rootfsHost: boolean;
 }
 
 /** Validate everything that needs no file and no KVM. Throws VmStartError("options"/"input"). */
@@ -149,6 +155,10 @@ export function checkOptions(o: VmOptions): CheckedOptions {
     if (nics.length === 0) throw optionsError((n) => `${n("guestIp")} needs a network interface: add ${n("nics")}`, "guestIp");
     extraArgs.push(guestIpArgument(o.guestIp, nics[0]!.hostCidr));
   }
+  if (o.rootfs !== undefined && o.rootfs !== "host") throw optionsError((n) => `bad ${n("rootfs")} '${String(o.rootfs)}': the only one is host`, "rootfs");
+  const rootfsHost = o.rootfs === "host";
+  const shares = resolveShares((o.shares ?? []).map((s) => (typeof s === "string" ? parseShareOption(s) : s)), { rootfsHost });
+  extraArgs.push(...shareKernelArgs(o.mountShares === false ? [] : shares, rootfsHost));
   const agent = o.agent ?? true;
   if (agent) extraArgs.push(AGENT_CMDLINE_ARG);
   const append = o.appendCmdline === undefined ? [] : typeof o.appendCmdline === "string" ? [o.appendCmdline] : [...o.appendCmdline];
@@ -157,7 +167,7 @@ export function checkOptions(o: VmOptions): CheckedOptions {
   if (o.consoleLog !== undefined && o.console !== undefined && o.console !== "capture") {
     throw optionsError("consoleLog needs console: \"capture\"");
   }
-  return { memoryBytes, cpus, disks, nics, extraArgs, agent };
+  return { memoryBytes, cpus, disks, nics, extraArgs, agent, shares, rootfsHost };
 }
 
 /**

@@ -1,4 +1,5 @@
 /** The API's option and result types (see docs/api.md). */
+import type { Share, ShareOptions } from "./shares";
 
 export interface DiskOptions {
   /** A raw image file, a whole number of 512-byte sectors. */
@@ -95,6 +96,24 @@ export interface VmOptions {
    * took as per-run input (detachDisks), the same unchanged image for any other.
    */
   restore?: string;
+  /**
+   * Host directories shared with the guest over virtio-fs, each served by a virtiofsd that
+   * tskvm starts and stops: a path ("path[,tag=NAME][,readonly]"), or options. The default
+   * guest mounts each at the same path as on the host (docs/virtiofs.md).
+   */
+  shares?: readonly (string | ShareOptions)[];
+  /**
+   * Have the default guest mount the shares at boot (default true). false: the devices are
+   * there but unused until you mount them (shareMountCommand(): a VM to be snapshotted must
+   * not have used them).
+   */
+  mountShares?: boolean;
+  /**
+   * "host": the default guest's user space is the host's own: its root file system,
+   * read-only over virtio-fs under a tmpfs overlay (writes are thrown away, except in
+   * shares); commands run there, with the host's binaries and libraries.
+   */
+  rootfs?: "host";
 }
 
 export interface SnapshotOptions {
@@ -156,6 +175,18 @@ export interface VmInfo {
   defaultGuest: boolean;
   /** The snapshot directory the VM was restored from. */
   restoredFrom?: string;
+  /** The shares, with their tags (the host's root file system's not included). */
+  shares: Share[];
+  /** "host" when the guest runs in the host's root file system. */
+  rootfs: "host" | undefined;
+}
+
+/** What the guest agent reports when it is ready. */
+export interface ReadyInfo {
+  /** The guest's CPU count. */
+  nproc: number;
+  /** Tags of shares the default guest's /init could not mount (empty: all mounted). */
+  unmounted: string[];
 }
 
 export interface RunOptions {
@@ -167,6 +198,8 @@ export interface RunOptions {
   onStderr?: (chunk: Buffer) => void;
   /** Keep stdout and stderr for the result (default true; false for long outputs you stream). */
   capture?: boolean;
+  /** The directory to run it in, in the guest (default /): a share's path, say. */
+  cwd?: string;
 }
 
 export interface RunResult {

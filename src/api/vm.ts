@@ -22,13 +22,16 @@ import {
   parseControlLine,
   restorePrepareCommand,
   runRequest,
+  shellQuote,
 } from "./protocol";
 import { checkOptions, needsDefaultGuest, readInputFile, resolveBootFiles, toStartError, withDriverModules } from "./start";
 import { buildDefaultGuestAsync, findDefaultGuest, type GuestManifest } from "./default-guest";
 import { SnapshotError, readSnapshotDir, type Json } from "../vmm/snapshot/format";
 import { parseDiskOption } from "./option-values";
 import { TSKVM_VERSION } from "./version";
-import type { ConsoleMode, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions } from "./types";
+import type { ConsoleMode, ReadyInfo, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions } from "./types";
+import { ShareServers } from "./share-servers";
+import { checkShareDirectory, requireVirtiofsd } from "../host/virtiofsd";
 
 /** The pipe the UARTs share, made large so that a busy event loop does not stall the vCPUs. */
 const MUX_PIPE_BYTES = 1024 * 1024;
@@ -84,9 +87,13 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
   let machine: Machine | undefined;
   const signal = options.signal;
   const stopped = () => new VmStartError("stopped", "the start-up was stopped (its signal was aborted)");
+  let shareServers: ShareServers | undefined;
   try {
     if (signal?.aborted) throw stopped();
     const checked = checkOptions(options);
+    // A missing share or virtiofsd is the user's to fix before anything is built or started.
+    for (const share of checked.shares) checkShareDirectory(share.hostPath);
+    if (checked.shares.length > 0 || checked.rootfsHost) requireVirtiofsd();
     // Building the default guest takes minutes: never synchronously, so a signal can stop it.
     let guest: GuestManifest | undefined;
     if (needsDefaultGuest(options, checked.agent) && options.buildGuest !== false) {
@@ -98,12 +105,16 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     }
     if (signal?.aborted) throw stopped();
     const files = resolveBootFiles(options, checked.agent, guest);
+    if (checked.rootfsHost && (options.initrd !== undefined || files.initrdPath === undefined)) {
+      throw new VmStartError("options", (n) => `${n("rootfs")} host needs the default guest's initrd (its /init mounts the host's root file system): give no ${n("initrd")}`, { option: "rootfs" });
+    }
     const kernel = readInputFile(files.kernelPath, "kernel image");
     let initrd = files.initrdPath === undefined ? undefined : readInputFile(files.initrdPath, "initrd");
     if (options.modules !== undefined) initrd = withDriverModules(initrd, kernel, options.modules);
     host = openHostIo(options, checked.agent);
     const { capture, mux, logFd } = host;
     const cmdline = [files.cmdline.trim(), ...checked.extraArgs].filter((a) => a !== "").join(" ");
+    shareServers = await ShareServers.start(checked.shares, checked.rootfsHost);
     try {
       machine = Machine.create({
         memoryBytes: checked.memoryBytes,
@@ -120,6 +131,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
         hideFeatures: options.hideCpuFeatures ?? [],
         disks: checked.disks,
         nics: checked.nics,
+        shares: shareServers.configs,
         ...(options.kvmPath !== undefined ? { kvmPath: options.kvmPath } : {}),
       });
     } catch (e) {
@@ -139,12 +151,15 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       taps: checked.nics.map((n) => n.tap),
       agent: checked.agent,
       defaultGuest: files.defaultGuest,
+      shares: checked.shares,
+      rootfs: checked.rootfsHost ? "host" : undefined,
     };
     const vm = new Vm(machine, info, {
       capture,
       mux,
       logFd,
       retain: options.consoleRetain ?? DEFAULT_CONSOLE_RETAIN,
+      shareServers,
       ...(options.onWarning !== undefined ? { onWarning: options.onWarning } : {}),
     });
     await vm.started;
@@ -154,7 +169,10 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     }
     return vm;
   } catch (e) {
-    if (machine === undefined) host?.close();
+    if (machine === undefined) {
+      host?.close();
+      await shareServers?.stop();
+    }
     // Whatever failed while the start-up was being stopped failed because of that.
     if (signal?.aborted) throw stopped();
     throw toStartError(e);
@@ -280,6 +298,9 @@ async function restoreVm(dir: string, options: VmOptions): Promise<Vm> {
       cpus: machine.cpus,
       cpuTemplate: machine.cpuTemplate,
       disks: machine.diskPaths(),
+      // A VM with shares is never snapshotted (Machine.snapshot refuses).
+      shares: [],
+      rootfs: undefined,
       taps: machine.tapNames(),
       restoredFrom: dir,
     };
@@ -319,14 +340,15 @@ export class Vm extends EventEmitter {
   /** Offset (in everything the console printed) of consoleBuf's first character. */
   private consoleBase = 0;
   private consoleWaiters: ConsoleWaiter[] = [];
-  private readyInfo: { nproc: number } | undefined;
-  private readyWaiters: { resolve: (r: { nproc: number }) => void; reject: (e: Error) => void }[] = [];
+  private readyInfo: ReadyInfo | undefined;
+  private readyWaiters: { resolve: (r: ReadyInfo) => void; reject: (e: Error) => void }[] = [];
   private current: PendingRun | undefined;
   private runChain: Promise<void> = Promise.resolve();
   private nextId = 1;
   private muxSocket: Socket | undefined;
   private muxWriteFd: number | undefined;
   private agentBusyWithPoweroff = false;
+  private readonly shareServers: ShareServers | undefined;
 
   /** @internal Use startVm(). */
   constructor(
@@ -337,6 +359,7 @@ export class Vm extends EventEmitter {
       mux: { read: number; write: number } | undefined;
       logFd: number | undefined;
       retain: number;
+      shareServers?: ShareServers;
       onWarning?: (message: string) => void;
       /** A restored VM: the agent's state at the snapshot, and the per-run disks to re-read. */
       restored?: { agent: { nproc: number } | undefined; detachedDisks: { index: number; sectors: number }[] };
@@ -344,6 +367,8 @@ export class Vm extends EventEmitter {
   ) {
     super();
     const onWarning = io.onWarning ?? ((message: string) => this.emit("warning", message));
+    this.shareServers = io.shareServers;
+    this.shareServers?.watch(onWarning);
     machine.onDiagnostic = (d) => {
       if (d.kind === "warning") onWarning(d.message);
       else this.emit("registers", { vcpu: d.vcpu, dump: d.dump });
@@ -508,8 +533,9 @@ export class Vm extends EventEmitter {
     settle.then(
       (r) => {
         if (r.status !== 0) this.emit("warning", `setting up the restored guest failed (status ${r.status}): ${r.stderr.trim()}`);
-        this.readyInfo = agent;
-        for (const w of this.readyWaiters.splice(0)) w.resolve(agent);
+        const ready: ReadyInfo = { ...agent, unmounted: [] };
+        this.readyInfo = ready;
+        for (const w of this.readyWaiters.splice(0)) w.resolve(ready);
       },
       () => undefined, // the VM ended: ready() waiters are rejected by finish()
     );
@@ -537,6 +563,8 @@ export class Vm extends EventEmitter {
     } catch (e) {
       cleanup = ` (releasing the VM failed: ${(e as Error).message})`;
     }
+    // Only now: the I/O worker that used their connections has ended.
+    await this.shareServers?.stop();
     if (this.logFd !== undefined) closeSync(this.logFd);
     const stop = result.stop;
     const exit: VmExit =
@@ -645,7 +673,7 @@ export class Vm extends EventEmitter {
     const msg = parseControlLine(line);
     if (msg === undefined) return;
     if (msg.type === "ready") {
-      this.readyInfo = { nproc: msg.nproc };
+      this.readyInfo = { nproc: msg.nproc, unmounted: msg.unmounted };
       for (const w of this.readyWaiters.splice(0)) w.resolve(this.readyInfo);
       return;
     }
@@ -676,10 +704,11 @@ export class Vm extends EventEmitter {
 
   /**
    * Wait until the guest agent reports that it is listening (the guest has booted to its
-   * /init). Resolves with the guest's CPU count. Rejects with VmTimeoutError, or
-   * VmExitedError when the VM ends first (a kernel panic resets it, for instance).
+   * /init). Resolves with the guest's CPU count and the tags of shares its /init could not
+   * mount (a kernel without virtio-fs, say). Rejects with VmTimeoutError, or VmExitedError
+   * when the VM ends first (a kernel panic resets it, for instance).
    */
-  ready(options: { timeoutMs?: number } = {}): Promise<{ nproc: number }> {
+  ready(options: { timeoutMs?: number } = {}): Promise<ReadyInfo> {
     this.requireAgent();
     if (this.readyInfo !== undefined) return Promise.resolve(this.readyInfo);
     if (this.exitInfo !== undefined) {
@@ -688,7 +717,7 @@ export class Vm extends EventEmitter {
     return new Promise((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
       const waiter = {
-        resolve: (r: { nproc: number }) => {
+        resolve: (r: ReadyInfo) => {
           clearTimeout(timer);
           resolve(r);
         },
@@ -708,7 +737,7 @@ export class Vm extends EventEmitter {
   }
 
   /**
-   * Run a command in the guest with `sh -c`, in /, stdin from /dev/null; commands run one at
+   * Run a command in the guest with `sh -c`, in / (or `cwd`), stdin from /dev/null; commands run one at
    * a time, in call order. A string is a shell command line; an array is a program and its
    * arguments (quoted for you). Waits for ready() first (without a limit: call ready() with
    * a timeout to bound the boot). Resolves with the exit status and output; rejects with
@@ -719,7 +748,8 @@ export class Vm extends EventEmitter {
     this.requireAgent();
     let request: (id: number) => string;
     try {
-      const line = commandLine(command);
+      let line = commandLine(command);
+      if (options.cwd !== undefined) line = `cd -- ${shellQuote(options.cwd)} || exit; ${line}`;
       runRequest(0, line);
       request = (id) => runRequest(id, line);
     } catch (e) {

@@ -243,6 +243,9 @@ function virtioHooks(f: VirtioFunctionSpec, env: DeviceEnv): VirtioTransportHook
     driverOk: pokeIo,
     notifyAddressChanged: (now, before) => moveIoeventfds(vm, f, now, before),
     msixUnmasked: (_vector, m) => vm.signalMsi(m.address % 0x1_0000_0000, Math.floor(m.address / 0x1_0000_0000), m.data),
+    // A vhost-user back end's interrupts are routed in KVM (board/vhost-irq.ts): the I/O
+    // worker re-routes them when the driver changes MSI-X.
+    ...(f.device.kind === "virtio-fs" ? { msixChanged: pokeIo } : {}),
   };
 }
 

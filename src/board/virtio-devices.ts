@@ -8,7 +8,8 @@
  *   (devices.ts: instantiateDevices, VirtioPciTransport);
  * - the I/O worker builds the device model over its host back end and runs it
  *   (instantiateIoSide: VirtioDeviceRunner, VirtioBlock over a FileBlockEngine,
- *   VirtioNet over a Tap).
+ *   VirtioNet over a Tap, VirtioFs over a vhost-user connection to virtiofsd, whose
+ *   queues virtiofsd serves itself: the worker polls none of its kicks).
  * A device's identity (type, queues, features, config space) comes from its spec alone
  * (describeVirtioDevice), so no thread builds a back end just to learn it.
  */
@@ -23,8 +24,12 @@ import { VirtioDeviceRunner, type DeviceLog, type InterruptSink } from "../devic
 import type { VirtqueueState } from "../devices/virtio/queue";
 import { VirtioBlock, blkDescription } from "../devices/virtio/blk/device";
 import { VirtioNet, netDescription } from "../devices/virtio/net/device";
+import { VirtioFs, fsDescription } from "../devices/virtio/fs/device";
 import { FileBlockEngine } from "../host/block-file-engine";
 import { Tap } from "../host/tap";
+import { VhostUserFsBackend, type VhostUserFsSpec } from "../host/vhost-user/fs-backend";
+import type { MsiRoutes } from "../kvm/gsi-routing";
+import { VhostIrqRouter } from "./vhost-irq";
 
 /** An open disk image, as plain data (the fd is valid in every thread of the process). */
 export interface DiskSpec {
@@ -45,8 +50,16 @@ export interface NicSpec {
   offloads: boolean;
 }
 
+/** A share: the virtio-fs tag, and virtiofsd's connection with what it needs (plain data). */
+export interface FsSpec extends VhostUserFsSpec {
+  tag: string;
+}
+
 /** What a virtio device is made of. */
-export type VirtioDeviceSpec = { kind: "virtio-blk"; disk: DiskSpec } | { kind: "virtio-net"; nic: NicSpec };
+export type VirtioDeviceSpec =
+  | { kind: "virtio-blk"; disk: DiskSpec }
+  | { kind: "virtio-net"; nic: NicSpec }
+  | { kind: "virtio-fs"; fs: FsSpec };
 
 /** One virtio-pci function, as every thread needs it. Plain data, safe for postMessage. */
 export interface VirtioFunctionSpec {
@@ -73,18 +86,38 @@ export function describeVirtioDevice(spec: VirtioDeviceSpec): VirtioDeviceDescri
       return blkDescription(spec.disk);
     case "virtio-net":
       return netDescription({ mac: spec.nic.mac, offloads: spec.nic.offloads });
+    case "virtio-fs":
+      return fsDescription({ tag: spec.fs.tag, backendFeatures: spec.fs.backend.features });
   }
 }
 
+/** What the I/O worker gives every function it brings to life. */
+export interface IoSideEnv {
+  memory: GuestMemory;
+  vmFd: number;
+  log: DeviceLog;
+  /** The VM's MSI routes, owned by the I/O worker (vhost-user interrupts). */
+  msiRoutes: MsiRoutes;
+  /** Queue positions from a snapshot, by queue (restore). */
+  restored?: readonly (VirtqueueState | undefined)[] | undefined;
+}
+
 /** The device model over its host back end, in the thread that serves its queues. */
-export function createVirtioDevice(spec: VirtioDeviceSpec, log: (line: string) => void): VirtioDevice {
-  switch (spec.kind) {
+export function createVirtioDevice(spec: VirtioFunctionSpec, env: IoSideEnv, transport: VirtioPciDeviceSide): VirtioDevice {
+  const log = (line: string) => env.log.warn(`${spec.name}: ${line}`);
+  const device = spec.device;
+  switch (device.kind) {
     case "virtio-blk":
-      return new VirtioBlock(new FileBlockEngine(spec.disk), { serial: spec.disk.serial, log });
+      return new VirtioBlock(new FileBlockEngine(device.disk), { serial: device.disk.serial, log });
     case "virtio-net": {
       // A second handle on the main thread's TAP fd: never closed from here.
-      const tap = new Tap(spec.nic.tapName, spec.nic.tapFd, spec.nic.created, 12);
-      return new VirtioNet(tap, { mac: spec.nic.mac, offloads: spec.nic.offloads, log });
+      const tap = new Tap(device.nic.tapName, device.nic.tapFd, device.nic.created, 12);
+      return new VirtioNet(tap, { mac: device.nic.mac, offloads: device.nic.offloads, log });
+    }
+    case "virtio-fs": {
+      const router = new VhostIrqRouter(new Vm(env.vmFd), env.msiRoutes, transport, device.fs.callFds);
+      const backend = new VhostUserFsBackend(device.fs, spec.kickFds, env.memory, router);
+      return new VirtioFs(backend, { tag: device.fs.tag, backendFeatures: device.fs.backend.features, log });
     }
   }
 }
@@ -92,22 +125,22 @@ export function createVirtioDevice(spec: VirtioDeviceSpec, log: (line: string) =
 /** A function as the I/O worker runs it: the fds to poll and what to do when they fire. */
 export interface IoSideDevice {
   readonly runner: VirtioDeviceRunner;
-  /** Polled for kicks of queue i (index i). */
+  /** Polled for kicks of queue i (index i); none for a device whose queues another process serves. */
   readonly kickFds: readonly number[];
   readonly resampleFd: number;
 }
 
 /** Bring a function to life in the I/O worker: its device model, runner and interrupt sink. */
-export function instantiateIoSide(
-  spec: VirtioFunctionSpec,
-  env: { memory: GuestMemory; vmFd: number; log: DeviceLog; restored?: readonly (VirtqueueState | undefined)[] | undefined },
-): IoSideDevice {
+export function instantiateIoSide(spec: VirtioFunctionSpec, env: IoSideEnv): IoSideDevice {
   const vm = new Vm(env.vmFd);
   const irq: InterruptSink = {
     msi: (address, data) => vm.signalMsi(address % 0x1_0000_0000, Math.floor(address / 0x1_0000_0000), data),
     intx: () => sys.signalEventfd(spec.intxFd),
   };
-  const device = createVirtioDevice(spec.device, (line) => env.log.warn(`${spec.name}: ${line}`));
-  const runner = new VirtioDeviceRunner(spec.name, new VirtioPciDeviceSide(spec.transport), device, env.memory, irq, env.log, env.restored);
-  return { runner, kickFds: spec.kickFds, resampleFd: spec.resampleFd };
+  const transport = new VirtioPciDeviceSide(spec.transport);
+  const device = createVirtioDevice(spec, env, transport);
+  const runner = new VirtioDeviceRunner(spec.name, transport, device, env.memory, irq, env.log, env.restored);
+  // virtiofsd reads a share's kicks itself (the device model polls them only if it dies).
+  const kickFds = spec.device.kind === "virtio-fs" ? [] : spec.kickFds;
+  return { runner, kickFds, resampleFd: spec.resampleFd };
 }

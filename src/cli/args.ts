@@ -32,6 +32,8 @@ export const CLI_OPTION_NAMES: OptionNames = (option) =>
     entry: "--entry",
     cpuTemplate: "--cpu-template",
     restore: "--restore",
+    shares: "--share",
+    rootfs: "--rootfs",
   })[option];
 
 /** Run an API check at parse time: its error becomes a UsageError naming the flag. */
@@ -66,6 +68,9 @@ export interface BootOptions {
   entry: "pvh" | "linux64" | undefined;
   /** tskvm boot --restore DIR: the snapshot to continue instead of booting. */
   restore: string | undefined;
+  /** --share values, as given (DIR[,tag=NAME][,readonly]). */
+  shares: string[];
+  rootfs: "host" | undefined;
   help: boolean;
 }
 
@@ -84,6 +89,8 @@ const BOOT_FLAGS = {
   "cpu-template": { type: "string" },
   "hide-cpu-feature": { type: "string", multiple: true },
   entry: { type: "string" },
+  share: { type: "string", multiple: true },
+  rootfs: { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -120,7 +127,13 @@ const BOOT_FLAG_HELP = `  -k, --kernel PATH        bzImage or uncompressed ELF v
       --cpu-template NAME  host (all KVM supports) or emulated (for kvm-pvm hosts);
                            default: chosen from the host's KVM
       --hide-cpu-feature F hide a CPUID feature (repeatable), e.g. avx2
-      --entry pvh|linux64  entry point for an ELF vmlinux (default: pvh when present)`;
+      --entry pvh|linux64  entry point for an ELF vmlinux (default: pvh when present)
+      --share DIR[,tag=NAME][,readonly]
+                           share host directory DIR with the guest (virtio-fs, served by
+                           virtiofsd from qemu-system-common); the default guest mounts it
+                           at the same path (repeatable; readonly: writes fail with EROFS)
+      --rootfs host        the host's root file system as the guest's, read-only under a
+                           tmpfs overlay: run the host's own binaries (default guest only)`;
 
 export const BOOT_USAGE = `usage: tskvm boot [options]
 
@@ -190,8 +203,16 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
     hideFeatures: list("hide-cpu-feature"),
     entry,
     restore: undefined,
+    shares: list("share"),
+    rootfs: parseRootfs(str("rootfs")),
     help: values.help === true,
   };
+}
+
+function parseRootfs(text: string | undefined): "host" | undefined {
+  if (text === undefined) return undefined;
+  if (text !== "host") throw new UsageError(`bad --rootfs '${text}': the only one is host (the host's root file system)`);
+  return "host";
 }
 
 function parseSizeOrUsage(text: string): number {
@@ -237,7 +258,8 @@ export const RUN_USAGE = `usage: tskvm run [options] -- CMD [ARG...]
 Boot a guest, run CMD in its shell, stream CMD's stdout and stderr here, power the guest
 off and exit with CMD's exit status. One argument is a shell command line
 (tskvm run -- 'make -C /mnt check'); several are a program and its arguments
-(tskvm run -- sh -c 'exit 3'). CMD runs in / as root with stdin from /dev/null.
+(tskvm run -- sh -c 'exit 3'). CMD runs as root with stdin from /dev/null, in the
+current directory when it is shared (--share .) or with --rootfs host, else in /.
 Without -k the default guest boots; with -k and no -i, the default guest's initrd
 (whose /init runs tskvm's guest agent) goes with your kernel.
 

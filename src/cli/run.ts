@@ -15,6 +15,7 @@ import { snapshotCacheEntry } from "../api/snapshot-cache";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import type { VmExit, VmOptions } from "../api/types";
+import { ROOTFS_TAG, guestDirectoryFor } from "../api/shares";
 
 /** How long the guest gets to power off after CMD before tskvm stops it. */
 const POWEROFF_TIMEOUT_MS = 30_000;
@@ -44,6 +45,8 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
     ...(opts.cpuTemplate !== undefined ? { cpuTemplate: opts.cpuTemplate } : {}),
     hideCpuFeatures: opts.hideFeatures,
     ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
+    ...(opts.shares.length > 0 ? { shares: opts.shares } : {}),
+    ...(opts.rootfs !== undefined ? { rootfs: opts.rootfs } : {}),
   };
 }
 
@@ -52,7 +55,9 @@ export function bootBanner(vm: Vm): string {
   const i = vm.info;
   const extras =
     (i.disks.length === 0 ? "" : `, ${i.disks.length} disk${i.disks.length > 1 ? "s" : ""}`) +
-    (i.taps.length === 0 ? "" : `, network on ${i.taps.join(", ")}`);
+    (i.taps.length === 0 ? "" : `, network on ${i.taps.join(", ")}`) +
+    i.shares.map((s) => `, ${s.hostPath} shared as ${s.tag}${s.readOnly ? " (read-only)" : ""}`).join("") +
+    (i.rootfs === "host" ? ", the host's root file system" : "");
   const what = i.restoredFrom !== undefined ? `restored from ${i.restoredFrom}: ${i.kernel}` : `booting ${i.kernel}`;
   return `${what} (${i.bootDescription}), ${i.cpus} vCPU${i.cpus > 1 ? "s" : ""}, ${formatBytes(i.memoryBytes)}${extras}, CPU template ${i.cpuTemplate}`;
 }
@@ -143,6 +148,11 @@ async function drive(
   try {
     const r = await vm.ready(opts.readyTimeoutMs !== undefined ? { timeoutMs: opts.readyTimeoutMs } : {});
     note(`guest ready after ${since(t0)} (${r.nproc} CPU${r.nproc > 1 ? "s" : ""})`);
+    if (r.unmounted.length > 0) {
+      // The command would run without the files it was given: not ready for it.
+      say(`the guest could not mount ${r.unmounted.map((tag) => describeShare(vm, tag)).join(", ")} (does its kernel have virtio-fs? see --console-log)`);
+      return ExitCode.NOT_READY;
+    }
   } catch (e) {
     const bySignal = stopped();
     if (bySignal !== undefined) return bySignal;
@@ -162,11 +172,13 @@ async function drive(
   }
   if (makeSnapshot !== undefined) await saveSnapshot(vm, makeSnapshot, note);
   const command = opts.command.length === 1 ? opts.command[0]! : opts.command;
+  const cwd = commandDirectory(vm);
   const t1 = Date.now();
   let status: number;
   try {
     const result = await vm.run(command, {
       ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}),
+      ...(cwd !== undefined ? { cwd } : {}),
       onStdout: (chunk) => process.stdout.write(chunk),
       onStderr: (chunk) => process.stderr.write(chunk),
       capture: false,
@@ -220,6 +232,22 @@ async function saveSnapshot(vm: Vm, dir: string, note: (s: string) => void): Pro
     }
     throw e;
   }
+}
+
+function describeShare(vm: Vm, tag: string): string {
+  if (tag === ROOTFS_TAG) return "the host's root file system (--rootfs host)";
+  const share = vm.info.shares.find((s) => s.tag === tag);
+  return share === undefined ? `share ${tag}` : `share ${tag} (${share.hostPath})`;
+}
+
+/**
+ * Where CMD runs: this directory, when the guest has it (inside a share, mounted at the same
+ * path, or anywhere in the host's root file system with --rootfs host); else / (undefined).
+ */
+function commandDirectory(vm: Vm): string | undefined {
+  const here = process.cwd();
+  if (vm.info.rootfs === "host") return here;
+  return guestDirectoryFor(here, vm.info.shares);
 }
 
 function guestFailed(exit: VmExit): number {

@@ -7,6 +7,8 @@ import { GuestMemory } from "../memory/guest-memory";
 import { IoReady } from "../devices/virtio/types";
 import { IoControlCell, IoWorkerInit, IoWorkerMessage } from "./io-thread";
 import { instantiateIoSide, type IoSideDevice } from "../board/virtio-devices";
+import { Vm } from "../kvm/kvm";
+import { MsiRoutes } from "../kvm/gsi-routing";
 
 // Device models speak IoReady; its bits are poll(2)'s, so they pass through unchanged.
 if (IoReady.READABLE !== sys.POLLIN || IoReady.WRITABLE !== sys.POLLOUT || IoReady.ERROR !== sys.POLLERR || IoReady.HANGUP !== sys.POLLHUP) {
@@ -27,7 +29,9 @@ type Source =
 function main(init: IoWorkerInit): void {
   const memory = GuestMemory.attach(init.memory);
   const log = { warn: (message: string) => post({ type: "warning", message }) };
-  const devices = init.devices.map((spec, i) => instantiateIoSide(spec, { memory, vmFd: init.vmFd, log, restored: init.restoredQueues?.[i] }));
+  // This thread owns the VM's GSI routing table: every change re-sends all of it.
+  const msiRoutes = new MsiRoutes(new Vm(init.vmFd));
+  const devices = init.devices.map((spec, i) => instantiateIoSide(spec, { memory, vmFd: init.vmFd, log, msiRoutes, restored: init.restoredQueues?.[i] }));
   // Eventfds are polled always; back-end fds (a TAP) as their device asks, so they are
   // appended afresh before every poll.
   const fixed: sys.PollFd[] = [];

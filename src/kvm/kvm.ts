@@ -280,6 +280,14 @@ export class Vm {
     ioctlCall(this.fd, "IOEVENTFD", buf);
   }
 
+  /**
+   * KVM_SET_GSI_ROUTING: replace the whole GSI routing table with `table` (an encoded struct
+   * kvm_irq_routing; see gsi-routing.ts, which keeps the irqchip's own routes in it).
+   */
+  setGsiRouting(table: Uint8Array): void {
+    ioctlCall(this.fd, "SET_GSI_ROUTING", table);
+  }
+
   signalMsi(addressLo: number, addressHi: number, data: number): void {
     const buf = new Uint8Array(KvmMsi.size);
     const dv = new DataView(buf.buffer);

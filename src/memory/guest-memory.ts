@@ -10,6 +10,7 @@
  * nothing of holes.
  */
 import * as sys from "../sys/libc";
+import { F_SEAL_GROW, F_SEAL_SHRINK, MFD_ALLOW_SEALING, addSeals, ftruncate, memfdCreate } from "../sys/memfd";
 
 /** A guest-physical access outside RAM (or an integer overflow dressed as an address). */
 export class GuestMemoryError extends Error {
@@ -35,6 +36,19 @@ export interface GuestRegion {
   readonly view: DataView;
   /** Host address, present for real (mmap'd) memory and absent for test memory. */
   readonly hostAddress: bigint | undefined;
+}
+
+/**
+ * Guest RAM another process can map (vhost-user back ends such as virtiofsd): the memfd
+ * behind it, and where each stretch of guest-physical memory lies in that file and in this
+ * process. Stretches are as long as guest-physical, file and host addresses all stay
+ * contiguous (regions split only for koffi's 4 GiB view limit are merged), so a machine's
+ * RAM needs as many as its layout has holes plus one.
+ */
+export interface SharedMemory {
+  /** The memfd; owned by the GuestMemory (closed by free()). */
+  readonly fd: number;
+  readonly stretches: readonly { guestAddress: number; size: number; hostAddress: bigint; fileOffset: number }[];
 }
 
 /** koffi's per-view limit: no region is larger. */
@@ -106,6 +120,8 @@ export class GuestMemory {
   private mapping: { address: bigint; length: number } | undefined;
   /** Set for memory this object mapped itself (allocate, adopt); undefined for views and test memory. */
   backing: RamBacking | undefined;
+  /** Set when RAM is a memfd other processes can map (allocate(layout, { shared: true }), or adopted as "shared-fd"). */
+  shared: SharedMemory | undefined;
 
   private constructor(regions: GuestRegion[], mapping?: { address: bigint; length: number }) {
     this.regions = regions.slice().sort((a, b) => a.base - b.base);
@@ -124,8 +140,14 @@ export class GuestMemory {
    * when the guest touches them), laid out as `layout` says: a byte count is that much RAM
    * from address 0 (contiguousLayout), a list of ranges is used as given (in order, each
    * at most MAX_REGION_BYTES).
+   *
+   * With `shared`, the mapping is a memfd mapped MAP_SHARED instead, so that a vhost-user
+   * back end can map the same pages from the descriptor (see `shared`); the memfd is
+   * sealed against shrinking and growing, so no other process can truncate guest RAM under
+   * us (SIGBUS). Both ask for transparent huge pages; whether a memfd gets them depends on
+   * /sys/kernel/mm/transparent_hugepage/shmem_enabled (docs/virtiofs.md).
    */
-  static allocate(layout: number | readonly RamRange[]): GuestMemory {
+  static allocate(layout: number | readonly RamRange[], opts: { shared?: boolean } = {}): GuestMemory {
     const ranges = typeof layout === "number" ? contiguousLayout(layout) : layout;
     const totalBytes = ranges.reduce((n, r) => n + r.size, 0);
     if (!Number.isSafeInteger(totalBytes) || totalBytes <= 0 || totalBytes % 4096 !== 0) {
@@ -136,15 +158,25 @@ export class GuestMemory {
         throw new RangeError(`a RAM region must be page-aligned and 4 KiB to 4 GiB, not 0x${r.base.toString(16)}+0x${r.size.toString(16)}`);
       }
     }
-    const address = sys.mmap(
-      totalBytes,
-      sys.PROT_READ | sys.PROT_WRITE,
-      sys.MAP_PRIVATE | sys.MAP_ANONYMOUS | sys.MAP_NORESERVE,
-    );
+    let fd = -1;
+    let address: bigint;
+    try {
+      if (opts.shared === true) {
+        fd = memfdCreate("tskvm-guest-ram", MFD_ALLOW_SEALING);
+        ftruncate(fd, totalBytes);
+        addSeals(fd, F_SEAL_SHRINK | F_SEAL_GROW);
+        address = sys.mmap(totalBytes, sys.PROT_READ | sys.PROT_WRITE, sys.MAP_SHARED | sys.MAP_NORESERVE, fd, 0);
+      } else {
+        address = sys.mmap(totalBytes, sys.PROT_READ | sys.PROT_WRITE, sys.MAP_PRIVATE | sys.MAP_ANONYMOUS | sys.MAP_NORESERVE);
+      }
+    } catch (e) {
+      if (fd >= 0) sys.close(fd);
+      throw e;
+    }
     // Transparent huge pages where the host offers them on request (THP "madvise"): fewer
     // page-table levels for KVM to walk or shadow, as QEMU does for guest RAM.
     sys.madvise(address, totalBytes, sys.MADV_HUGEPAGE);
-    return GuestMemory.adopt(address, ranges, { kind: "anonymous" });
+    return GuestMemory.adopt(address, ranges, fd >= 0 ? { kind: "shared-fd", fd } : { kind: "anonymous" });
   }
 
   /**
@@ -162,6 +194,7 @@ export class GuestMemory {
     const mem = GuestMemory.attach(descriptors);
     mem.mapping = { address, length: Number(offset) };
     mem.backing = backing;
+    if (backing.kind === "shared-fd") mem.shared = { fd: backing.fd, stretches: mergeStretches(descriptors, address) };
     return mem;
   }
 
@@ -200,6 +233,7 @@ export class GuestMemory {
     }
     if (this.backing !== undefined && this.backing.kind !== "anonymous") sys.close(this.backing.fd);
     this.backing = undefined;
+    this.shared = undefined;
   }
 
   /**
@@ -323,6 +357,20 @@ export class GuestMemory {
     const { view, offset } = this.at(address, 8);
     view.setBigUint64(offset, BigInt(value), true);
   }
+}
+
+/** Regions that continue each other in guest-physical and host address space, as one. */
+function mergeStretches(regions: readonly RegionDescriptor[], mapping: bigint): SharedMemory["stretches"] {
+  const out: { guestAddress: number; size: number; hostAddress: bigint; fileOffset: number }[] = [];
+  for (const r of regions) {
+    const last = out.at(-1);
+    if (last !== undefined && last.guestAddress + last.size === r.base && last.hostAddress + BigInt(last.size) === r.hostAddress) {
+      last.size += r.size;
+    } else {
+      out.push({ guestAddress: r.base, size: r.size, hostAddress: r.hostAddress, fileOffset: Number(r.hostAddress - mapping) });
+    }
+  }
+  return out;
 }
 
 function makeRegion(base: number, bytes: Uint8Array, hostAddress: bigint | undefined): GuestRegion {

@@ -19,10 +19,12 @@ import * as sys from "../sys/libc";
 import { openDiskImage, type DiskImage } from "../host/disk-image";
 import { VirtioPciTransport } from "../devices/virtio/pci-transport";
 import { defaultSerial } from "../devices/virtio/blk/device";
+import { fsDescription } from "../devices/virtio/fs/device";
 import type { PciSlot } from "../devices/pci/types";
 import { IoThread, createIoControl } from "../io/io-thread";
-import { describeVirtioDevice, type VirtioDeviceSpec, type VirtioFunctionSpec } from "../board/virtio-devices";
+import { describeVirtioDevice, type FsSpec, type VirtioDeviceSpec, type VirtioFunctionSpec } from "../board/virtio-devices";
 import { openTap, configureHostSide, type Tap } from "../host/tap";
+import type { BackendInfo } from "../host/vhost-user/frontend";
 import { defaultMac } from "../devices/virtio/net/device";
 import { probeOffloads } from "../devices/virtio/net/backend";
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
@@ -87,6 +89,22 @@ export interface MachineConfig {
   disks?: readonly DiskConfig[];
   /** virtio-net interfaces on TAP devices, in order: eth0, eth1, ... */
   nics?: readonly NicConfig[];
+  /**
+   * virtio-fs devices, each served by a virtiofsd that is running and negotiated
+   * (host/virtiofsd.ts). With any, guest RAM is a memfd mapped shared, which they map.
+   */
+  shares?: readonly ShareConfig[];
+}
+
+export interface ShareConfig {
+  /** The virtio-fs tag the guest mounts it by. */
+  tag: string;
+  /** For messages: "virtiofsd for /home/me/tree". */
+  name: string;
+  /** The vhost-user connection (owned by the caller, which closes it after the machine is destroyed). */
+  connFd: number;
+  /** What the handshake found. */
+  backend: BackendInfo;
 }
 
 /** What to rebuild a machine from: a snapshot, and where its serial ports go now. */
@@ -187,7 +205,7 @@ export class Machine {
 
   private constructor(
     private readonly kvm: Kvm,
-    private readonly vm: Vm,
+    readonly vm: Vm,
     readonly memory: GuestMemory,
     private readonly vcpus: Vcpu[],
     private readonly deviceSpec: DeviceSetSpec,
@@ -298,7 +316,8 @@ export class Machine {
       if (snap.body.vcpus.length !== config.cpus) throw new SnapshotError("corrupted", `snapshot ${snap.dir} is corrupted: it has ${snap.body.vcpus.length} vCPU states for ${config.cpus} vCPUs`);
     }
     const limits = kvm.vcpuLimits();
-    const maxCpus = Math.min(limits.max, maxMpTableCpus((config.disks ?? []).length + (config.nics ?? []).length));
+    const functionCount = (config.disks ?? []).length + (config.nics ?? []).length + (config.shares ?? []).length;
+    const maxCpus = Math.min(limits.max, maxMpTableCpus(functionCount));
     if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > maxCpus) {
       const why = maxCpus === limits.max ? "this host's KVM allows" : "tskvm's MP table holds";
       throw new ConfigError(`cannot give the guest ${config.cpus} vCPUs: ${why} 1 to ${maxCpus}`, "cpus");
@@ -322,11 +341,12 @@ export class Machine {
 
     // A restored machine's RAM is the snapshot's file, mapped copy-on-write: nothing is
     // read until the guest touches it, so the cost does not grow with the RAM size.
-    const memory = source.kind === "restore" ? mapSnapshotRam(source.snapshot, config.memoryBytes) : allocateMemory(config.memoryBytes);
+    const shares = config.shares ?? [];
+    const memory = source.kind === "restore" ? mapSnapshotRam(source.snapshot, config.memoryBytes) : allocateMemory(config.memoryBytes, shares.length > 0);
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
-    const virtio = openVirtioDevices(vm, config.disks ?? [], config.nics ?? [], irqchip, cleanups);
+    const virtio = openVirtioDevices(vm, memory, { disks: config.disks ?? [], nics: config.nics ?? [], shares }, irqchip, cleanups);
     if (source.kind === "restore") {
       checkDisks(source.snapshot.dir, source.machine, virtio);
       if (source.devices.queues.length !== virtio.functions.length) {
@@ -506,6 +526,10 @@ export class Machine {
   snapshot(dir: string, opts: { tskvmVersion: string; detachedDisks?: readonly boolean[]; annotations?: Json }): WrittenSnapshot {
     const paused = this.paused;
     if (paused === undefined) throw new SnapshotError("state", "the VM must be paused for a snapshot");
+    // virtiofsd's FUSE session lives in its process: nothing of it could be saved or restored.
+    if (this.virtio.functions.some((f) => f.device.kind === "virtio-fs")) {
+      throw new SnapshotError("state", "a VM with virtio-fs shares cannot be snapshotted (virtiofsd's state cannot be saved)");
+    }
     const support = vcpuStateSupport(this.vm);
     const msrIndices = msrIndexList(this.kvm);
     // VM state after the vCPUs': KVM_GET_MP_STATE may move pending LAPIC events first.
@@ -728,17 +752,20 @@ class SerialInput {
  * Open the disk images and TAP devices and give each a virtio-pci function: a slot, its
  * shared transport state, eventfds for queue kicks and for its INTx line (irqfd with a
  * resample fd, since the line is level-triggered), and what the I/O worker needs to run its
- * back end. Disks come first (vda, vdb, ...), then network interfaces (eth0, ...).
+ * back end. Disks come first (vda, vdb, ...), then network interfaces (eth0, ...), then
+ * shares (their virtiofsd is already running; each queue also gets a "call" eventfd that
+ * virtiofsd signals).
  */
 function openVirtioDevices(
   vm: Vm,
-  disks: readonly DiskConfig[],
-  nics: readonly NicConfig[],
+  memory: GuestMemory,
+  devices: { disks: readonly DiskConfig[]; nics: readonly NicConfig[]; shares: readonly ShareConfig[] },
   irqchip: boolean,
   cleanups: (() => void)[],
 ): VirtioResources {
+  const { disks, nics, shares } = devices;
   const res: VirtioResources = { functions: [], fds: [], images: [], taps: [], controlFd: undefined, disks: [], nics: [] };
-  if (disks.length + nics.length === 0) return res;
+  if (disks.length + nics.length + shares.length === 0) return res;
   if (!irqchip) throw new ConfigError("virtio devices need the in-kernel irqchip");
   const eventfd = () => {
     const fd = sys.eventfd(0, sys.EFD_NONBLOCK);
@@ -778,12 +805,17 @@ function openVirtioDevices(
     res.nics.push({ tap: n.tap, mac, ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) });
     add(`virtio-net eth${i} (${tap.name})`, { kind: "virtio-net", nic });
   });
+  for (const share of shares) {
+    const callFds = Array.from({ length: fsDescription({ tag: share.tag, backendFeatures: share.backend.features }).queueCount }, eventfd);
+    const fs: FsSpec = { tag: share.tag, name: share.name, connFd: share.connFd, backend: share.backend, memory: memory.shared!, callFds };
+    add(`virtio-fs ${share.tag} (${share.name})`, { kind: "virtio-fs", fs });
+  }
   return res;
 }
 
-function allocateMemory(bytes: number): GuestMemory {
+function allocateMemory(bytes: number, shared: boolean): GuestMemory {
   try {
-    return GuestMemory.allocate(ramLayout(bytes));
+    return GuestMemory.allocate(ramLayout(bytes), { shared });
   } catch (e) {
     throw new ConfigError(`cannot reserve ${formatBytes(bytes)} of guest memory on this host (${(e as Error).message}): give less`, "memoryBytes");
   }

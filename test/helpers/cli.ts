@@ -16,8 +16,9 @@ export interface CliResult {
 }
 
 /** Run tskvm to completion (for commands that fail fast on bad input). */
-export function runCli(args: string[], opts: { env?: NodeJS.ProcessEnv; input?: string; timeoutMs?: number } = {}): CliResult {
+export function runCli(args: string[], opts: { env?: NodeJS.ProcessEnv; input?: string; timeoutMs?: number; cwd?: string } = {}): CliResult {
   const r = spawnSync(process.execPath, [TSKVM_BIN, ...args], {
+    ...(opts.cwd !== undefined ? { cwd: opts.cwd } : {}),
     encoding: "utf8",
     env: { ...process.env, ...opts.env },
     input: opts.input ?? "",

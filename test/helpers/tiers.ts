@@ -16,6 +16,7 @@ import { accessSync, constants } from "node:fs";
 import { detectHostKvm, type HostKvmInfo } from "../../src/kvm/host";
 import { kvmDevicePath } from "../../src/kvm/kvm";
 import { findDefaultGuest, type GuestManifest } from "../../src/api/default-guest";
+import { findVirtiofsd } from "../../src/host/virtiofsd";
 import { findDebianKernel, debianKernelPackage, type DebianKernel } from "../../scripts/lib/debian-kernel";
 
 /** Why /dev/kvm (or $TSKVM_KVM_DEVICE) cannot be used, or undefined when it can. */
@@ -70,6 +71,11 @@ export function guestSkip(): { guest: GuestManifest; skip: false } | { guest: un
   if (guest !== undefined) return { guest, skip: false };
   const skip = requirement("TSKVM_REQUIRE_GUEST", "the default guest is not built (npm run guest)");
   return { guest: undefined, skip: skip || "the default guest is not built" };
+}
+
+/** For tests of shares (virtio-fs): false when virtiofsd is installed, else why not (TSKVM_REQUIRE_VIRTIOFSD). */
+export function virtiofsdSkip(): string | false {
+  return requirement("TSKVM_REQUIRE_VIRTIOFSD", findVirtiofsd() === undefined ? "virtiofsd is not installed (Debian: apt-get install qemu-system-common)" : undefined);
 }
 
 /**

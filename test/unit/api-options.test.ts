@@ -107,3 +107,21 @@ function checkOptionsError(o: VmOptions): string {
   }
   return assert.fail("checkOptions accepted it");
 }
+
+test("checkOptions: shares become tags and the default guest's mount arguments", () => {
+  const c = checkOptions({ shares: ["/srv/a,readonly", { path: "/srv/b", tag: "bee" }], rootfs: "host" });
+  assert.deepEqual(c.shares, [
+    { hostPath: "/srv/a", tag: "a", readOnly: true },
+    { hostPath: "/srv/b", tag: "bee", readOnly: false },
+  ]);
+  assert.equal(c.rootfsHost, true);
+  assert.deepEqual(c.extraArgs.filter((a) => a.startsWith("tskvm.") && a !== "tskvm.agent=1"), [
+    "tskvm.rootfs=tskvm-rootfs",
+    "tskvm.share=a,ro,/srv/a",
+    "tskvm.share=bee,rw,/srv/b",
+  ]);
+  const unmounted = checkOptions({ shares: ["/srv/a"], mountShares: false });
+  assert.equal(unmounted.shares.length, 1);
+  assert.equal(unmounted.extraArgs.some((a) => a.startsWith("tskvm.share=")), false);
+  assert.throws(() => checkOptions({ rootfs: "guest" as "host" }), /bad rootfs 'guest'/);
+});

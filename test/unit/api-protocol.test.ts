@@ -68,7 +68,8 @@ test("runRequest: one line with the id; empty, NUL and oversized commands are re
 });
 
 test("parseControlLine: READY, START, EXIT; anything else is not a control message", () => {
-  assert.deepEqual(parseControlLine("TSKVM-CTL READY nproc=4"), { type: "ready", nproc: 4 });
+  assert.deepEqual(parseControlLine("TSKVM-CTL READY nproc=4"), { type: "ready", nproc: 4, unmounted: [] });
+  assert.deepEqual(parseControlLine("TSKVM-CTL READY nproc=1 unmounted=src,tskvm-rootfs"), { type: "ready", nproc: 1, unmounted: ["src", "tskvm-rootfs"] });
   assert.deepEqual(parseControlLine("TSKVM-CTL START 12\r"), { type: "start", id: 12 });
   assert.deepEqual(parseControlLine("TSKVM-CTL EXIT 12 130"), { type: "exit", id: 12, status: 130 });
   for (const bad of ["", "hello", "TSKVM-CTL EXIT 1", "TSKVM-CTL EXIT 1 256", "TSKVM-CTL EXIT x 1", "TSKVM-CTL READY", "TSKVM-CTL BOGUS 1", " TSKVM-CTL START 1", "TSKVM-GUEST-READY nproc=1"]) {

@@ -16,6 +16,7 @@ import {
   R_STATUS,
   VirtioPciRegs,
   type InterruptDelivery,
+  type MsiMessage,
   type VirtioPciState,
 } from "./transport-state";
 
@@ -90,6 +91,17 @@ export class VirtioPciDeviceSide {
       if (!this.runningLocked(generation)) return NONE;
       return this.regs.signalLocked(VirtioIsr.QUEUE, this.regs.q(queue, Q_VECTOR));
     });
+  }
+
+  /**
+   * The MSI message queue `queue`'s vector stands for, when an interrupt for it would be
+   * sent as that message right now (MSI-X on, nothing masked, a vector assigned). A back
+   * end in another process can then raise it itself (irqfd on a GSI routed to the
+   * message); otherwise its notifications must come through signalUsed().
+   */
+  queueDirectMessage(queue: number): MsiMessage | undefined {
+    if (!Number.isInteger(queue) || queue < 0 || queue >= this.regs.queueCount) return undefined;
+    return this.regs.s.locked(() => this.regs.deliverableMessageLocked(this.regs.q(queue, Q_VECTOR)));
   }
 
   /** The device configuration changed (after updateDeviceConfig, say): interrupt the driver. */

@@ -469,6 +469,24 @@ export class Virtqueue {
     this.nextAvail = (this.nextAvail - count) & 0xffff;
   }
 
+  /**
+   * Take over a queue that another party (a vhost-user back end that died) served until now,
+   * answering in the order requests were made available: continue at its published used
+   * index, so every entry made available since is popped, whether it had taken it or not.
+   * Throws VirtqueueError when the rings are broken (see create) or the indices are more
+   * than a queue apart.
+   */
+  static takeOver(memory: GuestMemory, config: QueueConfig, features: bigint): Virtqueue {
+    const q = Virtqueue.create(memory, config, features);
+    const used = Atomics.load(q.used16, 1);
+    const pending = (Atomics.load(q.avail16, 1) - used) & 0xffff;
+    if (pending > q.size) {
+      throw new VirtqueueError("AvailIndexTooFar", q.index, `available index is ${pending} entries past the used index ${used}, more than the queue size ${q.size}`);
+    }
+    q.nextAvail = q.availSeen = q.nextUsed = q.published = used;
+    return q;
+  }
+
   private ringSlice(addr: number, length: number, align: number, what: string): Uint8Array {
     if (!Number.isSafeInteger(addr) || addr % align !== 0) {
       throw new VirtqueueError("InvalidQueueConfig", this.index, `${what} at ${hex(addr)} is not ${align}-byte aligned`);

@@ -43,8 +43,9 @@ export class VirtioDeviceRunner {
 
   /**
    * Bring the device model in line with the driver: activate after DRIVER_OK, reset after the
-   * driver reset the device (the transport bumps its reset generation). Called on every
-   * control event and before each kick is handled.
+   * driver reset the device (the transport bumps its reset generation), and tell an active
+   * one that the interrupt setup may have changed. Called on every control event and before
+   * each kick is handled.
    */
   sync(): void {
     const gen = this.transport.resetGeneration();
@@ -55,7 +56,11 @@ export class VirtioDeviceRunner {
     this.generation = gen;
     const restored = this.restored;
     this.restored = undefined;
-    if (!this.active && this.transport.driverOk()) {
+    if (this.active) {
+      this.device.transportChanged?.();
+      return;
+    }
+    if (this.transport.driverOk()) {
       this.active = true;
       // Signals carry the generation they were activated in: after a reset the transport
       // drops them, so a late completion cannot interrupt the next driver.

@@ -16,6 +16,8 @@
 export const VIRTIO_PCI_VENDOR_ID = 0x1af4;
 /** Transitional device IDs are 0x1000 + type - 1 (0x1000 net, 0x1001 block). */
 export const VIRTIO_PCI_TRANSITIONAL_DEVICE_BASE = 0x1000;
+/** Modern-only (non-transitional) device IDs are 0x1040 + type (0x105a virtio-fs). */
+export const VIRTIO_PCI_MODERN_DEVICE_BASE = 0x1040;
 
 export const LEGACY_BAR = 0;
 export const MSIX_BAR = 1;
@@ -112,6 +114,7 @@ export function virtioClassCode(deviceType: number): number {
     case 1:
       return 0x020000; // network controller, ethernet
     case 2:
+    case 26: // virtio-fs, as QEMU classes it
       return 0x018000; // mass storage, other
     default:
       return 0xff0000;

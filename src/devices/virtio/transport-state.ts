@@ -54,6 +54,7 @@ import {
   VIRTIO_PCI_CAP_ISR_CFG,
   VIRTIO_PCI_CAP_NOTIFY_CFG,
   VIRTIO_PCI_CAP_PCI_CFG,
+  VIRTIO_PCI_MODERN_DEVICE_BASE,
   VIRTIO_PCI_TRANSITIONAL_DEVICE_BASE,
   VIRTIO_PCI_VENDOR_ID,
   legacyBarSize,
@@ -172,8 +173,9 @@ function layout(queueCount: number, configLength: number): Layout {
  */
 export function createVirtioPciState(info: VirtioDeviceDescription, opts: VirtioPciOptions = {}): VirtioPciState {
   const { deviceType, queueCount, maxQueueSize } = info;
+  const modernOnly = info.modernOnly === true;
   if (!Number.isInteger(deviceType) || deviceType < 1 || deviceType > 0x3f) {
-    throw new RangeError(`virtio-pci: device type ${deviceType} has no transitional device ID`);
+    throw new RangeError(`virtio-pci: device type ${deviceType} has no ${modernOnly ? "" : "transitional "}device ID`);
   }
   if (!Number.isInteger(queueCount) || queueCount < 1 || queueCount > MAX_QUEUES) {
     throw new RangeError(`virtio-pci: ${queueCount} queues (1..${MAX_QUEUES} supported)`);
@@ -185,14 +187,16 @@ export function createVirtioPciState(info: VirtioDeviceDescription, opts: Virtio
 
   const pci = PciConfigSpace.create({
     vendorId: VIRTIO_PCI_VENDOR_ID,
-    deviceId: VIRTIO_PCI_TRANSITIONAL_DEVICE_BASE + deviceType - 1,
+    deviceId: modernOnly ? VIRTIO_PCI_MODERN_DEVICE_BASE + deviceType : VIRTIO_PCI_TRANSITIONAL_DEVICE_BASE + deviceType - 1,
     classCode: virtioClassCode(deviceType),
-    revision: 0, // a transitional device: Linux's legacy driver insists on ABI version 0
+    // A transitional device: Linux's legacy driver insists on ABI version 0. A modern-only
+    // one should say 1 (virtio 1.2, 4.1.2.1).
+    revision: modernOnly ? 1 : 0,
     subsystemVendorId: VIRTIO_PCI_VENDOR_ID,
     subsystemId: deviceType,
     intxPin: opts.intxPin ?? 0,
   });
-  pci.defineBar(LEGACY_BAR, "io", legacyBarSize(info.config.length));
+  if (!modernOnly) pci.defineBar(LEGACY_BAR, "io", legacyBarSize(info.config.length));
   pci.defineBar(MSIX_BAR, "mem32", MSIX_BAR_SIZE);
   pci.defineBar(MODERN_BAR, "mem64", MODERN_BAR_SIZE);
 
@@ -435,6 +439,20 @@ export class VirtioPciRegs {
       return NONE;
     }
     return { kind: "msix", vector, ...this.message(vector) };
+  }
+
+  /**
+   * The message `vector` would be sent as right now, when it would be sent at all: MSI-X
+   * enabled, neither the function nor the vector masked, the vector in the table. For a
+   * back end that raises the vector itself (irqfd): otherwise it must go through
+   * signalLocked, which keeps the pending bit of a masked vector and the ISR for INTx.
+   */
+  deliverableMessageLocked(vector: number): MsiMessage | undefined {
+    const control = this.msixControl();
+    if ((control & MSIX_CONTROL_ENABLE) === 0 || (control & MSIX_CONTROL_FUNCTION_MASK) !== 0) return undefined;
+    if (vector === VIRTIO_MSI_NO_VECTOR || vector >= this.tableSize) return undefined;
+    if ((this.entry(vector, MSIX_VECTOR_CONTROL) & MSIX_ENTRY_MASKED) !== 0) return undefined;
+    return this.message(vector);
   }
 
   /** Pending vectors that may now be sent (enabled, unmasked): clears their PBA bits. */

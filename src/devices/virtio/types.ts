@@ -6,7 +6,7 @@
 import type { GuestMemory } from "../../memory/guest-memory";
 import type { VirtqueueState } from "./queue";
 
-export const VirtioDeviceType = { NET: 1, BLOCK: 2 } as const;
+export const VirtioDeviceType = { NET: 1, BLOCK: 2, FS: 26 } as const;
 
 /** Device status bits (spec 2.1). */
 export const VirtioStatus = {
@@ -56,6 +56,11 @@ export interface VirtioDeviceDescription {
   readonly deviceFeatures: bigint;
   /** Initial contents of the device-specific configuration space. */
   readonly config: Uint8Array;
+  /**
+   * No legacy (virtio 0.9) interface: device ID 0x1040 + type, revision 1, no legacy I/O
+   * BAR. For device types the legacy interface never had (virtio-fs).
+   */
+  readonly modernOnly?: boolean;
 }
 
 /**
@@ -89,6 +94,11 @@ export interface VirtioDevice extends VirtioDeviceDescription {
   quiesce(): void;
   /** After quiesce(): each queue's positions, undefined for a queue not in use. */
   queueStates(): (VirtqueueState | undefined)[];
+  /**
+   * While active: the driver changed the transport's interrupt setup (MSI-X table, masks,
+   * vector assignments). For a device whose back end raises interrupts itself (vhost-user).
+   */
+  transportChanged?(): void;
 }
 
 /**
