@@ -343,6 +343,20 @@ export class HelperProcess {
     return l === "" ? "" : `: ${l}`;
   }
 
+  /**
+   * Wait up to `timeoutMs` for it to end by itself (e.g. after its socket was closed);
+   * true when it has. Marks the end as expected.
+   */
+  async waitExit(timeoutMs: number): Promise<boolean> {
+    this.stopping = true;
+    if (this.exitInfo !== undefined) return true;
+    this.child.ref();
+    let timer: NodeJS.Timeout | undefined;
+    const ended = await Promise.race([this.exited.then(() => true), new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs)))]);
+    clearTimeout(timer);
+    return ended;
+  }
+
   /** SIGTERM to its process group, SIGKILL after `graceMs`; resolves when it has ended. Removes the runtime dir. */
   async stop(graceMs = 2000): Promise<HelperExit> {
     this.stopping = true;
