@@ -13,10 +13,12 @@
  * pieces: it waits once for the rest, and if that read returns short its parser loses the
  * frame boundaries for good. So a frame that would not fit is not started: sendFrame()
  * returns false, the caller keeps the frame (nothing is dropped) and tries again when the
- * socket polls writable. A short write is still handled (its remainder is kept here and
- * goes first), but room accounting makes it the exception: the kernel accepts a write
- * while the queue's memory (SIOCOUTQ) is below SO_SNDBUF, and a frame costs at most its
- * bytes plus one page and a skb header per 32 KiB.
+ * socket polls writable. Room: the kernel accepts a write while the queue's memory
+ * (SIOCOUTQ) is below SO_SNDBUF, and a frame costs at most its bytes plus a page and a
+ * skb header per 32 KiB. Should the kernel cut a write short all the same, the rest of the
+ * frame is written at once, waiting for the socket (passt is reading: it is blocked on
+ * exactly that rest); a peer that stops reading in the middle of a frame for
+ * `shortWriteTimeoutMs` takes the stream down.
  *
  * The socket fd is non-blocking and is not closed here: its owner (the passt handle on
  * the main thread) closes it. Once the peer closes or the protocol breaks, the stream is
@@ -49,6 +51,8 @@ export interface NetStreamOptions {
   readBufferBytes?: number;
   /** SO_SNDBUF to ask for; 0 leaves the socket's own (default 1 MiB, capped by the kernel). */
   sendBufferBytes?: number;
+  /** How long the rest of a frame cut short may wait for the peer to read (default 2 s). */
+  shortWriteTimeoutMs?: number;
 }
 
 export interface NetStreamStats {
@@ -60,7 +64,7 @@ export interface NetStreamStats {
   txFrames: number;
   /** sendFrame calls refused for want of room (the caller kept the frame). */
   txBlocked: number;
-  /** Writes the kernel cut short despite the accounting (remainder kept and sent first). */
+  /** Writes the kernel cut short despite the accounting (the rest written at once). */
   txShort: number;
   /** SIOCOUTQ queries made to refresh the room estimate. */
   txRoomQueries: number;
@@ -95,11 +99,8 @@ export class NetStream {
   private readonly lengthAddress: number;
   /** Upper bound of the send queue's memory: SIOCOUTQ when last asked plus what was written since. */
   private queued = 0;
-  /** The unsent end of a frame whose write was cut short (pendingLen 0: none). */
-  private readonly pending: Uint8Array;
-  private pendingStart = 0;
-  private pendingLen = 0;
   private wantWrite = false;
+  private readonly shortWriteTimeoutMs: number;
   /** The buffer sendFrame() last sent from, and its address (one FFI call per new buffer). */
   private lastBuffer: ArrayBufferLike | undefined;
   private lastAddress = 0;
@@ -117,7 +118,7 @@ export class NetStream {
       throw new RangeError(`net stream: a ${rbytes}-byte read buffer holds fewer than two ${this.maxFrame}-byte frames`);
     }
     this.rbuf = new Uint8Array(rbytes);
-    this.pending = new Uint8Array(this.maxFrame + STREAM_LENGTH_BYTES);
+    this.shortWriteTimeoutMs = options.shortWriteTimeoutMs ?? 2000;
     const sndbuf = options.sendBufferBytes ?? DEFAULT_SEND_BUFFER;
     if (sndbuf > 0) sys.setsockoptInt(fd, sys.SOL_SOCKET, sys.SO_SNDBUF, sndbuf);
     this.sendBuffer = sys.getsockoptInt(fd, sys.SOL_SOCKET, sys.SO_SNDBUF);
@@ -215,9 +216,9 @@ export class NetStream {
 
   // ---- TX ----
 
-  /** True while a frame waits for room (or a cut frame's end is unsent): poll for POLLOUT. */
+  /** True after sendFrame() refused a frame for want of room: poll for POLLOUT. */
   get wantsWrite(): boolean {
-    return this.downReason === undefined && (this.wantWrite || this.pendingLen > 0);
+    return this.downReason === undefined && this.wantWrite;
   }
 
   /**
@@ -267,32 +268,10 @@ export class NetStream {
     return length > 0 && length <= this.maxFrame;
   }
 
-  /** Write the end of a cut frame, if any; true when nothing of it is left. */
-  flush(): boolean {
-    if (this.pendingLen === 0) return true;
-    if (this.downReason !== undefined) {
-      this.pendingLen = 0;
-      return true;
-    }
-    let n: number;
-    try {
-      n = sys.write(this.fd, this.pending.subarray(this.pendingStart), this.pendingLen);
-    } catch (e) {
-      this.markDown(`writing to the socket failed: ${(e as Error).message}`);
-      this.pendingLen = 0;
-      return true;
-    }
-    if (n < 0) return false;
-    this.pendingStart += n;
-    this.pendingLen -= n;
-    this.queued += n;
-    return this.pendingLen === 0;
-  }
-
   /** iov entries 1..n-1 hold the frame (`len` bytes): write it with its length word, or not at all. */
   private writeFrame(entries: number, len: number): boolean {
     if (this.downReason !== undefined || !this.frameFits(len)) return true;
-    if (!this.flush() || !this.hasRoom(len)) {
+    if (!this.hasRoom(len)) {
       this.wantWrite = true;
       this.stats.txBlocked++;
       return false;
@@ -316,7 +295,7 @@ export class NetStream {
     this.wantWrite = false;
     this.queued += queueCost(len);
     this.stats.txFrames++;
-    if (n < total) this.keepRemainder(entries, n, total);
+    if (n < total) this.finishShortWrite(entries, n, total);
     return true;
   }
 
@@ -335,9 +314,14 @@ export class NetStream {
     return this.queued === 0 || this.queued + cost <= this.sendBuffer;
   }
 
-  /** Copy what a short write left of the frame (iov entries 0..entries-1, `written` of `total` bytes sent) into `pending`. */
-  private keepRemainder(entries: number, written: number, total: number): void {
+  /**
+   * Write the rest of a frame the kernel cut short (iov entries 0..entries-1, `written` of
+   * `total` bytes sent), waiting for the socket: a frame left half-sent would wedge the
+   * peer. Takes the stream down if the peer does not read it in time.
+   */
+  private finishShortWrite(entries: number, written: number, total: number): void {
     this.stats.txShort++;
+    const rest = new Uint8Array(total - written);
     let at = 0; // stream offset of entry i
     let out = 0;
     for (let i = 0; i < entries; i++) {
@@ -345,15 +329,30 @@ export class NetStream {
       const size = getU64(this.iovView, 16 * i + 8);
       const from = Math.max(0, written - at);
       if (from < size) {
-        const part = new Uint8Array(sys.view(BigInt(base + from), size - from));
-        this.pending.set(part, out);
-        out += part.byteLength;
+        rest.set(new Uint8Array(sys.view(BigInt(base + from), size - from)), out);
+        out += size - from;
       }
       at += size;
     }
-    this.pendingStart = 0;
-    this.pendingLen = total - written;
-    if (out !== this.pendingLen) throw new Error(`net stream: kept ${out} bytes of a cut frame, expected ${this.pendingLen}`);
+    const deadline = Date.now() + this.shortWriteTimeoutMs;
+    for (let done = 0; done < rest.length; ) {
+      let n: number;
+      try {
+        n = sys.write(this.fd, rest.subarray(done));
+      } catch (e) {
+        this.markDown(`writing to the socket failed: ${(e as Error).message}`);
+        return;
+      }
+      if (n > 0) {
+        done += n;
+        continue;
+      }
+      const left = deadline - Date.now();
+      if (left <= 0 || (sys.pollOne(this.fd, sys.POLLOUT, left) & sys.POLLOUT) === 0) {
+        this.markDown(`the peer stopped reading in the middle of a frame (${rest.length - done} of ${total} bytes unsent)`);
+        return;
+      }
+    }
   }
 }
 
