@@ -165,10 +165,13 @@ export function sweepRuntimeDirs(base: string = runtimeBase()): string[] {
   return swept;
 }
 
-/** Has process `pid` exec'd something other than `wrapper` (its /proc/PID/exe)? */
+/**
+ * Has process `pid` exec'd something other than `wrapper`? Its /proc/PID/comm (readable
+ * even once a helper like passt has made itself non-dumpable, unlike /proc/PID/exe).
+ */
 function execed(pid: number, wrapper: string): boolean {
   try {
-    return fs.readlinkSync(`/proc/${pid}/exe`) !== fs.realpathSync(wrapper);
+    return fs.readFileSync(`/proc/${pid}/comm`, "utf8").trim() !== path.basename(wrapper).slice(0, 15);
   } catch {
     return false;
   }

@@ -268,6 +268,41 @@ describe("the real passt, in a namespace with an uplink", { skip }, () => {
     assert.deepEqual(leftoverRuntimeDirs(child.pid), [], "the runtime directory was gone before the kill");
   });
 
+  it("works for a user without privileges (nobody, no capabilities): DHCP, a forward, stop", async (t) => {
+    if (spawnSync("setpriv", ["--version"]).status !== 0) return t.skip("needs setpriv (util-linux) to drop privileges");
+    const dir = path.join(__dirname, "../..");
+    const script = `
+      const { Passt, parseForward } = require(${JSON.stringify(path.join(dir, "src/host/passt.js"))});
+      const { NetStream } = require(${JSON.stringify(path.join(dir, "src/host/net-stream.js"))});
+      const h = require(${JSON.stringify(path.join(dir, "test/helpers/passt.js"))});
+      (async () => {
+        const p = await Passt.start({ forwards: [parseForward("tcp:${21000 + (process.pid % 20000)}:80")] });
+        const uid = require("fs").readFileSync("/proc/" + p.pid + "/status", "utf8").match(/Uid:\\s+(\\d+)/)[1];
+        const s = new NetStream(p.fd);
+        s.sendFrame(h.dhcpFrame(Uint8Array.of(0x52, 0x54, 0, 1, 2, 3), h.DhcpType.DISCOVER, 7));
+        let reply;
+        for (let i = 0; i < 500 && reply === undefined; i++) {
+          const f = s.peekFrame();
+          if (f === undefined) { await new Promise((r) => setTimeout(r, 10)); continue; }
+          reply = h.parseDhcpReply(f);
+          s.consumeFrame();
+        }
+        await p.stop();
+        console.log(JSON.stringify({ uid, yiaddr: reply && reply.yiaddr, ssh: p.sshPort, exit: await p.exited }));
+      })().catch((e) => console.log(JSON.stringify({ error: e.message })));`;
+    const r = spawnSync(
+      "ip",
+      ["netns", "exec", ns.name, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", process.execPath, "-e", script],
+      { encoding: "utf8", timeout: 60_000 },
+    );
+    const out = JSON.parse(r.stdout.trim().split("\n").pop() || "{}");
+    assert.equal(out.error, undefined, r.stderr);
+    assert.equal(out.uid, "65534");
+    assert.equal(out.yiaddr, "10.0.2.15");
+    assert.ok(out.ssh > 0);
+    assert.deepEqual(out.exit, { code: 0, signal: null, expected: true });
+  });
+
   it("when passt dies, the stream goes down and the exit is unexpected", async () => {
     const p = await Passt.start({ command, sshForward: false });
     const s = new NetStream(p.fd);
