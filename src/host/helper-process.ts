@@ -177,12 +177,17 @@ function execed(pid: number, wrapper: string): boolean {
   }
 }
 
+/** Is process `pid` alive (a zombie, ended but not yet reaped, is not)? */
 function processExists(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (e) {
     return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+  try {
+    return !/^\d+ \(.*\) Z /s.test(fs.readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return true;
   }
 }
 
