@@ -34,6 +34,8 @@ export type OptionName =
   | "nics.mac"
   | "nics.hostCidr"
   | "guestIp"
+  | "net"
+  | "forwards"
   | "entry"
   | "cpuTemplate";
 

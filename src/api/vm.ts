@@ -13,6 +13,9 @@ import type { SerialSinkSpec } from "../board/devices";
 import { VmError, VmExitedError, VmTimeoutError, GuestAgentError, VmStartError, type VmWait } from "./errors";
 import { Channel, ChannelDemux, LineSplitter, POWEROFF_REQUEST, commandLine, parseControlLine, runRequest } from "./protocol";
 import { checkOptions, readInputFile, resolveBootFiles, toStartError } from "./start";
+import { GUEST_SSH_PORT, Passt, formatForward } from "../host/passt";
+import { describeExit } from "../host/helper-process";
+import { shellQuote } from "./protocol";
 import type { ConsoleMode, RunOptions, RunResult, VmExit, VmInfo, VmOptions } from "./types";
 
 /** The pipe the UARTs share, made large so that a busy event loop does not stall the vCPUs. */
@@ -67,6 +70,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
   let logFd: number | undefined;
   let mux: { read: number; write: number } | undefined;
   let machine: Machine | undefined;
+  let passt: Passt | undefined;
   try {
     const checked = checkOptions(options);
     const files = resolveBootFiles(options, checked.agent);
@@ -90,6 +94,10 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
         // A smaller pipe (the default 64 KiB) works too.
       }
     }
+    if (checked.userNet !== undefined) {
+      // Last of the checks that need no KVM, first of what must be undone on failure.
+      passt = await Passt.start({ forwards: checked.userNet.forwards, sshForward: checked.userNet.sshForward });
+    }
     const tagged = (tag: number): SerialSinkSpec | undefined => (checked.agent ? { fd: mux!.write, tag } : undefined);
     const cmdline = [files.cmdline.trim(), ...checked.extraArgs].filter((a) => a !== "").join(" ");
     try {
@@ -109,7 +117,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
         ...(options.cpuTemplate !== undefined ? { cpuTemplate: options.cpuTemplate } : {}),
         hideFeatures: options.hideCpuFeatures ?? [],
         disks: checked.disks,
-        nics: checked.nics,
+        nics: passt === undefined ? checked.nics : [...checked.nics, { stream: { fd: passt.fd, name: "passt", reportsOwnLoss: true } }],
         ...(options.kvmPath !== undefined ? { kvmPath: options.kvmPath } : {}),
       });
     } catch (e) {
@@ -127,6 +135,11 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       cpuTemplate: machine.cpuTemplate,
       disks: checked.disks.map((d) => d.path),
       taps: checked.nics.map((n) => n.tap),
+      net: passt !== undefined ? "user" : undefined,
+      forwards: passt?.forwards.map(formatForward) ?? [],
+      sshPort: passt?.sshPort,
+      sshKey: files.sshKey,
+      sshCommand: passt === undefined ? undefined : sshCommand(passt, files.sshKey),
       agent: checked.agent,
       defaultGuest: files.defaultGuest,
     };
@@ -134,6 +147,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       capture,
       mux,
       logFd,
+      passt,
       retain: options.consoleRetain ?? DEFAULT_CONSOLE_RETAIN,
       ...(options.onWarning !== undefined ? { onWarning: options.onWarning } : {}),
     });
@@ -146,6 +160,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
         sys.close(mux.write);
       }
       if (logFd !== undefined) closeSync(logFd);
+      await passt?.stop();
     }
     throw toStartError(e);
   }
@@ -178,6 +193,7 @@ export class Vm extends EventEmitter {
   private muxSocket: Socket | undefined;
   private muxWriteFd: number | undefined;
   private agentBusyWithPoweroff = false;
+  private readonly passt: Passt | undefined;
 
   /** @internal Use startVm(). */
   constructor(
@@ -189,10 +205,20 @@ export class Vm extends EventEmitter {
       logFd: number | undefined;
       retain: number;
       onWarning?: (message: string) => void;
+      /** The user-mode network's passt, stopped when the VM ends. */
+      passt?: Passt | undefined;
     },
   ) {
     super();
     const onWarning = io.onWarning ?? ((message: string) => this.emit("warning", message));
+    this.passt = io.passt;
+    // passt dying is the guest's network going away, not the VM's end: one line, and the
+    // device takes eth0's link down (it sees the socket close).
+    void io.passt?.exited.then((e) => {
+      if (e.expected || this.exitInfo !== undefined) return;
+      const last = io.passt!.lastLine();
+      onWarning(`passt ${describeExit(e)}${last === "" ? "" : ` (${last})`}: the guest's network (eth0) is down; the VM keeps running`);
+    });
     machine.onDiagnostic = (d) => {
       if (d.kind === "warning") onWarning(d.message);
       else this.emit("registers", { vcpu: d.vcpu, dump: d.dump });
@@ -234,6 +260,12 @@ export class Vm extends EventEmitter {
   get exit(): VmExit | undefined {
     return this.exitInfo;
   }
+
+  /** The host port (on 127.0.0.1) forwarded to the guest's SSH with net "user", else undefined. */
+  get sshPort(): number | undefined {
+    return this.info.sshPort;
+  }
+
 
   /** End the VM now from the host side (no guest shutdown). Resolves when it has ended. */
   stop(reason = "stopped through the API"): Promise<VmExit> {
@@ -285,6 +317,8 @@ export class Vm extends EventEmitter {
     } catch (e) {
       cleanup = ` (releasing the VM failed: ${(e as Error).message})`;
     }
+    // After the machine: the I/O worker no longer uses passt's socket.
+    await this.passt?.stop();
     if (this.logFd !== undefined) closeSync(this.logFd);
     const stop = result.stop;
     const exit: VmExit =
@@ -509,6 +543,14 @@ export class Vm extends EventEmitter {
       this.machine.sendSerialInput(1, Buffer.from(request(run.id), "latin1"));
     });
   }
+}
+
+/** "ssh -p PORT -i KEY root@ADDRESS" for the forward to the guest's port 22, if there is one. */
+function sshCommand(passt: Passt, key: string | undefined): string | undefined {
+  const f = passt.forwards.find((x) => x.protocol === "tcp" && x.guestPort === GUEST_SSH_PORT && x.hostPort === passt.sshPort);
+  if (f === undefined) return undefined;
+  const host = f.hostAddress === "0.0.0.0" ? "127.0.0.1" : f.hostAddress;
+  return `ssh -p ${f.hostPort}${key === undefined ? "" : ` -i ${shellQuote(key)}`} root@${host}`;
 }
 
 function describeWait(what: VmWait): string {

@@ -1,14 +1,15 @@
 /**
  * Virtio-pci functions as plain data, and what each thread makes of one.
  *
- * The machine (main thread) opens the host resources (disk image, TAP), allocates each
+ * The machine (main thread) opens the host resources (disk image, TAP; a passt socket is
+ * opened by the API and handed to it), allocates each
  * function's shared transport state and eventfds, and writes it all into one
  * VirtioFunctionSpec, posted as it is to every worker:
  * - vCPU threads (and the main thread) put the register side on the PCI bus
  *   (devices.ts: instantiateDevices, VirtioPciTransport);
  * - the I/O worker builds the device model over its host back end and runs it
  *   (instantiateIoSide: VirtioDeviceRunner, VirtioBlock over a FileBlockEngine,
- *   VirtioNet over a Tap).
+ *   VirtioNet over a Tap or a StreamNetBackend).
  * A device's identity (type, queues, features, config space) comes from its spec alone
  * (describeVirtioDevice), so no thread builds a back end just to learn it.
  */
@@ -24,6 +25,7 @@ import { VirtioBlock, blkDescription } from "../devices/virtio/blk/device";
 import { VirtioNet, netDescription } from "../devices/virtio/net/device";
 import { FileBlockEngine } from "../host/block-file-engine";
 import { Tap } from "../host/tap";
+import { StreamNetBackend } from "../host/stream-backend";
 
 /** An open disk image, as plain data (the fd is valid in every thread of the process). */
 export interface DiskSpec {
@@ -34,13 +36,25 @@ export interface DiskSpec {
   serial: string;
 }
 
-/** An open TAP, as plain data: the fd stays owned (and closed) by the main thread. */
+/**
+ * A NIC's back end, as plain data; its fd stays owned (and closed) by the main thread:
+ * an open TAP, or a connected `-netdev stream` socket (passt's).
+ */
+export type NicBackendSpec =
+  | { kind: "tap"; fd: number; name: string; created: boolean }
+  | {
+      kind: "stream";
+      fd: number;
+      /** For messages: "passt". */
+      name: string;
+      /** Its owner reports its loss (passt's exit) itself. */
+      reportsOwnLoss: boolean;
+    };
+
 export interface NicSpec {
-  tapFd: number;
-  tapName: string;
-  created: boolean;
+  backend: NicBackendSpec;
   mac: Uint8Array;
-  /** Whether the TAP takes the offloads (probed once, on the main thread). */
+  /** Whether the back end takes the offloads (probed once, on the main thread). */
   offloads: boolean;
 }
 
@@ -81,9 +95,10 @@ export function createVirtioDevice(spec: VirtioDeviceSpec, log: (line: string) =
     case "virtio-blk":
       return new VirtioBlock(new FileBlockEngine(spec.disk), { serial: spec.disk.serial, log });
     case "virtio-net": {
-      // A second handle on the main thread's TAP fd: never closed from here.
-      const tap = new Tap(spec.nic.tapName, spec.nic.tapFd, spec.nic.created, 12);
-      return new VirtioNet(tap, { mac: spec.nic.mac, offloads: spec.nic.offloads, log });
+      // A second handle on the main thread's fd: never closed from here.
+      const b = spec.nic.backend;
+      const backend = b.kind === "tap" ? new Tap(b.name, b.fd, b.created, 12) : new StreamNetBackend(b.fd, b.name, { reportsOwnLoss: b.reportsOwnLoss });
+      return new VirtioNet(backend, { mac: spec.nic.mac, offloads: spec.nic.offloads, log });
     }
   }
 }

@@ -73,6 +73,8 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
   if (opts.kernel === undefined) say("no kernel given (-k): using the default guest (building it on first use, which takes minutes)");
   const vm = await startVm({ ...vmOptionsFrom(opts), agent: false, console: { fd: 1 }, onWarning: say });
   say(`${bootBanner(vm)}; Ctrl-A x quits`);
+  // A line to paste as it is (the comment keeps the shell quiet about the rest).
+  if (vm.info.sshCommand !== undefined) process.stderr.write(`${vm.info.sshCommand}    # tskvm: log into the guest\n`);
   return runToEnd(vm);
 }
 

@@ -36,6 +36,7 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
       ...(opts.tapIps[i] !== undefined ? { hostCidr: opts.tapIps[i]! } : {}),
     })),
     ...(opts.guestIp !== undefined ? { guestIp: opts.guestIp } : {}),
+    ...(opts.net !== undefined ? { net: opts.net, forwards: opts.forwards } : {}),
     ...(opts.cpuTemplate !== undefined ? { cpuTemplate: opts.cpuTemplate } : {}),
     hideCpuFeatures: opts.hideFeatures,
     ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
@@ -47,7 +48,8 @@ export function bootBanner(vm: Vm): string {
   const i = vm.info;
   const extras =
     (i.disks.length === 0 ? "" : `, ${i.disks.length} disk${i.disks.length > 1 ? "s" : ""}`) +
-    (i.taps.length === 0 ? "" : `, network on ${i.taps.join(", ")}`);
+    (i.taps.length === 0 ? "" : `, network on ${i.taps.join(", ")}`) +
+    (i.net === undefined ? "" : `, user-mode network (passt)${i.forwards.length === 0 ? "" : ` forwarding ${i.forwards.join(", ")}`}`);
   return `booting ${i.kernel} (${i.bootDescription}), ${i.cpus} vCPU${i.cpus > 1 ? "s" : ""}, ${formatBytes(i.memoryBytes)}${extras}, CPU template ${i.cpuTemplate}`;
 }
 
@@ -91,6 +93,7 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
     });
     if (signal !== undefined) void vm.stop(`stopped by ${signal}`);
     note(bootBanner(vm));
+    if (vm.info.sshCommand !== undefined) note(`log in with: ${vm.info.sshCommand}`);
     return await drive(vm, opts, () => signal, note, t0);
   } finally {
     for (const s of signals) process.off(s, onSignal);

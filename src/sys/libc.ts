@@ -123,6 +123,8 @@ export const POLLIN = 0x001;
 export const POLLOUT = 0x004;
 export const POLLERR = 0x008;
 export const POLLHUP = 0x010;
+/** A stream socket's peer closed (or shut down writing): Linux's POLLRDHUP. */
+export const POLLRDHUP = 0x2000;
 
 export const LOCK_SH = 1;
 export const LOCK_EX = 2;

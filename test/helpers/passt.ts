@@ -134,3 +134,40 @@ export function parseDhcpReply(f: Uint8Array): DhcpReply | undefined {
 export function dotted(b: Uint8Array | undefined): string {
   return b === undefined ? "" : Array.from(b).join(".");
 }
+
+// ---- finding the passt a test started ----
+
+/** An environment variable that marks every process a test starts (passt inherits it from tskvm). */
+export function testMark(): { name: string; value: string; env: Record<string, string> } {
+  const value = `${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+  return { name: "TSKVM_TEST_MARK", value, env: { TSKVM_TEST_MARK: value } };
+}
+
+/** Running (not zombie) passt processes whose environment carries `mark`. */
+export function passtProcesses(mark: string): number[] {
+  const want = `TSKVM_TEST_MARK=${mark}`;
+  const pids: number[] = [];
+  for (const d of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      if (!fs.readFileSync(`/proc/${d}/comm`, "utf8").startsWith("passt")) continue;
+      if (/^\d+ \(.*\) Z /.test(fs.readFileSync(`/proc/${d}/stat`, "utf8"))) continue;
+      if (fs.readFileSync(`/proc/${d}/environ`, "latin1").split("\0").includes(want)) pids.push(Number(d));
+    } catch {
+      // gone, or not ours to read
+    }
+  }
+  return pids;
+}
+
+/** Runtime directories of passt for tskvm process `pid` (none should outlive start-up). */
+export function passtRuntimeDirs(pid: number): string[] {
+  const bases = [os.tmpdir(), process.env["XDG_RUNTIME_DIR"] ?? ""].filter((b) => b !== "");
+  return bases.flatMap((b) => {
+    try {
+      return fs.readdirSync(b).filter((n) => n.startsWith(`tskvm-${pid}-passt-`));
+    } catch {
+      return [];
+    }
+  });
+}

@@ -59,6 +59,10 @@ export class VirtioDeviceRunner {
           this.log.warn(`${this.name}: ${reason}; the device needs a reset by its driver`);
           this.deliver(this.transport.setNeedsReset());
         },
+        updateConfig: (offset, bytes) => {
+          this.transport.updateDeviceConfig(offset, bytes);
+          this.deliver(this.transport.signalConfigChange(gen));
+        },
       });
     }
   }

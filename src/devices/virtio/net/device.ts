@@ -151,7 +151,11 @@ export class VirtioNet implements VirtioDevice, NetLink {
   private logged = 0;
   private ctx: VirtioActivation | undefined;
   private broken = false;
-  /** The back end failed (it reported an error on poll, a read failed): no longer polled. */
+  /**
+   * The back end failed for good (it reported an error on poll, a read failed, passt
+   * died): no longer polled or written, and the link is down (config status), for the rest
+   * of the device's life: a driver reset does not bring a lost back end back.
+   */
   private backendFailed = false;
   private hdrSize: number = NetHdr.MRG_SIZE;
   private readonly rx: NetRx;
@@ -193,7 +197,8 @@ export class VirtioNet implements VirtioDevice, NetLink {
   activate(ctx: VirtioActivation): void {
     this.ctx = ctx;
     this.broken = false;
-    this.backendFailed = false;
+    // Lost while no driver ran: tell this one.
+    if (this.backendFailed) ctx.updateConfig?.(NetConfig.STATUS, this.config.subarray(NetConfig.STATUS, NetConfig.STATUS + 2));
     const has = (bit: number): boolean => (ctx.features & feature(bit)) !== 0n;
     const mergeable = has(VirtioNetFeature.MRG_RXBUF);
     const guestCsum = has(VirtioNetFeature.GUEST_CSUM);
@@ -203,7 +208,8 @@ export class VirtioNet implements VirtioDevice, NetLink {
       hdrSize: this.hdrSize,
       mergeable,
       guestCsum,
-      direct: backend.readv !== undefined && backend.writev !== undefined && ctx.memory.hasHostAddresses,
+      directRx: backend.readv !== undefined && ctx.memory.hasHostAddresses,
+      directTx: backend.writev !== undefined && ctx.memory.hasHostAddresses,
     };
     try {
       backend.setVnetHeaderSize(this.hdrSize);
@@ -240,7 +246,7 @@ export class VirtioNet implements VirtioDevice, NetLink {
 
   pollFds(): readonly { fd: number; events: number }[] {
     if (this.ctx === undefined || this.broken || this.backendFailed) return NO_FDS;
-    let events = 0;
+    let events = this.backend.peerMayClose === true ? IoReady.PEER_CLOSED : 0;
     if (this.rx.wantsInput()) events |= IoReady.READABLE;
     if (this.tx.blocked()) events |= IoReady.WRITABLE;
     if (events === 0) return NO_FDS;
@@ -256,6 +262,9 @@ export class VirtioNet implements VirtioDevice, NetLink {
     }
     if ((revents & IoReady.WRITABLE) !== 0) this.transmit();
     if ((revents & IoReady.READABLE) !== 0) this.receive();
+    // The peer went away. While reading, receive() takes what it sent first and then finds
+    // the end; otherwise nothing will read it: the back end is lost now.
+    if ((revents & IoReady.PEER_CLOSED) !== 0 && !this.rx.wantsInput()) this.backendGone(`${this.backend.name} closed the connection`);
   }
 
   reset(): void {
@@ -273,10 +282,14 @@ export class VirtioNet implements VirtioDevice, NetLink {
     }
   }
 
-  /** NetLink: stop reading and polling the back end. */
+  /** NetLink: stop using the back end, and tell the driver the link is down (VIRTIO_NET_S_LINK_UP cleared). */
   backendGone(why: string): void {
+    if (this.backendFailed) return;
     this.backendFailed = true;
-    this.note(`virtio-net: ${why}; no longer reading it`);
+    this.config[NetConfig.STATUS] = 0;
+    this.config[NetConfig.STATUS + 1] = 0;
+    this.ctx?.updateConfig?.(NetConfig.STATUS, this.config.subarray(NetConfig.STATUS, NetConfig.STATUS + 2));
+    if (this.backend.reportsOwnLoss !== true) this.note(`virtio-net: ${why}; no longer using it, the link is down`);
   }
 
   /** NetLink: log a line, at most LOG_LIMIT times per device (a guest can cause these at line rate). */
