@@ -12,6 +12,10 @@
  *                 (microvm, KVM) booting the same kernel, initrd, command line and CPU features
  *                 when qemu-system-x86 is installed. Target: tskvm <= QEMU to the ready
  *                 marker. Skipped with the reason when the guest is not built; --no-boot.
+ *   usernet       TCP throughput both ways and request/response rate between the default
+ *                 guest and the host over --net user (passt), beside QEMU on the same passt
+ *                 and tskvm on a TAP, in one run (bench-usernet.ts). Target: tskvm >= QEMU.
+ *                 Needs root, passt, the default guest; --no-usernet, --usernet-seconds=N.
  *
  * Results go to stdout as a table and to dist/bench.json.
  */
@@ -25,6 +29,7 @@ import { bootFilesFor, findDefaultGuest } from "../src/api/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
 import { benchBlock, formatBlockBench } from "./bench-blk";
 import { benchNet, formatNetBench } from "./bench-net";
+import { benchUsernet, formatUsernetBench, usernetBenchSkipReason } from "./bench-usernet";
 import { netTestSkipReason } from "../test/helpers/netns";
 
 /** A port nothing claims, in KVM or tskvm: the C baseline uses the same. */
@@ -166,7 +171,7 @@ async function bootComparison(rounds: number): Promise<Record<string, unknown> |
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
-  // --only=pio,vcpu,blk,net,boot runs just those sections.
+  // --only=pio,vcpu,blk,net,boot,usernet runs just those sections.
   const only = args.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
   const want = (section: string) => only === undefined || only.includes(section);
   const host = detectHostKvm();
@@ -223,6 +228,19 @@ async function main(): Promise<void> {
       }
       if (typeof q === "string") console.log(`boot         QEMU ${q}`);
     }
+  }
+  const usernetSkip = args.includes("--no-usernet") || !want("usernet") ? "--no-usernet or --only" : usernetBenchSkipReason();
+  if (usernetSkip !== undefined) {
+    results.usernet = `skipped: ${usernetSkip}`;
+    console.log(`usernet      skipped: ${usernetSkip}`);
+  } else {
+    const arg = (name: string) => args.find((a) => a.startsWith(`--${name}=`))?.split("=")[1];
+    const u = await benchUsernet({
+      ...(arg("usernet-seconds") !== undefined ? { seconds: Number(arg("usernet-seconds")) } : {}),
+      ...(arg("usernet-rounds") !== undefined ? { rounds: Number(arg("usernet-rounds")) } : {}),
+    });
+    results.usernet = u;
+    for (const line of formatUsernetBench(u).split("\n")) console.log(`usernet      ${line}`);
   }
   const file = join(repoRoot(), "dist", "bench.json");
   writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);

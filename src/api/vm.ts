@@ -216,7 +216,8 @@ export class Vm extends EventEmitter {
     // device takes eth0's link down (it sees the socket close).
     void io.passt?.exited.then((e) => {
       if (e.expected || this.exitInfo !== undefined) return;
-      const last = io.passt!.lastLine();
+      // Its last words matter when it gave up by itself; after a signal they are old news.
+      const last = e.signal === null ? io.passt!.lastLine() : "";
       onWarning(`passt ${describeExit(e)}${last === "" ? "" : ` (${last})`}: the guest's network (eth0) is down; the VM keeps running`);
     });
     machine.onDiagnostic = (d) => {

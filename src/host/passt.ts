@@ -289,7 +289,7 @@ export class Passt {
     return this.helper.running;
   }
 
-  /** passt's last line of output (for a message when it dies). */
+  /** passt's last line of output (for a message when it exits with an error), or "". */
   lastLine(): string {
     return this.helper.lastLine();
   }
