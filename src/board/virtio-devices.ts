@@ -85,7 +85,7 @@ export function describeVirtioDevice(spec: VirtioDeviceSpec): VirtioDeviceDescri
     case "virtio-blk":
       return blkDescription(spec.disk);
     case "virtio-net":
-      return netDescription({ mac: spec.nic.mac, offloads: spec.nic.offloads });
+      return netDescription({ mac: spec.nic.mac, offloads: spec.nic.offloads, validChecksums: validChecksums(spec.nic) });
   }
 }
 
@@ -98,9 +98,14 @@ export function createVirtioDevice(spec: VirtioDeviceSpec, log: (line: string) =
       // A second handle on the main thread's fd: never closed from here.
       const b = spec.nic.backend;
       const backend = b.kind === "tap" ? new Tap(b.name, b.fd, b.created, 12) : new StreamNetBackend(b.fd, b.name, { reportsOwnLoss: b.reportsOwnLoss });
-      return new VirtioNet(backend, { mac: spec.nic.mac, offloads: spec.nic.offloads, log });
+      return new VirtioNet(backend, { mac: spec.nic.mac, offloads: spec.nic.offloads, validChecksums: validChecksums(spec.nic), log });
     }
   }
+}
+
+/** passt builds every frame it sends with complete checksums (StreamNetBackend.validChecksums). */
+function validChecksums(nic: NicSpec): boolean {
+  return nic.backend.kind === "stream";
 }
 
 /** A function as the I/O worker runs it: the fds to poll and what to do when they fire. */

@@ -1,22 +1,28 @@
 /**
  * virtio-net's back end over a `-netdev stream` socket (passt): a NetBackend whose frames
  * are NetStream's plain Ethernet frames. The stream has no virtio-net header, so this adds
- * one (all zero: no offloads) on receive and leaves it out on transmit, and takes no
- * offloads. There is no readv: a received frame is already in NetStream's buffer, so the
+ * one on receive and leaves it out on transmit. It takes no offloads but one: passt builds
+ * every frame it sends with complete checksums, so when the guest takes GUEST_CSUM
+ * (setOffload(CSUM)) received frames say DATA_VALID and the guest skips checking them.
+ * Frames from the guest must carry their checksums (CSUM is never offered). There is no readv: a received frame is already in NetStream's buffer, so the
  * device copies it; writev sends straight from guest memory.
  *
  * When the stream goes down (passt died), read() throws: the device then stops using the
  * back end and takes the guest's link down. Who started passt says how it ended
  * (reportsOwnLoss), so the device does not add a line of its own.
  */
-import type { NetBackend } from "../devices/virtio/net/backend";
+import { NetOffload, type NetBackend } from "../devices/virtio/net/backend";
+import { NetHdr, VIRTIO_NET_HDR_F_DATA_VALID } from "../devices/virtio/net/header";
 import { NetStream, type NetStreamOptions } from "./net-stream";
 
 export class StreamNetBackend implements NetBackend {
   readonly stream: NetStream;
   readonly reportsOwnLoss: boolean;
   readonly peerMayClose = true;
+  readonly validChecksums = true;
   private hdrSize = 12;
+  /** VIRTIO_NET_HDR_F_DATA_VALID on received frames, once the guest takes GUEST_CSUM. */
+  private rxFlags = 0;
 
   constructor(
     /** The connected, non-blocking socket; closed by its owner, not here. */
@@ -43,6 +49,7 @@ export class StreamNetBackend implements NetBackend {
       throw new RangeError(`a ${f.length}-byte frame does not fit a ${buf.length}-byte buffer`);
     }
     buf.fill(0, 0, this.hdrSize);
+    buf[NetHdr.FLAGS] = this.rxFlags;
     buf.set(f, this.hdrSize);
     s.consumeFrame();
     return n;
@@ -62,7 +69,8 @@ export class StreamNetBackend implements NetBackend {
   }
 
   setOffload(flags: number): void {
-    if (flags !== 0) throw new Error(`${this.name} takes no offloads (plain Ethernet frames, checksums complete)`);
+    if ((flags & ~NetOffload.CSUM) !== 0) throw new Error(`${this.name} takes no segmentation offloads (plain Ethernet frames)`);
+    this.rxFlags = (flags & NetOffload.CSUM) !== 0 ? VIRTIO_NET_HDR_F_DATA_VALID : 0;
   }
 
   setVnetHeaderSize(bytes: number): void {

@@ -12,7 +12,7 @@ import * as sys from "../../src/sys/libc";
 import { GuestMemory } from "../../src/memory/guest-memory";
 import { VirtioFeatureBit, feature, type VirtioActivation } from "../../src/devices/virtio/types";
 import { NET_QUEUE_SIZE, NetConfig, VIRTIO_NET_S_LINK_UP, VirtioNet, VirtioNetFeature } from "../../src/devices/virtio/net/device";
-import { NetHdr } from "../../src/devices/virtio/net/header";
+import { NetHdr, VIRTIO_NET_HDR_F_DATA_VALID } from "../../src/devices/virtio/net/header";
 import { StreamNetBackend } from "../../src/host/stream-backend";
 import { STREAM_LENGTH_BYTES, STREAM_MAX_FRAME } from "../../src/host/net-stream";
 import { VirtqDriver } from "../helpers/virtq-driver";
@@ -20,6 +20,7 @@ import { VirtqDriver } from "../helpers/virtq-driver";
 const MiB = 1024 * 1024;
 const V1 = feature(VirtioFeatureBit.VERSION_1);
 const MRG = feature(VirtioNetFeature.MRG_RXBUF);
+const GUEST_CSUM = feature(VirtioNetFeature.GUEST_CSUM);
 const fds: number[] = [];
 after(() => {
   for (const fd of fds) {
@@ -77,7 +78,7 @@ interface Harness {
   logs: string[];
 }
 
-function harness(mode: "copied" | "in place", opts: { reportsOwnLoss?: boolean; sendBufferBytes?: number } = {}): Harness {
+function harness(mode: "copied" | "in place", opts: { reportsOwnLoss?: boolean; sendBufferBytes?: number; guestCsum?: boolean } = {}): Harness {
   const mem = mode === "in place" ? GuestMemory.allocate(32 * MiB) : GuestMemory.forTest(32 * MiB);
   const rx = new VirtqDriver(mem, { size: NET_QUEUE_SIZE, index: 0, ringBase: 0x10000, dataBase: 0x100000, dataEnd: 0x800000 });
   const tx = new VirtqDriver(mem, { size: NET_QUEUE_SIZE, index: 1, ringBase: 0x20000, dataBase: 0x800000, dataEnd: 0x1000000 });
@@ -92,7 +93,7 @@ function harness(mode: "copied" | "in place", opts: { reportsOwnLoss?: boolean; 
   const configUpdates: [number, number[]][] = [];
   const ctx: VirtioActivation = {
     memory: mem,
-    features: V1 | MRG | dev.deviceFeatures,
+    features: (V1 | MRG | dev.deviceFeatures) & (opts.guestCsum === false ? ~GUEST_CSUM : ~0n),
     queues: [rx.config(), tx.config()],
     signalUsed: () => undefined,
     needsReset: (r) => assert.fail(`needsReset: ${r}`),
@@ -138,28 +139,36 @@ function received(h: Harness, bufs: Map<number, { addr: number; len: number }>):
 
 for (const mode of ["copied", "in place"] as const) {
   describe(`virtio-net over a passt stream (${mode})`, () => {
-    it("offers no offloads (the stream carries plain, checksummed frames)", () => {
+    it("offers GUEST_CSUM alone: no partial checksums from the guest, no segmentation either way", () => {
       const h = harness(mode);
       assert.equal(h.dev.offloads, false);
-      assert.equal(h.dev.deviceFeatures & feature(VirtioNetFeature.GUEST_CSUM), 0n);
-      assert.equal(h.dev.deviceFeatures & feature(VirtioNetFeature.CSUM), 0n);
+      assert.equal(h.dev.validChecksums, true);
+      assert.equal(h.dev.deviceFeatures & GUEST_CSUM, GUEST_CSUM);
+      for (const bit of ["CSUM", "GUEST_TSO4", "GUEST_TSO6", "HOST_TSO4", "HOST_TSO6", "GUEST_ECN", "HOST_ECN"] as const) {
+        assert.equal(h.dev.deviceFeatures & feature(VirtioNetFeature[bit]), 0n, bit);
+      }
       assert.equal(new DataView(h.dev.config.buffer).getUint16(NetConfig.STATUS, true), VIRTIO_NET_S_LINK_UP);
     });
 
-    it("peer -> guest: frames arrive after a zeroed header, a large one over several buffers", () => {
-      const h = harness(mode);
-      const bufs = new Map<number, { addr: number; len: number }>();
-      for (let i = 0; i < 64; i++) {
-        const b = h.rx.writable(4096);
-        bufs.set(h.rx.add([b]), b);
-      }
-      const frames = [pattern(60, 1), pattern(1514, 2), pattern(STREAM_MAX_FRAME, 3)];
-      writeAll(h.peer, encode(...frames));
-      pump(h);
-      const got = received(h, bufs);
-      assert.deepEqual(got.map((g) => g.payload), frames);
-      for (const g of got) assert.deepEqual([...g.hdr.subarray(0, NetHdr.NUM_BUFFERS)], new Array(NetHdr.NUM_BUFFERS).fill(0), "flags, GSO, checksum fields zero");
-    });
+    for (const guestCsum of [true, false]) {
+      it(`peer -> guest: frames arrive after a header saying ${guestCsum ? "DATA_VALID (GUEST_CSUM taken)" : "nothing (GUEST_CSUM not taken)"}, a large one over several buffers`, () => {
+        const h = harness(mode, { guestCsum });
+        const bufs = new Map<number, { addr: number; len: number }>();
+        for (let i = 0; i < 64; i++) {
+          const b = h.rx.writable(4096);
+          bufs.set(h.rx.add([b]), b);
+        }
+        const frames = [pattern(60, 1), pattern(1514, 2), pattern(STREAM_MAX_FRAME, 3)];
+        writeAll(h.peer, encode(...frames));
+        pump(h);
+        const got = received(h, bufs);
+        assert.deepEqual(got.map((g) => g.payload), frames);
+        for (const g of got) {
+          assert.equal(g.hdr[NetHdr.FLAGS], guestCsum ? VIRTIO_NET_HDR_F_DATA_VALID : 0);
+          assert.deepEqual([...g.hdr.subarray(1, NetHdr.NUM_BUFFERS)], new Array(NetHdr.NUM_BUFFERS - 1).fill(0), "GSO and checksum fields zero");
+        }
+      });
+    }
 
     it("guest -> peer: frames leave without their header, from guest memory", () => {
       const h = harness(mode);

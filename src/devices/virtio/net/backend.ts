@@ -44,6 +44,12 @@ export interface NetBackend {
    * (IoReady.PEER_CLOSED) even while it has no reason to read, so the link goes down at once.
    */
   readonly peerMayClose?: boolean;
+  /**
+   * True when every frame it hands over has complete, correct checksums (passt builds its
+   * frames itself) though it takes no offloads: the device offers GUEST_CSUM alone, and
+   * after setOffload(NetOffload.CSUM) the back end marks its frames DATA_VALID.
+   */
+  readonly validChecksums?: boolean;
 }
 
 /** Does the back end take every offload the device could offer? Leaves offloads off either way. */

@@ -97,6 +97,12 @@ export interface NetIdentity {
   readonly mtu?: number;
   /** The back end takes every offload (probeOffloads): offer checksum and TSO offloads. */
   readonly offloads: boolean;
+  /**
+   * Without offloads: every frame the back end hands over has complete, correct checksums
+   * (passt builds its frames itself). Offer GUEST_CSUM alone, and the guest need not check
+   * them (DATA_VALID).
+   */
+  readonly validChecksums?: boolean;
 }
 
 /** The device's identity, features and configuration space (no back end needed). */
@@ -107,6 +113,7 @@ export function netDescription(id: NetIdentity): VirtioDeviceDescription {
   }
   let f = feature(VirtioNetFeature.MAC) | feature(VirtioNetFeature.STATUS) | feature(VirtioNetFeature.MRG_RXBUF);
   if (id.offloads) f |= OFFLOAD_FEATURES;
+  else if (id.validChecksums === true) f |= feature(VirtioNetFeature.GUEST_CSUM);
   if (id.mtu !== undefined) f |= feature(VirtioNetFeature.MTU);
   const c = new Uint8Array(NetConfig.SIZE);
   const v = new DataView(c.buffer);
@@ -127,6 +134,8 @@ export interface VirtioNetOptions {
    * what another thread probed to skip the probe.
    */
   offloads?: boolean;
+  /** The back end's frames have valid checksums (NetIdentity.validChecksums); default from the back end. */
+  validChecksums?: boolean;
   /** Where to report what the guest did wrong or what failed on the host (one line each). */
   log?: (line: string) => void;
 }
@@ -145,6 +154,8 @@ export class VirtioNet implements VirtioDevice, NetLink {
   readonly mac: Uint8Array;
   /** Whether the back end takes the offloads, so they are offered. */
   readonly offloads: boolean;
+  /** Without offloads: GUEST_CSUM is offered, and the back end marks frames DATA_VALID when the guest takes it. */
+  readonly validChecksums: boolean;
   readonly stats: NetStats = { rxFrames: 0, rxBytes: 0, rxDropped: 0, rxWaits: 0, txFrames: 0, txBytes: 0, txDropped: 0, txRetries: 0 };
 
   private readonly log: (line: string) => void;
@@ -174,7 +185,13 @@ export class VirtioNet implements VirtioDevice, NetLink {
     this.pollEntry.fd = backend.fd;
     this.mac = Uint8Array.from(options.mac ?? defaultMac(backend.name));
     this.offloads = options.offloads ?? probeOffloads(backend);
-    const d = netDescription({ mac: this.mac, offloads: this.offloads, ...(options.mtu !== undefined ? { mtu: options.mtu } : {}) });
+    this.validChecksums = !this.offloads && (options.validChecksums ?? backend.validChecksums === true);
+    const d = netDescription({
+      mac: this.mac,
+      offloads: this.offloads,
+      validChecksums: this.validChecksums,
+      ...(options.mtu !== undefined ? { mtu: options.mtu } : {}),
+    });
     this.deviceType = d.deviceType;
     this.queueCount = d.queueCount;
     this.maxQueueSize = d.maxQueueSize;
@@ -216,6 +233,8 @@ export class VirtioNet implements VirtioDevice, NetLink {
       let offloads = 0;
       // TSO without checksum offload is meaningless (and a TAP refuses it).
       if (this.offloads && guestCsum) for (const [bit, flag] of GUEST_OFFLOADS) if (has(bit)) offloads |= flag;
+      // Checksums only: the back end says DATA_VALID on what it hands over.
+      if (this.validChecksums && guestCsum) offloads = NetOffload.CSUM;
       this.setOffload(offloads);
     } catch (e) {
       this.fail(e);
@@ -273,7 +292,7 @@ export class VirtioNet implements VirtioDevice, NetLink {
     this.ctx = undefined;
     this.broken = false;
     // No guest to take checksum-less or GSO frames any more.
-    if (this.offloads) {
+    if (this.offloads || this.validChecksums) {
       try {
         this.backend.setOffload(0);
       } catch {
@@ -322,7 +341,7 @@ export class VirtioNet implements VirtioDevice, NetLink {
   }
 
   private setOffload(flags: number): void {
-    if (!this.offloads) return;
+    if (!this.offloads && !this.validChecksums) return;
     try {
       this.backend.setOffload(flags);
     } catch (e) {
