@@ -44,27 +44,12 @@ static void die(const char *what)
 	exit(1);
 }
 
-static int full_write(int fd, const char *buf, size_t len)
+/* Move all len bytes (write, or read when reading): 1 done; 0 EOF first (reading); -1 error. */
+static int full_io(int fd, char *buf, size_t len, int reading)
 {
 	while (len > 0) {
-		ssize_t n = write(fd, buf, len);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -1;
-		}
-		buf += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-/* 1: got len bytes; 0: EOF first; -1: error */
-static int full_read(int fd, char *buf, size_t len)
-{
-	while (len > 0) {
-		ssize_t n = read(fd, buf, len);
-		if (n == 0)
+		ssize_t n = reading ? read(fd, buf, len) : write(fd, buf, len);
+		if (n == 0 && reading)
 			return 0;
 		if (n < 0) {
 			if (errno == EINTR)
@@ -75,6 +60,16 @@ static int full_read(int fd, char *buf, size_t len)
 		len -= (size_t)n;
 	}
 	return 1;
+}
+
+static int full_write(int fd, const char *buf, size_t len)
+{
+	return full_io(fd, (char *)buf, len, 0) == 1 ? 0 : -1;
+}
+
+static int full_read(int fd, char *buf, size_t len)
+{
+	return full_io(fd, buf, len, 1);
 }
 
 static struct sockaddr_in address(const char *addr, const char *port)

@@ -1,6 +1,7 @@
 /**
  * Run the tskvm CLI as a user would (a child process of bin/tskvm), and watch its console.
  */
+import assert from "node:assert/strict";
 import { spawn, spawnSync, ChildProcess } from "node:child_process";
 import { resolve } from "node:path";
 
@@ -88,4 +89,14 @@ export class RunningCli {
   kill(signal: NodeJS.Signals = "SIGKILL"): void {
     if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal);
   }
+}
+
+/** One line, the expected status, the expected words, no stack trace. */
+export function expectOneLine(r: CliResult, status: number, pattern: RegExp): void {
+  assert.equal(r.status, status, `exit status; stderr: ${r.stderr}`);
+  const lines = r.stderr.trimEnd().split("\n");
+  assert.equal(lines.length, 1, `exactly one line on stderr, got:\n${r.stderr}`);
+  assert.match(lines[0]!, /^tskvm: /);
+  assert.match(lines[0]!, pattern);
+  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
 }

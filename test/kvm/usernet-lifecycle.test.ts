@@ -6,12 +6,13 @@
  */
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { makeElf } from "../helpers/images";
+import { writeTinyKernel } from "../helpers/images";
 import { HALT, SPIN, longModeHello } from "../helpers/guest-code";
 import { RunningCli } from "../helpers/cli";
+import { waitUntil } from "../helpers/wait";
 import { NetNs } from "../helpers/netns";
 import { addUplink, passtProcesses, passtRuntimeDirs, passtSkipReason, testMark } from "../helpers/passt";
 
@@ -19,20 +20,8 @@ const noKvm = existsSync("/dev/kvm") ? undefined : "no /dev/kvm on this host";
 const skip = noKvm ?? passtSkipReason();
 const dir = mkdtempSync(join(tmpdir(), "tskvm-usernet-life-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
-const KERNEL_AT = 0x100_0000;
-const kernel = (name: string, code: Uint8Array) => {
-  const p = join(dir, name);
-  writeFileSync(p, makeElf({ segments: [{ paddr: KERNEL_AT, data: code }], entry: KERNEL_AT }));
-  return p;
-};
+const kernel = (name: string, code: Uint8Array) => writeTinyKernel(dir, name, code);
 
-async function until(what: string, cond: () => boolean, timeoutMs = 60_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 describe("tskvm -n user: passt ends with tskvm on every exit path", { skip }, () => {
   let ns: NetNs;
@@ -49,11 +38,11 @@ describe("tskvm -n user: passt ends with tskvm on every exit path", { skip }, ()
     const mark = testMark();
     const vm = new RunningCli(["boot", "-k", k, "-m", "32M", "-n", "user"], mark.env, ["ip", "netns", "exec", ns.name]);
     let port = 0;
-    await until("the ssh line", () => {
+    await waitUntil("the ssh line", () => {
       const m = /^ssh -p (\d+) root@127\.0\.0\.1 +# tskvm: log into the guest$/m.exec(vm.stderr);
       if (m !== null) port = Number(m[1]);
       return m !== null || vm.child.exitCode !== null;
-    });
+    }, 60_000);
     assert.ok(port > 0, `no ssh line: ${vm.stderr}`);
     return { vm, mark: mark.value, port };
   }
@@ -61,7 +50,7 @@ describe("tskvm -n user: passt ends with tskvm on every exit path", { skip }, ()
   const listening = (port: number) => ns.exec(["ss", "-Htln", `sport = :${port}`]).stdout.trim() !== "";
 
   async function expectGone(vm: RunningCli, mark: string, port: number): Promise<void> {
-    await until("passt to end", () => passtProcesses(mark).length === 0, 10_000);
+    await waitUntil("passt to end", () => passtProcesses(mark).length === 0, 10_000);
     assert.equal(listening(port), false, "the SSH port is closed");
     assert.deepEqual(passtRuntimeDirs(vm.child.pid!), []);
   }
@@ -102,7 +91,7 @@ describe("tskvm -n user: passt ends with tskvm on every exit path", { skip }, ()
     const [pid] = passtProcesses(mark);
     assert.ok(pid !== undefined);
     process.kill(pid, "SIGKILL");
-    await until("tskvm's line about passt", () => /passt was killed by SIGKILL/.test(vm.stderr));
+    await waitUntil("tskvm's line about passt", () => /passt was killed by SIGKILL/.test(vm.stderr), 60_000);
     const lines = vm.stderr.split("\n").filter((l) => /passt/.test(l) && !/^ssh /.test(l) && !/booting/.test(l));
     assert.deepEqual(lines, ["tskvm: passt was killed by SIGKILL: the guest's network (eth0) is down; the VM keeps running"]);
     assert.equal(vm.child.exitCode, null, "still running");

@@ -12,7 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseBootArgs, parseRunArgs } from "../../src/cli/args";
 import { ExitCode } from "../../src/cli/exit-codes";
-import { TSKVM_BIN, runCli, type CliResult } from "../helpers/cli";
+import { TSKVM_BIN, expectOneLine, runCli, type CliResult } from "../helpers/cli";
 import { makeBzImage } from "../helpers/images";
 import { NetNs } from "../helpers/netns";
 import { addUplink, passtProcesses, passtSkipReason, testMark } from "../helpers/passt";
@@ -23,15 +23,6 @@ process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
 const goodKernel = join(dir, "bzImage");
 writeFileSync(goodKernel, makeBzImage({ codeBytes: 64 * 1024 }));
 const hasKvm = spawnSync("test", ["-r", "/dev/kvm"]).status === 0;
-
-function expectOneLine(r: CliResult, status: number, pattern: RegExp): void {
-  assert.equal(r.status, status, `exit status; stderr: ${r.stderr}`);
-  const lines = r.stderr.trimEnd().split("\n");
-  assert.equal(lines.length, 1, `exactly one line on stderr, got:\n${r.stderr}`);
-  assert.match(lines[0]!, /^tskvm: /);
-  assert.match(lines[0]!, pattern);
-  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-}
 
 describe("-n/--net user and --forward on the command line", () => {
   it("parses for boot and run", () => {

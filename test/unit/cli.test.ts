@@ -8,7 +8,7 @@ import { chmodSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync }
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
-import { runCli, CliResult } from "../helpers/cli";
+import { expectOneLine, runCli } from "../helpers/cli";
 import { makeBzImage } from "../helpers/images";
 import { parseBootArgs, UsageError } from "../../src/cli/args";
 import { parseSize, SizeError } from "../../src/api/option-values";
@@ -27,15 +27,6 @@ const file = (name: string, data: Uint8Array | string) => {
 const goodKernel = file("bzImage", makeBzImage({ codeBytes: 64 * 1024 }));
 const hasKvm = spawnSync("test", ["-r", "/dev/kvm"]).status === 0;
 
-/** One line, the expected status, the expected words, no stack trace. */
-function expectOneLine(r: CliResult, status: number, pattern: RegExp): void {
-  assert.equal(r.status, status, `exit status; stderr: ${r.stderr}`);
-  const lines = r.stderr.trimEnd().split("\n");
-  assert.equal(lines.length, 1, `exactly one line on stderr, got:\n${r.stderr}`);
-  assert.match(lines[0]!, /^tskvm: /);
-  assert.match(lines[0]!, pattern);
-  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-}
 
 test("parseSize: units, bare numbers are MiB, bad syntax", () => {
   assert.equal(parseSize("512M"), 512 * 1024 * 1024);

@@ -11,6 +11,7 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import * as sys from "../../src/sys/libc";
+import { waitUntil } from "../helpers/wait";
 import { HelperError, HelperProcess, createRuntimeDir, describeExit, findExecutable, sweepRuntimeDirs } from "../../src/host/helper-process";
 
 const base = fs.mkdtempSync(path.join(os.tmpdir(), "tskvm-helper-test-"));
@@ -25,13 +26,6 @@ function alive(pid: number): boolean {
   }
 }
 
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 /** A zombie counts as gone: what matters is that it no longer runs. */
 function running(pid: number): boolean {
@@ -135,7 +129,7 @@ describe("helper processes", () => {
     const e = await h.stop(300);
     assert.equal(e.signal, "SIGKILL");
     assert.ok(Date.now() - t0 >= 250, "waited for the grace period");
-    await waitFor("the forked child to end", () => !running(child));
+    await waitUntil("the forked child to end", () => !running(child));
   });
 
   it("passes file descriptors as 3, 4, ...", async () => {
@@ -202,7 +196,7 @@ describe("helper processes on tskvm's exit paths", () => {
     const { child, info } = tskvmLike("exit", false);
     const { pid, dir } = await info;
     await new Promise((r) => child.on("exit", r));
-    await waitFor("the helper to end", () => !running(pid));
+    await waitUntil("the helper to end", () => !running(pid));
     assert.equal(fs.existsSync(dir), false);
   });
 
@@ -212,7 +206,7 @@ describe("helper processes on tskvm's exit paths", () => {
     const { pid, dir } = await info;
     assert.ok(running(pid));
     child.kill("SIGKILL");
-    await waitFor("the helper to end", () => !running(pid));
+    await waitUntil("the helper to end", () => !running(pid));
     // Nothing ran to remove the directory; an old one of a dead pid is swept, a young one kept.
     assert.ok(fs.existsSync(dir));
     assert.deepEqual(sweepRuntimeDirs(base), []);

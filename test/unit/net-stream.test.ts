@@ -4,79 +4,23 @@
  * held back while the guest has no buffers, back-pressure without a lost or cut frame,
  * a short write's remainder, the peer closing or breaking the protocol.
  */
-import { after, describe, it } from "node:test";
+import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import * as sys from "../../src/sys/libc";
-import { NetStream, STREAM_LENGTH_BYTES, STREAM_MAX_FRAME } from "../../src/host/net-stream";
+import { NetStream, STREAM_MAX_FRAME } from "../../src/host/net-stream";
+import { decodeFrames, drain, encodeFrames, streamPair, writeAll } from "../helpers/stream";
 
-const fds: number[] = [];
-after(() => {
-  for (const fd of fds) {
-    try {
-      sys.close(fd);
-    } catch {
-      // closed by the test
-    }
-  }
-});
 
 /** [ours (non-blocking), peer's (blocking unless asked)] */
 function pair(peerNonBlocking = false): [number, number] {
-  const [a, b] = sys.socketpair(sys.AF_UNIX, sys.SOCK_STREAM);
-  fds.push(a, b);
+  const [a, b] = streamPair();
   sys.fcntl(a, sys.F_SETFL, sys.fcntl(a, sys.F_GETFL) | sys.O_NONBLOCK);
   if (peerNonBlocking) sys.fcntl(b, sys.F_SETFL, sys.fcntl(b, sys.F_GETFL) | sys.O_NONBLOCK);
   return [a, b];
 }
 
 const pattern = (n: number, seed: number): Uint8Array => Uint8Array.from({ length: n }, (_, i) => (i * 7 + seed * 131 + 3) & 0xff);
-
-/** [length BE32][frame] for each frame, concatenated. */
-function encode(...frames: Uint8Array[]): Uint8Array {
-  const total = frames.reduce((s, f) => s + STREAM_LENGTH_BYTES + f.length, 0);
-  const out = new Uint8Array(total);
-  const v = new DataView(out.buffer);
-  let at = 0;
-  for (const f of frames) {
-    v.setUint32(at, f.length, false);
-    out.set(f, at + STREAM_LENGTH_BYTES);
-    at += STREAM_LENGTH_BYTES + f.length;
-  }
-  return out;
-}
-
-function writeAll(fd: number, bytes: Uint8Array): void {
-  let done = 0;
-  while (done < bytes.length) done += sys.write(fd, bytes.subarray(done));
-}
-
-/** Everything the peer can read now (non-blocking peer). */
-function drain(fd: number): Uint8Array {
-  const chunks: Uint8Array[] = [];
-  const buf = new Uint8Array(1 << 20);
-  for (;;) {
-    const n = sys.read(fd, buf);
-    if (n <= 0) break;
-    chunks.push(buf.slice(0, n));
-  }
-  return Buffer.concat(chunks);
-}
-
-/** Split a stream into frames; asserts it ends on a frame boundary. */
-function decode(bytes: Uint8Array): Uint8Array[] {
-  const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const out: Uint8Array[] = [];
-  let at = 0;
-  while (at < bytes.length) {
-    assert.ok(bytes.length - at >= STREAM_LENGTH_BYTES, `a cut length word at ${at}`);
-    const len = v.getUint32(at, false);
-    assert.ok(bytes.length - at - STREAM_LENGTH_BYTES >= len, `a cut ${len}-byte frame at ${at}`);
-    out.push(new Uint8Array(bytes.subarray(at + STREAM_LENGTH_BYTES, at + STREAM_LENGTH_BYTES + len)));
-    at += STREAM_LENGTH_BYTES + len;
-  }
-  return out;
-}
 
 /** Take every whole frame the stream has now. */
 function receiveAll(s: NetStream): Uint8Array[] {
@@ -93,7 +37,7 @@ describe("net stream: receiving (peer -> guest)", () => {
     const [ours, peer] = pair();
     const s = new NetStream(ours);
     const frames = [pattern(60, 1), pattern(1514, 2), pattern(STREAM_MAX_FRAME, 3), pattern(14, 4)];
-    writeAll(peer, encode(...frames));
+    writeAll(peer, encodeFrames(...frames));
     const got = receiveAll(s);
     assert.deepEqual(got, frames);
     assert.equal(s.stats.rxFrames, 4);
@@ -105,7 +49,7 @@ describe("net stream: receiving (peer -> guest)", () => {
     const [ours, peer] = pair();
     const s = new NetStream(ours, { readBufferBytes: 2 * (STREAM_MAX_FRAME + 4) });
     const frames = [pattern(100, 5), pattern(3000, 6), pattern(70, 7)];
-    const bytes = encode(...frames);
+    const bytes = encodeFrames(...frames);
     const got: Uint8Array[] = [];
     // Byte by byte through the first 200 bytes (inside both length words), then in odd pieces.
     let at = 0;
@@ -125,11 +69,11 @@ describe("net stream: receiving (peer -> guest)", () => {
   it("keeps a frame the guest cannot take yet and reads nothing more meanwhile", () => {
     const [ours, peer] = pair();
     const s = new NetStream(ours);
-    writeAll(peer, encode(pattern(500, 8)));
+    writeAll(peer, encodeFrames(pattern(500, 8)));
     const first = s.peekFrame();
     assert.ok(first !== undefined);
     const reads = s.stats.rxReads;
-    writeAll(peer, encode(pattern(600, 9)));
+    writeAll(peer, encodeFrames(pattern(600, 9)));
     // Not consumed: the same frame again, and the socket left alone.
     const again = s.peekFrame();
     assert.deepEqual(again, pattern(500, 8));
@@ -147,7 +91,7 @@ describe("net stream: receiving (peer -> guest)", () => {
     for (let round = 0; round < 6; round++) {
       for (const size of sizes) {
         const f = pattern(size, n);
-        writeAll(peer, encode(f));
+        writeAll(peer, encodeFrames(f));
         const got = s.peekFrame();
         assert.ok(got !== undefined, `frame ${n} (${size} bytes)`);
         assert.deepEqual(got, f);
@@ -160,7 +104,7 @@ describe("net stream: receiving (peer -> guest)", () => {
   it("skips empty frames", () => {
     const [ours, peer] = pair();
     const s = new NetStream(ours);
-    writeAll(peer, encode(new Uint8Array(0), pattern(20, 1), new Uint8Array(0)));
+    writeAll(peer, encodeFrames(new Uint8Array(0), pattern(20, 1), new Uint8Array(0)));
     assert.deepEqual(receiveAll(s), [pattern(20, 1)]);
   });
 
@@ -169,9 +113,9 @@ describe("net stream: receiving (peer -> guest)", () => {
     const s = new NetStream(ours);
     const bad = new Uint8Array(8);
     new DataView(bad.buffer).setUint32(0, STREAM_MAX_FRAME + 1, false);
-    writeAll(peer, encode(pattern(30, 1)));
+    writeAll(peer, encodeFrames(pattern(30, 1)));
     writeAll(peer, bad);
-    writeAll(peer, encode(pattern(30, 2)));
+    writeAll(peer, encodeFrames(pattern(30, 2)));
     assert.deepEqual(receiveAll(s), [pattern(30, 1)]);
     assert.match(s.down ?? "", /protocol error: the peer sent a 65536-byte frame \(at most 65535\)/);
     assert.equal(s.peekFrame(), undefined);
@@ -180,7 +124,7 @@ describe("net stream: receiving (peer -> guest)", () => {
   it("delivers what came before the peer closed, then is down", () => {
     const [ours, peer] = pair();
     const s = new NetStream(ours);
-    writeAll(peer, encode(pattern(40, 1), pattern(41, 2)));
+    writeAll(peer, encodeFrames(pattern(40, 1), pattern(41, 2)));
     sys.close(peer);
     assert.deepEqual(receiveAll(s), [pattern(40, 1), pattern(41, 2)]);
     assert.equal(s.down, "the peer closed the connection");
@@ -189,7 +133,7 @@ describe("net stream: receiving (peer -> guest)", () => {
   it("says so when the peer closes in the middle of a frame", () => {
     const [ours, peer] = pair();
     const s = new NetStream(ours);
-    writeAll(peer, encode(pattern(100, 1)).subarray(0, 50));
+    writeAll(peer, encodeFrames(pattern(100, 1)).subarray(0, 50));
     sys.close(peer);
     assert.equal(s.peekFrame(), undefined);
     assert.equal(s.down, "the peer closed the connection in the middle of a frame");
@@ -231,7 +175,7 @@ describe("net stream: sending (guest -> peer)", () => {
     const s = new NetStream(ours);
     const frames = [pattern(60, 1), pattern(1514, 2), pattern(STREAM_MAX_FRAME, 3)];
     for (const f of frames) assert.equal(s.sendFrame(f), true);
-    assert.deepEqual(decode(drain(peer)), frames);
+    assert.deepEqual(decodeFrames(drain(peer)), frames);
     assert.equal(s.stats.txFrames, 3);
     assert.equal(s.wantsWrite, false);
   });
@@ -248,7 +192,7 @@ describe("net stream: sending (guest -> peer)", () => {
     // Header and body start in the same buffer.
     const b = iovOf(whole, [100, 2912]);
     assert.equal(s.sendFrameIov(b.iov, b.count, 12), true);
-    assert.deepEqual(decode(drain(peer)), [body, body]);
+    assert.deepEqual(decodeFrames(drain(peer)), [body, body]);
   });
 
   it("refuses a frame the peer could not take, and one when down", () => {
@@ -277,7 +221,7 @@ describe("net stream: sending (guest -> peer)", () => {
         // What the peer has at this moment always ends on a frame boundary.
         const got = drain(peer);
         tail = Buffer.concat([tail, got]);
-        const frames = decode(tail);
+        const frames = decodeFrames(tail);
         received.push(...frames);
         tail = new Uint8Array(0);
         assert.ok(sys.pollOne(ours, sys.POLLOUT, 1000) & sys.POLLOUT, "writable after the peer read");
@@ -285,11 +229,11 @@ describe("net stream: sending (guest -> peer)", () => {
       sent.push(f);
       if (i % 50 === 0) {
         tail = Buffer.concat([tail, drain(peer)]);
-        received.push(...decode(tail));
+        received.push(...decodeFrames(tail));
         tail = new Uint8Array(0);
       }
     }
-    received.push(...decode(drain(peer)));
+    received.push(...decodeFrames(drain(peer)));
     assert.ok(blocked > 0, "the socket filled up at least once");
     assert.equal(s.stats.txShort, 0, "no write was cut short");
     assert.equal(received.length, sent.length);
@@ -314,7 +258,7 @@ describe("net stream: sending (guest -> peer)", () => {
     assert.equal(s.down, undefined);
     sys.close(ours);
     await ended;
-    assert.deepEqual(decode(Buffer.concat(chunks)), frames);
+    assert.deepEqual(decodeFrames(Buffer.concat(chunks)), frames);
   });
 
   it("goes down when the peer stops reading in the middle of a frame", () => {

@@ -10,7 +10,6 @@ import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as net from "node:net";
-import * as os from "node:os";
 import * as path from "node:path";
 import { NetStream } from "../../src/host/net-stream";
 import {
@@ -25,7 +24,8 @@ import {
   type PortForward,
 } from "../../src/host/passt";
 import { NetNs } from "../helpers/netns";
-import { DhcpType, addUplink, dhcpFrame, dotted, parseDhcpReply, passtInNetns, passtSkipReason } from "../helpers/passt";
+import { DhcpType, addUplink, dhcpFrame, dotted, parseDhcpReply, passtInNetns, passtRuntimeDirs, passtSkipReason } from "../helpers/passt";
+import { waitUntil } from "../helpers/wait";
 
 const oneLine = (e: unknown): boolean => e instanceof Error && !e.message.includes("\n");
 
@@ -117,30 +117,11 @@ describe("passt not installed", () => {
   });
 });
 
-/** Runtime directories of this process's passt instances left on disk. */
-function leftoverRuntimeDirs(pid = process.pid): string[] {
-  const bases = [os.tmpdir(), process.env["XDG_RUNTIME_DIR"] ?? ""].filter((b) => b !== "");
-  return bases.flatMap((b) => {
-    try {
-      return fs.readdirSync(b).filter((n) => n.startsWith(`tskvm-${pid}-passt-`));
-    } catch {
-      return [];
-    }
-  });
-}
-
 function listening(ns: NetNs, port: number): boolean {
   const r = ns.exec(["ss", "-Htln", `sport = :${port}`]);
   return r.stdout.trim() !== "";
 }
 
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 /** The next frame from passt that `match` accepts (others are skipped), within the deadline. */
 async function nextFrame<T>(s: NetStream, fd: number, match: (f: Uint8Array) => T | undefined, timeoutMs = 10_000): Promise<T> {
@@ -244,7 +225,7 @@ describe("the real passt, in a namespace with an uplink", { skip }, () => {
     const e = await p.exited;
     assert.deepEqual(e, { code: 0, signal: null, expected: true }, "passt quits by itself when its socket closes");
     assert.equal(listening(ns, hostPort), false);
-    assert.deepEqual(leftoverRuntimeDirs(), []);
+    assert.deepEqual(passtRuntimeDirs(process.pid), []);
   });
 
   it("is gone with its ports when the tskvm process is SIGKILLed", async () => {
@@ -263,9 +244,9 @@ describe("the real passt, in a namespace with an uplink", { skip }, () => {
     assert.equal(info.error, undefined);
     assert.ok(listening(ns, info.ssh));
     child.kill("SIGKILL");
-    await waitFor("passt to end", () => !running(info.pid));
-    await waitFor("its port to close", () => !listening(ns, info.ssh));
-    assert.deepEqual(leftoverRuntimeDirs(child.pid), [], "the runtime directory was gone before the kill");
+    await waitUntil("passt to end", () => !running(info.pid));
+    await waitUntil("its port to close", () => !listening(ns, info.ssh));
+    assert.deepEqual(passtRuntimeDirs(child.pid!), [], "the runtime directory was gone before the kill");
   });
 
   it("works for a user without privileges (nobody, no capabilities): DHCP, a forward, stop", async (t) => {
@@ -331,7 +312,7 @@ describe("the real passt, in a namespace with an uplink", { skip }, () => {
     } finally {
       holder.kill("SIGKILL");
     }
-    assert.deepEqual(leftoverRuntimeDirs(), []);
+    assert.deepEqual(passtRuntimeDirs(process.pid), []);
   });
 
   it("says when the host has no default route", async () => {
@@ -344,7 +325,7 @@ describe("the real passt, in a namespace with an uplink", { skip }, () => {
     } finally {
       bare.destroy();
     }
-    assert.deepEqual(leftoverRuntimeDirs(), []);
+    assert.deepEqual(passtRuntimeDirs(process.pid), []);
   });
 });
 

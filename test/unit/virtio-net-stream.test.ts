@@ -6,7 +6,7 @@
  * peer reads (nothing dropped, nothing cut), frames the peer cannot take, and the peer
  * going away (the link goes down, the guest is told).
  */
-import { after, describe, it } from "node:test";
+import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import * as sys from "../../src/sys/libc";
 import { GuestMemory } from "../../src/memory/guest-memory";
@@ -14,56 +14,20 @@ import { VirtioFeatureBit, feature, type VirtioActivation } from "../../src/devi
 import { NET_QUEUE_SIZE, NetConfig, VIRTIO_NET_S_LINK_UP, VirtioNet, VirtioNetFeature } from "../../src/devices/virtio/net/device";
 import { NetHdr, VIRTIO_NET_HDR_F_DATA_VALID } from "../../src/devices/virtio/net/header";
 import { StreamNetBackend } from "../../src/host/stream-backend";
-import { STREAM_LENGTH_BYTES, STREAM_MAX_FRAME } from "../../src/host/net-stream";
+import { STREAM_MAX_FRAME } from "../../src/host/net-stream";
+import { decodeFrames, drain, encodeFrames, streamPair, writeAll } from "../helpers/stream";
 import { VirtqDriver } from "../helpers/virtq-driver";
 
 const MiB = 1024 * 1024;
 const V1 = feature(VirtioFeatureBit.VERSION_1);
 const MRG = feature(VirtioNetFeature.MRG_RXBUF);
 const GUEST_CSUM = feature(VirtioNetFeature.GUEST_CSUM);
-const fds: number[] = [];
-after(() => {
-  for (const fd of fds) {
-    try {
-      sys.close(fd);
-    } catch {
-      // closed by the test
-    }
-  }
-});
 
 const pattern = (n: number, seed: number): Uint8Array => Uint8Array.from({ length: n }, (_, i) => (i * 11 + seed * 17 + 1) & 0xff);
 
-function encode(...frames: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(frames.reduce((s, f) => s + STREAM_LENGTH_BYTES + f.length, 0));
-  const v = new DataView(out.buffer);
-  let at = 0;
-  for (const f of frames) {
-    v.setUint32(at, f.length, false);
-    out.set(f, at + STREAM_LENGTH_BYTES);
-    at += STREAM_LENGTH_BYTES + f.length;
-  }
-  return out;
-}
-
-/** Everything the peer can read now, split into frames (asserting whole frames only). */
+/** Everything the peer can read now, as frames (whole frames only). */
 function peerFrames(peer: number): Uint8Array[] {
-  const chunks: Uint8Array[] = [];
-  const buf = new Uint8Array(1 << 20);
-  for (let n = sys.read(peer, buf); n > 0; n = sys.read(peer, buf)) chunks.push(buf.slice(0, n));
-  const all = Buffer.concat(chunks);
-  const out: Uint8Array[] = [];
-  for (let at = 0; at < all.length; ) {
-    const len = all.readUInt32BE(at);
-    assert.ok(at + 4 + len <= all.length, "whole frames only");
-    out.push(new Uint8Array(all.subarray(at + 4, at + 4 + len)));
-    at += 4 + len;
-  }
-  return out;
-}
-
-function writeAll(fd: number, bytes: Uint8Array): void {
-  for (let done = 0; done < bytes.length; ) done += sys.write(fd, bytes.subarray(done));
+  return decodeFrames(drain(peer));
 }
 
 interface Harness {
@@ -82,8 +46,7 @@ function harness(mode: "copied" | "in place", opts: { reportsOwnLoss?: boolean; 
   const mem = mode === "in place" ? GuestMemory.allocate(32 * MiB) : GuestMemory.forTest(32 * MiB);
   const rx = new VirtqDriver(mem, { size: NET_QUEUE_SIZE, index: 0, ringBase: 0x10000, dataBase: 0x100000, dataEnd: 0x800000 });
   const tx = new VirtqDriver(mem, { size: NET_QUEUE_SIZE, index: 1, ringBase: 0x20000, dataBase: 0x800000, dataEnd: 0x1000000 });
-  const [ours, peer] = sys.socketpair(sys.AF_UNIX, sys.SOCK_STREAM | sys.SOCK_NONBLOCK);
-  fds.push(ours, peer);
+  const [ours, peer] = streamPair(sys.SOCK_NONBLOCK);
   const backend = new StreamNetBackend(ours, "passt", {
     reportsOwnLoss: opts.reportsOwnLoss ?? false,
     ...(opts.sendBufferBytes !== undefined ? { sendBufferBytes: opts.sendBufferBytes } : {}),
@@ -159,7 +122,7 @@ for (const mode of ["copied", "in place"] as const) {
           bufs.set(h.rx.add([b]), b);
         }
         const frames = [pattern(60, 1), pattern(1514, 2), pattern(STREAM_MAX_FRAME, 3)];
-        writeAll(h.peer, encode(...frames));
+        writeAll(h.peer, encodeFrames(...frames));
         pump(h);
         const got = received(h, bufs);
         assert.deepEqual(got.map((g) => g.payload), frames);
@@ -219,7 +182,7 @@ for (const mode of ["copied", "in place"] as const) {
         const h = harness(mode, { reportsOwnLoss: owner });
         const b = h.rx.writable(2048);
         h.rx.add([b]);
-        writeAll(h.peer, encode(pattern(80, 9)));
+        writeAll(h.peer, encodeFrames(pattern(80, 9)));
         sys.close(h.peer);
         pump(h);
         assert.equal(h.rx.used().length, 1, "the frame sent before closing is delivered");
@@ -232,7 +195,7 @@ for (const mode of ["copied", "in place"] as const) {
       it(`the peer going away while the guest reads: what it sent comes first (${owner ? "owner" : "device"} reports)`, () => {
         const h = harness(mode, { reportsOwnLoss: owner });
         for (let i = 0; i < 4; i++) h.rx.add([h.rx.writable(2048)]);
-        writeAll(h.peer, encode(pattern(80, 10), pattern(90, 11)));
+        writeAll(h.peer, encodeFrames(pattern(80, 10), pattern(90, 11)));
         sys.close(h.peer);
         pump(h);
         assert.equal(h.rx.used().length, 2);
