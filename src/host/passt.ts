@@ -320,6 +320,12 @@ function passtStartError(e: HelperError, forwards: readonly PortForward[]): Pass
     const what = f !== undefined ? `host port ${f.hostPort} (${f.protocol} on ${f.hostAddress}, forward ${formatForward(f)})` : `the forward "${spec}"`;
     return new PasstError("PortInUse", `passt could not listen on ${what}: it is in use or needs privileges: pick another host port`, f);
   }
+  if (/Couldn't create user namespace/.test(out)) {
+    return new PasstError(
+      "Failed",
+      "passt cannot sandbox itself: creating a user namespace is not permitted here (a chroot, or user namespaces turned off: kernel.unprivileged_userns_clone, user.max_user_namespaces)",
+    );
+  }
   if (/External interface not usable/.test(out)) {
     return new PasstError(
       "NoRoute",

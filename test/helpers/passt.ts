@@ -4,6 +4,7 @@
  * the namespace: nothing leaves it), passt started inside such a namespace, and DHCP
  * frames as a guest sends and receives them.
  */
+import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
@@ -15,12 +16,27 @@ import { type NetNs, ETH_P_IP, inetChecksum, ipv4, netTestSkipReason } from "./n
  * TSKVM_REQUIRE_PASST=1 (CI) a missing passt is an error, not a reason to skip.
  */
 export function passtSkipReason(opts: { needNetns?: boolean } = {}): string | undefined {
-  if (findExecutable("passt") === undefined) {
-    const why = 'passt is not installed (Debian package "passt")';
+  const why = passtMissing();
+  if (why !== undefined) {
     if (process.env["TSKVM_REQUIRE_PASST"] === "1") throw new Error(`TSKVM_REQUIRE_PASST=1 but ${why}`);
     return why;
   }
   return opts.needNetns === false ? undefined : netTestSkipReason();
+}
+
+let userNamespaces: string | undefined;
+
+/** Why passt cannot run here: not installed, or no user namespaces for its sandbox. */
+function passtMissing(): string | undefined {
+  if (findExecutable("passt") === undefined) return 'passt is not installed (Debian package "passt")';
+  // passt sandboxes itself in a new user namespace; a plain chroot (some CI containers,
+  // a VM harness that chroots) refuses that, even to root.
+  userNamespaces ??= (() => {
+    const r = spawnSync("unshare", ["--user", "true"], { encoding: "utf8" });
+    if (r.error !== undefined) return ""; // no unshare(1) to ask: let passt say
+    return r.status === 0 ? "" : `passt cannot sandbox itself here: no user namespaces (unshare --user: ${r.stderr.trim() || `status ${r.status}`})`;
+  })();
+  return userNamespaces === "" ? undefined : userNamespaces;
 }
 
 export interface Uplink {

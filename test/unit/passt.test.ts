@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as net from "node:net";
+import * as os from "node:os";
 import * as path from "node:path";
 import { NetStream } from "../../src/host/net-stream";
 import {
@@ -105,6 +106,26 @@ describe("host port checks", () => {
     const start = Number(fs.readFileSync("/proc/sys/net/ipv4/ip_unprivileged_port_start", "utf8"));
     if (start <= 80) return t.skip(`net.ipv4.ip_unprivileged_port_start is ${start}: port 80 is not privileged here`);
     assert.match(r.stdout.trim(), /^PortPrivileged host port 80 \(tcp on 127.0.0.1\) is below 1024 and binding it needs privileges .*: pick a higher host port$/, r.stderr);
+  });
+});
+
+describe("passt failing at start-up (a stand-in script)", () => {
+  const fake = (name: string, body: string) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tskvm-fake-passt-"));
+    process.on("exit", () => fs.rmSync(dir, { recursive: true, force: true }));
+    const file = path.join(dir, name);
+    fs.writeFileSync(file, `#!/bin/sh\n${body}\n`, { mode: 0o755 });
+    return file;
+  };
+
+  it("no user namespace for its sandbox (a chroot): says so", async () => {
+    const command = fake("passt", `echo "No external routable interface for IPv6" >&2; echo "Couldn't create user namespace: Operation not permitted" >&2; exit 1`);
+    await assert.rejects(Passt.start({ command, sshForward: false }), expectPasstError("Failed", /^passt cannot sandbox itself: creating a user namespace is not permitted here/));
+  });
+
+  it("anything else: its exit status and its last line", async () => {
+    const command = fake("passt", `echo "Syslog chatter" >&2; echo "Failed to send 47 bytes to syslog" >&2; echo "Weird option" >&2; exit 3`);
+    await assert.rejects(Passt.start({ command, sshForward: false }), expectPasstError("Failed", /^passt exited with status 3 at start-up: Weird option$/));
   });
 });
 
