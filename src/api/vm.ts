@@ -11,11 +11,10 @@ import { Machine, type MachineResult } from "../vmm/machine";
 import { InitrdError, KernelImageError } from "../boot/errors";
 import type { SerialSinkSpec } from "../board/devices";
 import { VmError, VmExitedError, VmTimeoutError, GuestAgentError, VmStartError, type VmWait } from "./errors";
-import { Channel, ChannelDemux, LineSplitter, POWEROFF_REQUEST, commandLine, parseControlLine, runRequest } from "./protocol";
+import { Channel, ChannelDemux, LineSplitter, POWEROFF_REQUEST, commandLine, parseControlLine, runRequest, shellQuote } from "./protocol";
 import { checkOptions, readInputFile, resolveBootFiles, toStartError } from "./start";
 import { GUEST_SSH_PORT, Passt, formatForward } from "../host/passt";
 import { describeExit } from "../host/helper-process";
-import { shellQuote } from "./protocol";
 import type { ConsoleMode, RunOptions, RunResult, VmExit, VmInfo, VmOptions } from "./types";
 
 /** The pipe the UARTs share, made large so that a busy event loop does not stall the vCPUs. */
@@ -266,7 +265,6 @@ export class Vm extends EventEmitter {
   get sshPort(): number | undefined {
     return this.info.sshPort;
   }
-
 
   /** End the VM now from the host side (no guest shutdown). Resolves when it has ended. */
   stop(reason = "stopped through the API"): Promise<VmExit> {

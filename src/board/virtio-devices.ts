@@ -1,10 +1,9 @@
 /**
  * Virtio-pci functions as plain data, and what each thread makes of one.
  *
- * The machine (main thread) opens the host resources (disk image, TAP; a passt socket is
- * opened by the API and handed to it), allocates each
- * function's shared transport state and eventfds, and writes it all into one
- * VirtioFunctionSpec, posted as it is to every worker:
+ * The machine (main thread) opens the host resources (disk image, TAP; passt's socket comes
+ * from the API), allocates each function's shared transport state and eventfds, and writes
+ * it all into one VirtioFunctionSpec, posted as it is to every worker:
  * - vCPU threads (and the main thread) put the register side on the PCI bus
  *   (devices.ts: instantiateDevices, VirtioPciTransport);
  * - the I/O worker builds the device model over its host back end and runs it
