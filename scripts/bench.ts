@@ -21,6 +21,10 @@
  *                 to vCPUs running, beside booting it; `tskvm run --snapshot DIR -- true`
  *                 cold vs. warm (target warm <= 0.1 x cold), snapshot RAM vs. touched RAM
  *                 (bench-snapshot.ts). --snapshot-rounds=N.
+ *   usernet       TCP throughput both ways and request/response rate between the default
+ *                 guest and the host over --net user (passt), beside QEMU on the same passt
+ *                 and tskvm on a TAP, in one run (bench-usernet.ts). Target: tskvm >= QEMU.
+ *                 Needs root, passt, the default guest; --no-usernet, --usernet-seconds=N.
  *
  * Every run first says where it ran (hardware KVM, kvm-pvm, nested SVM on QEMU TCG) and on
  * which CPU: figures from different kinds of host are not comparable. Results go to stdout
@@ -42,6 +46,7 @@ import { benchBlock, formatBlockBench } from "./bench-blk";
 import { benchNet, formatNetBench } from "./bench-net";
 import { benchIrq, formatIrqBench } from "./bench-irq";
 import { benchFs, formatFsBench, fsBenchSkipReason } from "./bench-fs";
+import { benchUsernet, formatUsernetBench, usernetBenchSkipReason } from "./bench-usernet";
 import { netTestSkipReason } from "../test/helpers/netns";
 import { benchRestoreStart, benchSnapshotRun, formatSnapshotBench } from "./bench-snapshot";
 
@@ -221,7 +226,7 @@ async function inHarnessVm(args: string[]): Promise<number> {
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   if (args.includes("--in-harness-vm")) process.exit(await inHarnessVm(args.filter((a) => a !== "--in-harness-vm" && !a.startsWith("--results="))));
-  // --only=pio,vcpu,blk,irq,net,fs,boot,snapshot runs just those sections.
+  // --only=pio,vcpu,blk,irq,net,fs,boot,snapshot,usernet runs just those sections.
   const only = args.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
   const want = (section: string) => only === undefined || only.includes(section);
   const host = detectHostKvm();
@@ -311,6 +316,19 @@ async function main(): Promise<void> {
     for (const line of formatSnapshotBench(start, bootMs, run).split("\n")) console.log(`snapshot     ${line}`);
   }
 
+  const usernetSkip = args.includes("--no-usernet") || !want("usernet") ? "--no-usernet or --only" : usernetBenchSkipReason();
+  if (usernetSkip !== undefined) {
+    results.usernet = `skipped: ${usernetSkip}`;
+    console.log(`usernet      skipped: ${usernetSkip}`);
+  } else {
+    const arg = (name: string) => args.find((a) => a.startsWith(`--${name}=`))?.split("=")[1];
+    const u = await benchUsernet({
+      ...(arg("usernet-seconds") !== undefined ? { seconds: Number(arg("usernet-seconds")) } : {}),
+      ...(arg("usernet-rounds") !== undefined ? { rounds: Number(arg("usernet-rounds")) } : {}),
+    });
+    results.usernet = u;
+    for (const line of formatUsernetBench(u).split("\n")) console.log(`usernet      ${line}`);
+  }
   const file = args.find((a) => a.startsWith("--results="))?.slice("--results=".length) ?? join(repoRoot(), "dist", "bench.json");
   writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
   console.log(`results in ${file}`);

@@ -30,16 +30,18 @@ const built = new Map<string, string>();
  * binary in dist/native/. Throws with the compiler's own message when the build fails,
  * and with an install hint when there is no C compiler.
  */
-export function buildNative(name: string): string {
+export function buildNative(name: string, options: { static?: boolean } = {}): string {
   const base = name.endsWith(".c") ? name.slice(0, -2) : name;
   if (!/^[A-Za-z0-9_-]+$/.test(base)) throw new Error(`buildNative: bad helper name ${JSON.stringify(name)}`);
-  const cached = built.get(base);
+  // A static binary (-static) runs anywhere, a guest's initrd included: dist/native/<name>-static.
+  const binName = options.static === true ? `${base}-static` : base;
+  const cached = built.get(binName);
   if (cached !== undefined) return cached;
 
   const root = repoRoot();
   const src = path.join(root, "native", `${base}.c`);
   const outDir = path.join(root, "dist", "native");
-  const bin = path.join(outDir, base);
+  const bin = path.join(outDir, binName);
   const srcStat = fs.statSync(src); // throws ENOENT naming the file if it is missing
 
   const binStat = fs.statSync(bin, { throwIfNoEntry: false });
@@ -47,7 +49,7 @@ export function buildNative(name: string): string {
     fs.mkdirSync(outDir, { recursive: true });
     const tmp = `${bin}.tmp-${process.pid}`;
     const cc = process.env["CC"] || "cc";
-    const args = ["-O2", "-Wall", "-o", tmp, src];
+    const args = ["-O2", "-Wall", ...(options.static === true ? ["-static"] : []), "-o", tmp, src];
     const r = spawnSync(cc, args, { encoding: "utf8" });
     if (r.error !== undefined) {
       const code = (r.error as NodeJS.ErrnoException).code;
@@ -66,6 +68,6 @@ export function buildNative(name: string): string {
     }
     fs.renameSync(tmp, bin);
   }
-  built.set(base, bin);
+  built.set(binName, bin);
   return bin;
 }

@@ -36,6 +36,8 @@ export type OptionName =
   | "nics.mac"
   | "nics.hostCidr"
   | "guestIp"
+  | "net"
+  | "forwards"
   | "entry"
   | "cpuTemplate"
   | "restore"

@@ -7,7 +7,7 @@ import { readFileSync } from "node:fs";
 import { totalmem } from "node:os";
 import { ConfigError } from "../vmm/errors";
 import { SnapshotError } from "../vmm/snapshot/format";
-import { formatBytes, type DiskConfig, type NicConfig } from "../vmm/machine";
+import { formatBytes, type DiskConfig, type TapNicConfig } from "../vmm/machine";
 import { KvmUnavailableError } from "../kvm/kvm";
 import { CpuidError } from "../kvm/cpuid";
 import { detectHostKvm } from "../kvm/host";
@@ -17,6 +17,7 @@ import { GUEST_DRIVER_MODULES, kernelRelease, moduleArchive } from "../boot/kern
 import { appendInitramfs } from "../boot/initramfs";
 import { DiskImageError } from "../host/disk-image";
 import { TapError, parseCidr } from "../host/tap";
+import { PasstError, checkForwards, parseForward, type PortForward } from "../host/passt";
 import { MacAddressError, SizeError, parseDiskOption, parseMac, parseSize } from "./option-values";
 import { VmStartError, VmError, type OptionMessage, type OptionName } from "./errors";
 import { AGENT_CMDLINE_ARG } from "./protocol";
@@ -77,6 +78,9 @@ export function toStartError(e: unknown): VmError {
   // changed disk) is an input file that cannot be used.
   if (e instanceof SnapshotError) return wrap("input");
   if (e instanceof TapError) return wrap(e.kind === "NameTooLong" || e.kind === "InvalidName" ? "options" : "host");
+  // A port below 1024 or a malformed forward: change the option. A port in use, no passt,
+  // no default route: this host's state.
+  if (e instanceof PasstError) return wrap(e.kind === "BadForward" || e.kind === "PortPrivileged" ? "options" : "host");
   if (e instanceof KvmUnavailableError) return wrap("host");
   return wrap("internal");
 }
@@ -102,7 +106,9 @@ export interface CheckedOptions {
   memoryBytes: number;
   cpus: number;
   disks: DiskConfig[];
-  nics: NicConfig[];
+  nics: TapNicConfig[];
+  /** net "user": what passt is to forward. */
+  userNet: UserNetConfig | undefined;
   /** Arguments for the end of the command line (ip=, tskvm.agent=1, tskvm.share=, appendCmdline). */
   extraArgs: string[];
   agent: boolean;
@@ -140,7 +146,7 @@ export function checkOptions(o: VmOptions): CheckedOptions {
     if (typeof d.path !== "string" || d.path === "") throw optionsError("a disk needs a path");
     return { path: d.path, readOnly: d.readOnly ?? false, ...(d.serial !== undefined ? { serial: d.serial } : {}) };
   });
-  const nics: NicConfig[] = (o.nics ?? []).map((n) => {
+  const nics: TapNicConfig[] = (o.nics ?? []).map((n) => {
     if (n.hostCidr !== undefined) {
       try {
         parseCidr(n.hostCidr);
@@ -150,6 +156,7 @@ export function checkOptions(o: VmOptions): CheckedOptions {
     }
     return { tap: n.tap, ...(n.mac !== undefined ? { mac: parseMac(n.mac) } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) };
   });
+  const userNet = checkUserNet(o);
   const extraArgs: string[] = [];
   if (o.guestIp !== undefined) {
     if (nics.length === 0) throw optionsError((n) => `${n("guestIp")} needs a network interface: add ${n("nics")}`, "guestIp");
@@ -167,7 +174,38 @@ export function checkOptions(o: VmOptions): CheckedOptions {
   if (o.consoleLog !== undefined && o.console !== undefined && o.console !== "capture") {
     throw optionsError("consoleLog needs console: \"capture\"");
   }
-  return { memoryBytes, cpus, disks, nics, extraArgs, agent, shares, rootfsHost };
+  return { memoryBytes, cpus, disks, nics, userNet, extraArgs, agent, shares, rootfsHost };
+}
+
+/** User-mode networking, checked: the forwards parsed, whether to add the SSH one. */
+export interface UserNetConfig {
+  forwards: PortForward[];
+  sshForward: boolean;
+}
+
+/**
+ * The one check of net, forwards and sshForward and how they go with the TAP options (the
+ * CLI's -n/--forward use it too). Undefined without net "user".
+ */
+export function checkUserNet(o: Pick<VmOptions, "net" | "forwards" | "sshForward" | "nics" | "guestIp">): UserNetConfig | undefined {
+  if (o.net !== undefined && o.net !== "user") throw optionsError((n) => `bad ${n("net")} '${String(o.net)}': the one mode is user (passt)`, "net");
+  const texts = o.forwards ?? [];
+  if (o.net === undefined) {
+    if (texts.length > 0) throw optionsError((n) => `${n("forwards")} needs ${n("net")} user`, "forwards");
+    return undefined;
+  }
+  if ((o.nics ?? []).length > 0) throw optionsError((n) => `${n("net")} user and ${n("nics")} both make eth0: use one`, "net");
+  if (o.guestIp !== undefined) {
+    throw optionsError((n) => `${n("guestIp")} is for a TAP: with ${n("net")} user the guest gets its address from passt by DHCP`, "guestIp");
+  }
+  let forwards: PortForward[];
+  try {
+    forwards = texts.map(parseForward);
+    checkForwards(forwards);
+  } catch (e) {
+    throw optionsError((n) => `${(e as Error).message} (${n("forwards")})`, "forwards");
+  }
+  return { forwards, sshForward: o.sshForward ?? true };
 }
 
 /**
@@ -190,6 +228,8 @@ export interface BootFiles {
   initrdPath: string | undefined;
   cmdline: string;
   defaultGuest: boolean;
+  /** The default guest's SSH key when its initrd (which authorises it) boots. */
+  sshKey: string | undefined;
 }
 
 /** Whether the boot files come (in part) from the default guest. */
@@ -216,15 +256,18 @@ export function resolveBootFiles(o: VmOptions, agent: boolean, built?: GuestMani
     }
   }
   const files = guest !== undefined ? bootFilesFor(guest, detectHostKvm().kind === "emulated-pvm") : undefined;
+  // The key is authorised by the default guest's initrd: it is any use only with that initrd.
+  const sshKey = o.initrd === undefined ? guest?.sshKey : undefined;
   if (o.kernel !== undefined) {
     const initrdPath = o.initrd === null ? undefined : (o.initrd ?? files?.initrd);
-    return { kernelPath: o.kernel, initrdPath, cmdline: o.cmdline ?? DEFAULT_CMDLINE, defaultGuest: false };
+    return { kernelPath: o.kernel, initrdPath, cmdline: o.cmdline ?? DEFAULT_CMDLINE, defaultGuest: false, sshKey };
   }
   return {
     kernelPath: files!.kernel,
     initrdPath: o.initrd === null ? undefined : (o.initrd ?? files!.initrd),
     cmdline: o.cmdline ?? guest!.cmdline ?? DEFAULT_CMDLINE,
     defaultGuest: o.initrd === undefined,
+    sshKey,
   };
 }
 

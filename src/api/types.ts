@@ -52,6 +52,24 @@ export interface VmOptions {
   disks?: readonly (string | DiskOptions)[];
   /** virtio-net interfaces on TAP devices: eth0, eth1, ... */
   nics?: readonly NicOptions[];
+  /**
+   * "user": eth0 on user-mode networking through passt (the Debian package `passt`), which
+   * needs no privileges: the guest gets its address by DHCP (the default guest asks for one
+   * when no static ip= is given) and reaches the host's 127.0.0.1 at its gateway address;
+   * host ports reach the guest through `forwards`. Not together with `nics`. docs/usernet.md.
+   */
+  net?: "user";
+  /**
+   * With net "user": host ports forwarded into the guest, "tcp:HOST_PORT:GUEST_PORT" or
+   * "udp:HOST_PORT:GUEST_PORT"; the host side listens on 127.0.0.1 unless an IPv4 address
+   * comes first ("tcp:0.0.0.0:8080:80").
+   */
+  forwards?: readonly string[];
+  /**
+   * With net "user": forward a free port of 127.0.0.1 to the guest's SSH (port 22) unless a
+   * TCP forward already targets it (Vm.sshPort says which). Default true.
+   */
+  sshForward?: boolean;
   /** The guest's eth0 address: adds ip=ADDR::GW:MASK::eth0:off (gateway and mask from the first NIC's hostCidr). */
   guestIp?: string;
   /** "host" or "emulated"; default chosen from the host's KVM. */
@@ -170,6 +188,16 @@ export interface VmInfo {
   cpuTemplate: string;
   disks: string[];
   taps: string[];
+  /** "user" when eth0 is on passt's user-mode network. */
+  net: "user" | undefined;
+  /** The forwards in effect, e.g. "tcp:127.0.0.1:2222:22" (the automatic SSH one included). */
+  forwards: string[];
+  /** The host port that reaches the guest's SSH (net "user"), else undefined. */
+  sshPort: number | undefined;
+  /** The default guest's SSH key (OpenSSH format) when its initrd boots, else undefined. */
+  sshKey: string | undefined;
+  /** A command that logs into the guest: "ssh -p PORT -i KEY root@127.0.0.1" (net "user"), else undefined. */
+  sshCommand: string | undefined;
   agent: boolean;
   /** True when the kernel (and initrd) are the default guest's. */
   defaultGuest: boolean;

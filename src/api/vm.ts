@@ -32,6 +32,8 @@ import { TSKVM_VERSION } from "./version";
 import type { ConsoleMode, ReadyInfo, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions } from "./types";
 import { ShareServers } from "./share-servers";
 import { checkShareDirectory, requireVirtiofsd } from "../host/virtiofsd";
+import { GUEST_SSH_PORT, Passt, formatForward } from "../host/passt";
+import { describeExit } from "../host/helper-process";
 
 /** The pipe the UARTs share, made large so that a busy event loop does not stall the vCPUs. */
 const MUX_PIPE_BYTES = 1024 * 1024;
@@ -88,6 +90,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
   const signal = options.signal;
   const stopped = () => new VmStartError("stopped", "the start-up was stopped (its signal was aborted)");
   let shareServers: ShareServers | undefined;
+  let passt: Passt | undefined;
   try {
     if (signal?.aborted) throw stopped();
     const checked = checkOptions(options);
@@ -113,6 +116,10 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     if (options.modules !== undefined) initrd = withDriverModules(initrd, kernel, options.modules);
     host = openHostIo(options, checked.agent);
     const { capture, mux, logFd } = host;
+    if (checked.userNet !== undefined) {
+      // Last of the checks that need no KVM, first of what must be undone on failure.
+      passt = await Passt.start({ forwards: checked.userNet.forwards, sshForward: checked.userNet.sshForward });
+    }
     const cmdline = [files.cmdline.trim(), ...checked.extraArgs].filter((a) => a !== "").join(" ");
     shareServers = await ShareServers.start(checked.shares, checked.rootfsHost);
     try {
@@ -130,7 +137,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
         ...(options.cpuTemplate !== undefined ? { cpuTemplate: options.cpuTemplate } : {}),
         hideFeatures: options.hideCpuFeatures ?? [],
         disks: checked.disks,
-        nics: checked.nics,
+        nics: passt === undefined ? checked.nics : [...checked.nics, { stream: { fd: passt.fd, name: "passt", reportsOwnLoss: true } }],
         shares: shareServers.configs,
         ...(options.kvmPath !== undefined ? { kvmPath: options.kvmPath } : {}),
       });
@@ -149,6 +156,11 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       cpuTemplate: machine.cpuTemplate,
       disks: checked.disks.map((d) => d.path),
       taps: checked.nics.map((n) => n.tap),
+      net: passt !== undefined ? "user" : undefined,
+      forwards: passt?.forwards.map(formatForward) ?? [],
+      sshPort: passt?.sshPort,
+      sshKey: files.sshKey,
+      sshCommand: passt === undefined ? undefined : sshCommand(passt, files.sshKey),
       agent: checked.agent,
       defaultGuest: files.defaultGuest,
       shares: checked.shares,
@@ -158,6 +170,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       capture,
       mux,
       logFd,
+      passt,
       retain: options.consoleRetain ?? DEFAULT_CONSOLE_RETAIN,
       shareServers,
       ...(options.onWarning !== undefined ? { onWarning: options.onWarning } : {}),
@@ -172,6 +185,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     if (machine === undefined) {
       host?.close();
       await shareServers?.stop();
+      await passt?.stop();
     }
     // Whatever failed while the start-up was being stopped failed because of that.
     if (signal?.aborted) throw stopped();
@@ -298,9 +312,14 @@ async function restoreVm(dir: string, options: VmOptions): Promise<Vm> {
       cpus: machine.cpus,
       cpuTemplate: machine.cpuTemplate,
       disks: machine.diskPaths(),
-      // A VM with shares is never snapshotted (Machine.snapshot refuses).
+      // A VM with shares or passt is never snapshotted (Machine.snapshot refuses).
       shares: [],
       rootfs: undefined,
+      net: undefined,
+      forwards: [],
+      sshPort: undefined,
+      sshKey: undefined,
+      sshCommand: undefined,
       taps: machine.tapNames(),
       restoredFrom: dir,
     };
@@ -349,6 +368,7 @@ export class Vm extends EventEmitter {
   private muxWriteFd: number | undefined;
   private agentBusyWithPoweroff = false;
   private readonly shareServers: ShareServers | undefined;
+  private readonly passt: Passt | undefined;
 
   /** @internal Use startVm(). */
   constructor(
@@ -363,12 +383,23 @@ export class Vm extends EventEmitter {
       onWarning?: (message: string) => void;
       /** A restored VM: the agent's state at the snapshot, and the per-run disks to re-read. */
       restored?: { agent: { nproc: number } | undefined; detachedDisks: { index: number; sectors: number }[] };
+      /** The user-mode network's passt, stopped when the VM ends. */
+      passt?: Passt | undefined;
     },
   ) {
     super();
     const onWarning = io.onWarning ?? ((message: string) => this.emit("warning", message));
     this.shareServers = io.shareServers;
     this.shareServers?.watch(onWarning);
+    this.passt = io.passt;
+    // passt dying is the guest's network going away, not the VM's end: one line, and the
+    // device takes eth0's link down (it sees the socket close).
+    void io.passt?.exited.then((e) => {
+      if (e.expected || this.exitInfo !== undefined) return;
+      // Its last words matter when it gave up by itself; after a signal they are old news.
+      const last = e.signal === null ? io.passt!.lastLine() : "";
+      onWarning(`passt ${describeExit(e)}${last === "" ? "" : ` (${last})`}: the guest's network (eth0) is down; the VM keeps running`);
+    });
     machine.onDiagnostic = (d) => {
       if (d.kind === "warning") onWarning(d.message);
       else this.emit("registers", { vcpu: d.vcpu, dump: d.dump });
@@ -411,6 +442,11 @@ export class Vm extends EventEmitter {
   /** How the VM ended, once it has (else undefined). */
   get exit(): VmExit | undefined {
     return this.exitInfo;
+  }
+
+  /** The host port (on 127.0.0.1) forwarded to the guest's SSH with net "user", else undefined. */
+  get sshPort(): number | undefined {
+    return this.info.sshPort;
   }
 
   /** End the VM now from the host side (no guest shutdown). Resolves when it has ended. */
@@ -563,8 +599,9 @@ export class Vm extends EventEmitter {
     } catch (e) {
       cleanup = ` (releasing the VM failed: ${(e as Error).message})`;
     }
-    // Only now: the I/O worker that used their connections has ended.
+    // Only now: the I/O worker that used their connections (passt's socket, virtiofsd's) has ended.
     await this.shareServers?.stop();
+    await this.passt?.stop();
     if (this.logFd !== undefined) closeSync(this.logFd);
     const stop = result.stop;
     const exit: VmExit =
@@ -791,6 +828,14 @@ export class Vm extends EventEmitter {
       this.machine.sendSerialInput(1, Buffer.from(request(run.id), "latin1"));
     });
   }
+}
+
+/** "ssh -p PORT -i KEY root@ADDRESS" for the forward to the guest's port 22, if there is one. */
+function sshCommand(passt: Passt, key: string | undefined): string | undefined {
+  const f = passt.forwards.find((x) => x.protocol === "tcp" && x.guestPort === GUEST_SSH_PORT && x.hostPort === passt.sshPort);
+  if (f === undefined) return undefined;
+  const host = f.hostAddress === "0.0.0.0" ? "127.0.0.1" : f.hostAddress;
+  return `ssh -p ${f.hostPort}${key === undefined ? "" : ` -i ${shellQuote(key)}`} root@${host}`;
 }
 
 function describeWait(what: VmWait): string {

@@ -1,15 +1,16 @@
 /**
  * Virtio-pci functions as plain data, and what each thread makes of one.
  *
- * The machine (main thread) opens the host resources (disk image, TAP), allocates each
- * function's shared transport state and eventfds, and writes it all into one
- * VirtioFunctionSpec, posted as it is to every worker:
+ * The machine (main thread) opens the host resources (disk image, TAP; passt's socket comes
+ * from the API), allocates each function's shared transport state and eventfds, and writes
+ * it all into one VirtioFunctionSpec, posted as it is to every worker:
  * - vCPU threads (and the main thread) put the register side on the PCI bus
  *   (devices.ts: instantiateDevices, VirtioPciTransport);
  * - the I/O worker builds the device model over its host back end and runs it
  *   (instantiateIoSide: VirtioDeviceRunner, VirtioBlock over a FileBlockEngine,
- *   VirtioNet over a Tap, VirtioFs over a vhost-user connection to virtiofsd, whose
- *   queues virtiofsd serves itself: the worker polls none of its kicks).
+ *   VirtioNet over a Tap or a StreamNetBackend (passt), VirtioFs over a vhost-user
+ *   connection to virtiofsd, whose queues virtiofsd serves itself: the worker polls none
+ *   of its kicks).
  * A device's identity (type, queues, features, config space) comes from its spec alone
  * (describeVirtioDevice), so no thread builds a back end just to learn it.
  */
@@ -30,6 +31,7 @@ import { Tap } from "../host/tap";
 import { VhostUserFsBackend, type VhostUserFsSpec } from "../host/vhost-user/fs-backend";
 import type { MsiRoutes } from "../kvm/gsi-routing";
 import { VhostIrqRouter } from "./vhost-irq";
+import { StreamNetBackend } from "../host/stream-backend";
 
 /** An open disk image, as plain data (the fd is valid in every thread of the process). */
 export interface DiskSpec {
@@ -40,13 +42,25 @@ export interface DiskSpec {
   serial: string;
 }
 
-/** An open TAP, as plain data: the fd stays owned (and closed) by the main thread. */
+/**
+ * A NIC's back end, as plain data; its fd stays owned (and closed) by the main thread:
+ * an open TAP, or a connected `-netdev stream` socket (passt's).
+ */
+export type NicBackendSpec =
+  | { kind: "tap"; fd: number; name: string; created: boolean }
+  | {
+      kind: "stream";
+      fd: number;
+      /** For messages: "passt". */
+      name: string;
+      /** Its owner reports its loss (passt's exit) itself. */
+      reportsOwnLoss: boolean;
+    };
+
 export interface NicSpec {
-  tapFd: number;
-  tapName: string;
-  created: boolean;
+  backend: NicBackendSpec;
   mac: Uint8Array;
-  /** Whether the TAP takes the offloads (probed once, on the main thread). */
+  /** Whether the back end takes the offloads (probed once, on the main thread). */
   offloads: boolean;
 }
 
@@ -85,7 +99,7 @@ export function describeVirtioDevice(spec: VirtioDeviceSpec): VirtioDeviceDescri
     case "virtio-blk":
       return blkDescription(spec.disk);
     case "virtio-net":
-      return netDescription({ mac: spec.nic.mac, offloads: spec.nic.offloads });
+      return netDescription({ mac: spec.nic.mac, offloads: spec.nic.offloads, validChecksums: validChecksums(spec.nic) });
     case "virtio-fs":
       return fsDescription({ tag: spec.fs.tag, backendFeatures: spec.fs.backend.features });
   }
@@ -110,9 +124,10 @@ export function createVirtioDevice(spec: VirtioFunctionSpec, env: IoSideEnv, tra
     case "virtio-blk":
       return new VirtioBlock(new FileBlockEngine(device.disk), { serial: device.disk.serial, log });
     case "virtio-net": {
-      // A second handle on the main thread's TAP fd: never closed from here.
-      const tap = new Tap(device.nic.tapName, device.nic.tapFd, device.nic.created, 12);
-      return new VirtioNet(tap, { mac: device.nic.mac, offloads: device.nic.offloads, log });
+      // A second handle on the main thread's fd: never closed from here.
+      const b = device.nic.backend;
+      const backend = b.kind === "tap" ? new Tap(b.name, b.fd, b.created, 12) : new StreamNetBackend(b.fd, b.name, { reportsOwnLoss: b.reportsOwnLoss });
+      return new VirtioNet(backend, { mac: device.nic.mac, offloads: device.nic.offloads, validChecksums: validChecksums(device.nic), log });
     }
     case "virtio-fs": {
       const router = new VhostIrqRouter(new Vm(env.vmFd), env.msiRoutes, transport, device.fs.callFds);
@@ -120,6 +135,11 @@ export function createVirtioDevice(spec: VirtioFunctionSpec, env: IoSideEnv, tra
       return new VirtioFs(backend, { tag: device.fs.tag, backendFeatures: device.fs.backend.features, log });
     }
   }
+}
+
+/** passt builds every frame it sends with complete checksums (StreamNetBackend.validChecksums). */
+function validChecksums(nic: NicSpec): boolean {
+  return nic.backend.kind === "stream";
 }
 
 /** A function as the I/O worker runs it: the fds to poll and what to do when they fire. */

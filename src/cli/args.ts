@@ -6,7 +6,7 @@
  */
 import { parseArgs } from "node:util";
 import { parseSize } from "../api/option-values";
-import { DEFAULT_CMDLINE, DEFAULT_MEMORY_BYTES, checkCpus, checkEntry } from "../api/start";
+import { DEFAULT_CMDLINE, DEFAULT_MEMORY_BYTES, checkCpus, checkEntry, checkUserNet } from "../api/start";
 import { VmStartError, type OptionNames } from "../api/errors";
 
 export class UsageError extends Error {
@@ -29,6 +29,8 @@ export const CLI_OPTION_NAMES: OptionNames = (option) =>
     "nics.mac": "--mac",
     "nics.hostCidr": "--tap-ip",
     guestIp: "--guest-ip",
+    net: "--net",
+    forwards: "--forward",
     entry: "--entry",
     cpuTemplate: "--cpu-template",
     restore: "--restore",
@@ -63,6 +65,10 @@ export interface BootOptions {
   macs: string[];
   /** The guest's eth0 address; tskvm adds a matching ip= argument. */
   guestIp: string | undefined;
+  /** -n user: eth0 on passt's user-mode network. */
+  net: "user" | undefined;
+  /** --forward tcp:HOST_PORT:GUEST_PORT, ... (checked, as given). */
+  forwards: string[];
   cpuTemplate: string | undefined;
   hideFeatures: string[];
   entry: "pvh" | "linux64" | undefined;
@@ -86,6 +92,8 @@ const BOOT_FLAGS = {
   "tap-ip": { type: "string", multiple: true },
   mac: { type: "string", multiple: true },
   "guest-ip": { type: "string" },
+  net: { type: "string", short: "n" },
+  forward: { type: "string", multiple: true },
   "cpu-template": { type: "string" },
   "hide-cpu-feature": { type: "string", multiple: true },
   entry: { type: "string" },
@@ -124,6 +132,15 @@ const BOOT_FLAG_HELP = `  -k, --kernel PATH        bzImage or uncompressed ELF v
       --mac MAC            the guest NIC's MAC (default: derived from the TAP name)
       --guest-ip ADDR      give the guest's eth0 this address (adds ip=ADDR::GW:MASK::eth0:off,
                            gateway and mask from the first --tap-ip)
+  -n, --net user           eth0 on user-mode networking through passt (package passt): no
+                           privileges needed, the guest gets its address by DHCP and reaches
+                           the host's 127.0.0.1 at its gateway address; unless a --forward
+                           targets port 22, a free port of 127.0.0.1 reaches the guest's SSH
+                           (tskvm prints the ssh command)
+      --forward tcp:HOST_PORT:GUEST_PORT
+                           with --net user: forward a host port (on 127.0.0.1, or
+                           tcp:ADDR:HOST_PORT:GUEST_PORT) into the guest; udp:... too
+                           (repeatable)
       --cpu-template NAME  host (all KVM supports) or emulated (for kvm-pvm hosts);
                            default: chosen from the host's KVM
       --hide-cpu-feature F hide a CPUID feature (repeatable), e.g. avx2
@@ -187,6 +204,17 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
   const entry = asUsage(() => checkEntry(str("entry")));
   if (list("tap-ip").length > list("tap").length) throw new UsageError("--tap-ip needs a --tap for each address");
   if (list("mac").length > list("tap").length) throw new UsageError("--mac needs a --tap for each address");
+  const net = str("net");
+  if (net !== undefined && net !== "user") throw new UsageError(`bad --net '${net}': the one mode is user (-n user)`);
+  if (list("tap-ip").length > 0 && net !== undefined) throw new UsageError("--tap-ip is for a --tap, not --net user");
+  asUsage(() =>
+    checkUserNet({
+      ...(net !== undefined ? { net } : {}),
+      forwards: list("forward"),
+      nics: list("tap").map((tap) => ({ tap })),
+      ...(str("guest-ip") !== undefined ? { guestIp: str("guest-ip")! } : {}),
+    }),
+  );
   return {
     kernel: str("kernel"),
     initrd: str("initrd"),
@@ -199,6 +227,8 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
     tapIps: list("tap-ip"),
     macs: list("mac"),
     guestIp: str("guest-ip"),
+    net,
+    forwards: list("forward"),
     cpuTemplate: str("cpu-template"),
     hideFeatures: list("hide-cpu-feature"),
     entry,

@@ -84,6 +84,8 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     off();
   }
   say(`${bootBanner(vm)}; Ctrl-A x quits`);
+  // A line to paste as it is (the comment keeps the shell quiet about the rest).
+  if (vm.info.sshCommand !== undefined) process.stderr.write(`${vm.info.sshCommand}    # tskvm: log into the guest\n`);
   return runToEnd(vm);
 }
 

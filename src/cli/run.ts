@@ -42,6 +42,7 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
       ...(opts.tapIps[i] !== undefined ? { hostCidr: opts.tapIps[i]! } : {}),
     })),
     ...(opts.guestIp !== undefined ? { guestIp: opts.guestIp } : {}),
+    ...(opts.net !== undefined ? { net: opts.net, forwards: opts.forwards } : {}),
     ...(opts.cpuTemplate !== undefined ? { cpuTemplate: opts.cpuTemplate } : {}),
     hideCpuFeatures: opts.hideFeatures,
     ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
@@ -56,6 +57,7 @@ export function bootBanner(vm: Vm): string {
   const extras =
     (i.disks.length === 0 ? "" : `, ${i.disks.length} disk${i.disks.length > 1 ? "s" : ""}`) +
     (i.taps.length === 0 ? "" : `, network on ${i.taps.join(", ")}`) +
+    (i.net === undefined ? "" : `, user-mode network (passt)${i.forwards.length === 0 ? "" : ` forwarding ${i.forwards.join(", ")}`}`) +
     i.shares.map((s) => `, ${s.hostPath} shared as ${s.tag}${s.readOnly ? " (read-only)" : ""}`).join("") +
     (i.rootfs === "host" ? ", the host's root file system" : "");
   const what = i.restoredFrom !== undefined ? `restored from ${i.restoredFrom}: ${i.kernel}` : `booting ${i.kernel}`;
@@ -119,6 +121,7 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
     }
     if (signal !== undefined) void vm.stop(`stopped by ${signal}`);
     note(bootBanner(vm));
+    if (vm.info.sshCommand !== undefined) note(`log in with: ${vm.info.sshCommand}`);
     const makeSnapshot = cached !== undefined && !cached.exists ? cached.dir : undefined;
     return await drive(vm, opts, () => signal, note, t0, makeSnapshot);
   } finally {

@@ -165,21 +165,29 @@ export function sweepRuntimeDirs(base: string = runtimeBase()): string[] {
   return swept;
 }
 
-/** Has process `pid` exec'd something other than `wrapper` (its /proc/PID/exe)? */
+/**
+ * Has process `pid` exec'd something other than `wrapper`? Its /proc/PID/comm (readable
+ * even once a helper like passt has made itself non-dumpable, unlike /proc/PID/exe).
+ */
 function execed(pid: number, wrapper: string): boolean {
   try {
-    return fs.readlinkSync(`/proc/${pid}/exe`) !== fs.realpathSync(wrapper);
+    return fs.readFileSync(`/proc/${pid}/comm`, "utf8").trim() !== path.basename(wrapper).slice(0, 15);
   } catch {
     return false;
   }
 }
 
+/** Is process `pid` alive (a zombie, ended but not yet reaped, is not)? */
 function processExists(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (e) {
     return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+  try {
+    return !/^\d+ \(.*\) Z /s.test(fs.readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return true;
   }
 }
 

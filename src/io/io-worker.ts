@@ -11,7 +11,13 @@ import { Vm } from "../kvm/kvm";
 import { MsiRoutes } from "../kvm/gsi-routing";
 
 // Device models speak IoReady; its bits are poll(2)'s, so they pass through unchanged.
-if (IoReady.READABLE !== sys.POLLIN || IoReady.WRITABLE !== sys.POLLOUT || IoReady.ERROR !== sys.POLLERR || IoReady.HANGUP !== sys.POLLHUP) {
+if (
+  IoReady.READABLE !== sys.POLLIN ||
+  IoReady.WRITABLE !== sys.POLLOUT ||
+  IoReady.ERROR !== sys.POLLERR ||
+  IoReady.HANGUP !== sys.POLLHUP ||
+  IoReady.PEER_CLOSED !== sys.POLLRDHUP
+) {
   throw new Error("IoReady and poll(2) disagree");
 }
 

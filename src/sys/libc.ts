@@ -45,6 +45,8 @@ interface Bindings {
   fcntlInt: Fn;
   prctl: Fn;
   lseek: Fn;
+  setsockopt: Fn;
+  getsockopt: Fn;
 }
 
 let bound: Bindings | undefined;
@@ -93,6 +95,8 @@ function libc(): Bindings {
     // prctl is variadic; every option used here takes unsigned long arguments.
     prctl: lib.func("prctl", "int", ["int", "unsigned long", "unsigned long", "unsigned long", "unsigned long"]),
     lseek: lib.func("lseek64", "int64_t", ["int", "int64_t", "int"]),
+    setsockopt: lib.func("setsockopt", "int", ["int", "int", "int", "void *", "unsigned int"]),
+    getsockopt: lib.func("getsockopt", "int", ["int", "int", "int", "void *", "void *"]),
   };
   return bound;
 }
@@ -121,6 +125,8 @@ export const POLLIN = 0x001;
 export const POLLOUT = 0x004;
 export const POLLERR = 0x008;
 export const POLLHUP = 0x010;
+/** A stream socket's peer closed (or shut down writing): Linux's POLLRDHUP. */
+export const POLLRDHUP = 0x2000;
 
 export const LOCK_SH = 1;
 export const LOCK_EX = 2;
@@ -544,3 +550,32 @@ export function seekData(fd: number, offset: number, whence: typeof SEEK_DATA | 
 }
 
 export { SysError, Errno, errnoName } from "./errors";
+
+/** Socket option levels and names (<asm-generic/socket.h>) used with setsockoptInt/getsockoptInt. */
+export const SOL_SOCKET = 1;
+export const SO_SNDBUF = 7;
+export const SO_RCVBUF = 8;
+
+/** setsockopt(2) with an int value. */
+export function setsockoptInt(fd: number, level: number, name: number, value: number): void {
+  const v = new Int32Array([value]);
+  check("setsockopt", libc().setsockopt(fd, level, name, v, 4));
+}
+
+/** getsockopt(2) of an int value. */
+export function getsockoptInt(fd: number, level: number, name: number): number {
+  const v = new Int32Array(1);
+  const len = new Uint32Array([4]);
+  check("getsockopt", libc().getsockopt(fd, level, name, v, len));
+  return v[0]!;
+}
+
+/** ioctl(2) SIOCOUTQ (= TIOCOUTQ): for a UNIX stream socket, the send queue's memory in bytes. */
+export const SIOCOUTQ = 0x5411;
+
+/** A socket's queued, not yet received output (SIOCOUTQ). */
+export function socketOutputQueue(fd: number): number {
+  const v = new Int32Array(1);
+  check("ioctl", libc().ioctlPtr(fd, SIOCOUTQ, v), "SIOCOUTQ");
+  return v[0]!;
+}

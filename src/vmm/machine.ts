@@ -87,7 +87,7 @@ export interface MachineConfig {
   kvmPath?: string;
   /** virtio-blk disks, in order: /dev/vda, /dev/vdb, ... */
   disks?: readonly DiskConfig[];
-  /** virtio-net interfaces on TAP devices, in order: eth0, eth1, ... */
+  /** virtio-net interfaces on TAP devices or stream sockets, in order: eth0, eth1, ... */
   nics?: readonly NicConfig[];
   /**
    * virtio-fs devices, each served by a virtiofsd that is running and negotiated
@@ -136,13 +136,28 @@ export interface MachineBootInfo {
 /** How to continue after building the devices: boot something, or take a snapshot's state. */
 type MachineSource = { kind: "boot"; boot: BootSource } | { kind: "restore"; snapshot: ReadSnapshot; machine: SavedMachine; devices: SavedDevices; reader: Reader };
 
-export interface NicConfig {
+export type NicConfig = TapNicConfig | StreamNicConfig;
+
+export interface TapNicConfig {
   /** TAP name: created (and removed on exit) unless a persistent one exists. */
   tap: string;
   /** The guest's MAC (6 bytes); default stable, derived from the TAP name. */
   mac?: Uint8Array;
   /** Bring the host end up with this address ("192.168.100.1/24"). */
   hostCidr?: string;
+}
+
+/** A NIC on a connected `-netdev stream` socket (passt's), which its owner keeps and closes. */
+export interface StreamNicConfig {
+  stream: {
+    fd: number;
+    /** For messages: "passt". */
+    name: string;
+    /** The owner tells the user when the peer is lost, so the device need not. */
+    reportsOwnLoss?: boolean;
+  };
+  /** The guest's MAC (6 bytes); default stable, derived from the name. */
+  mac?: Uint8Array;
 }
 
 export interface DiskConfig {
@@ -530,6 +545,10 @@ export class Machine {
     if (this.virtio.functions.some((f) => f.device.kind === "virtio-fs")) {
       throw new SnapshotError("state", "a VM with virtio-fs shares cannot be snapshotted (virtiofsd's state cannot be saved)");
     }
+    // passt's connections and DHCP lease live in its process: a restore could not re-attach them.
+    if (this.virtio.functions.some((f) => f.device.kind === "virtio-net" && f.device.nic.backend.kind === "stream")) {
+      throw new SnapshotError("state", "a VM with user-mode networking (passt) cannot be snapshotted yet: use a TAP");
+    }
     const support = vcpuStateSupport(this.vm);
     const msrIndices = msrIndexList(this.kvm);
     // VM state after the vCPUs': KVM_GET_MP_STATE may move pending LAPIC events first.
@@ -749,7 +768,7 @@ class SerialInput {
 }
 
 /**
- * Open the disk images and TAP devices and give each a virtio-pci function: a slot, its
+ * Open the disk images and TAP devices (a stream NIC comes with its socket) and give each a virtio-pci function: a slot, its
  * shared transport state, eventfds for queue kicks and for its INTx line (irqfd with a
  * resample fd, since the line is level-triggered), and what the I/O worker needs to run its
  * back end. Disks come first (vda, vdb, ...), then network interfaces (eth0, ...), then
@@ -797,11 +816,17 @@ function openVirtioDevices(
     add(`virtio-blk vd${String.fromCharCode(0x61 + (i % 26))} (${d.path})`, { kind: "virtio-blk", disk });
   });
   nics.forEach((n, i) => {
+    if ("stream" in n) {
+      const backend = { kind: "stream" as const, fd: n.stream.fd, name: n.stream.name, reportsOwnLoss: n.stream.reportsOwnLoss ?? false };
+      // A stream carries plain frames: no offloads (stream-backend.ts).
+      add(`virtio-net eth${i} (${n.stream.name})`, { kind: "virtio-net", nic: { backend, mac: n.mac ?? defaultMac(n.stream.name), offloads: false } });
+      return;
+    }
     const mac = n.mac ?? defaultMac(n.tap);
     const tap = openTap(n.tap, { vnetHeaderSize: 12 });
     res.taps.push(tap);
     if (n.hostCidr !== undefined) configureHostSide(tap.name, n.hostCidr);
-    const nic = { tapFd: tap.fd, tapName: tap.name, created: tap.created, mac, offloads: probeOffloads(tap) };
+    const nic = { backend: { kind: "tap" as const, fd: tap.fd, name: tap.name, created: tap.created }, mac, offloads: probeOffloads(tap) };
     res.nics.push({ tap: n.tap, mac, ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) });
     add(`virtio-net eth${i} (${tap.name})`, { kind: "virtio-net", nic });
   });

@@ -1,4 +1,6 @@
 /** Synthetic kernel images for loader and CLI tests. */
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 
 export interface BzOptions {
   version?: number;
@@ -134,3 +136,13 @@ export function makeElf(o: ElfOptions): Uint8Array {
   return file;
 }
 
+
+/** Where tiny 64-bit test kernels are loaded (and entered, through the Linux 64-bit entry). */
+export const TINY_KERNEL_AT = 0x100_0000;
+
+/** Write `code` as a tiny ELF kernel `dir/name` loaded and entered at TINY_KERNEL_AT; its path. */
+export function writeTinyKernel(dir: string, name: string, code: Uint8Array): string {
+  const p = join(dir, name);
+  writeFileSync(p, makeElf({ segments: [{ paddr: TINY_KERNEL_AT, data: code }], entry: TINY_KERNEL_AT }));
+  return p;
+}

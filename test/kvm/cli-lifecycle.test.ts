@@ -9,7 +9,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
-import { makeElf } from "../helpers/images";
+import { writeTinyKernel } from "../helpers/images";
 import { ECHO_UNTIL_Q, SPIN, longModeHello } from "../helpers/guest-code";
 import { RunningCli, TSKVM_BIN, runCli } from "../helpers/cli";
 import { kvmSkip, scaled } from "../helpers/tiers";
@@ -17,12 +17,7 @@ import { kvmSkip, scaled } from "../helpers/tiers";
 const noKvm = kvmSkip();
 const dir = mkdtempSync(join(tmpdir(), "tskvm-life-"));
 process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
-const KERNEL_AT = 0x100_0000;
-const kernel = (name: string, code: Uint8Array) => {
-  const p = join(dir, name);
-  writeFileSync(p, makeElf({ segments: [{ paddr: KERNEL_AT, data: code }], entry: KERNEL_AT }));
-  return p;
-};
+const kernel = (name: string, code: Uint8Array) => writeTinyKernel(dir, name, code);
 const hello = kernel("hello.elf", longModeHello("hello from a tiny kernel\n"));
 const spin = kernel("spin.elf", SPIN);
 const echo = kernel("echo.elf", ECHO_UNTIL_Q);

@@ -9,7 +9,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawn, spawnSync } from "node:child_process";
-import { makeElf } from "../helpers/images";
+import { writeTinyKernel } from "../helpers/images";
 import { SPIN } from "../helpers/guest-code";
 import { RunningCli, TSKVM_BIN, runCli } from "../helpers/cli";
 import { startVm, VmTimeoutError, VmExitedError, GuestAgentError, VmError, type Vm } from "../../src/api";
@@ -149,12 +149,7 @@ const AGENT = Buffer.from(
     Buffer.from("tiny agent on the console\n\0TSKVM-CTL READY nproc=1\n\0TSKVM-CTL START \0TSKVM-CTL EXIT \0err\n\0", "latin1").toString("hex"),
   "hex",
 );
-const KERNEL_AT = 0x100_0000;
-const kernel = (name: string, code: Uint8Array) => {
-  const p = join(dir, name);
-  writeFileSync(p, makeElf({ segments: [{ paddr: KERNEL_AT, data: code }], entry: KERNEL_AT }));
-  return p;
-};
+const kernel = (name: string, code: Uint8Array) => writeTinyKernel(dir, name, code);
 const agentKernel = kernel("agent.elf", AGENT);
 const spinKernel = kernel("spin.elf", SPIN);
 

@@ -7,11 +7,11 @@
 import { after, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { once } from "node:events";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import * as sys from "../../src/sys/libc";
+import { waitUntil } from "../helpers/wait";
 import { HelperError, HelperProcess, createRuntimeDir, describeExit, findExecutable, sweepRuntimeDirs } from "../../src/host/helper-process";
 
 const base = fs.mkdtempSync(path.join(os.tmpdir(), "tskvm-helper-test-"));
@@ -26,13 +26,6 @@ function alive(pid: number): boolean {
   }
 }
 
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 /** A zombie counts as gone: what matters is that it no longer runs. */
 function running(pid: number): boolean {
@@ -136,7 +129,7 @@ describe("helper processes", () => {
     const e = await h.stop(300);
     assert.equal(e.signal, "SIGKILL");
     assert.ok(Date.now() - t0 >= 250, "waited for the grace period");
-    await waitFor("the forked child to end", () => !running(child));
+    await waitUntil(() => !running(child), 10_000, "the forked child to end");
   });
 
   it("passes file descriptors as 3, 4, ...", async () => {
@@ -203,7 +196,7 @@ describe("helper processes on tskvm's exit paths", () => {
     const { child, info } = tskvmLike("exit", false);
     const { pid, dir } = await info;
     await new Promise((r) => child.on("exit", r));
-    await waitFor("the helper to end", () => !running(pid));
+    await waitUntil(() => !running(pid), 10_000, "the helper to end");
     assert.equal(fs.existsSync(dir), false);
   });
 
@@ -212,11 +205,8 @@ describe("helper processes on tskvm's exit paths", () => {
     const { child, info } = tskvmLike("hang", true);
     const { pid, dir } = await info;
     assert.ok(running(pid));
-    const reaped = child.exitCode === null && child.signalCode === null ? once(child, "exit") : Promise.resolve();
     child.kill("SIGKILL");
-    await waitFor("the helper to end", () => !running(pid));
-    // Until it is reaped, the killed tskvm is a zombie, which counts as running.
-    await reaped;
+    await waitUntil(() => !running(pid), 10_000, "the helper to end");
     // Nothing ran to remove the directory; an old one of a dead pid is swept, a young one kept.
     assert.ok(fs.existsSync(dir));
     assert.deepEqual(sweepRuntimeDirs(base), []);

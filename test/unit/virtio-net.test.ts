@@ -139,6 +139,8 @@ interface Harness {
   ctx: VirtioActivation;
   signals: number[];
   resets: string[];
+  /** updateConfig calls: [offset, bytes]. */
+  configUpdates: [number, number[]][];
   logs: string[];
   /** Buffers of each RX chain by head. */
   rxBufs: Map<number, Buf[]>;
@@ -160,15 +162,17 @@ function harness(opts: { mode?: Mode; features?: bigint; tap?: FakeTap; activate
   });
   const signals: number[] = [];
   const resets: string[] = [];
+  const configUpdates: [number, number[]][] = [];
   const ctx: VirtioActivation = {
     memory: mem,
     features: opts.features ?? (V1 | dev.deviceFeatures),
     queues: [rx.config(), tx.config()],
     signalUsed: (i) => signals.push(i),
     needsReset: (r) => resets.push(r),
+    updateConfig: (offset, bytes) => configUpdates.push([offset, [...bytes]]),
   };
   if (opts.activate ?? true) dev.activate(ctx);
-  return { mem, rx, tx, tap, dev, ctx, signals, resets, logs, rxBufs: new Map() };
+  return { mem, rx, tx, tap, dev, ctx, signals, resets, configUpdates, logs, rxBufs: new Map() };
 }
 
 /** Post `count` RX chains of one writable buffer of `size` bytes each. */
@@ -650,12 +654,42 @@ for (const mode of ["copied", "in place"] as const) {
       assert.deepEqual(rxFrames(h2).map((g) => g.bytes), [withNumBuffers(fr, 1)]);
     });
 
-    it("a TAP that reports an error on poll (deleted) is no longer polled", () => {
+    it("a TAP that reports an error on poll (deleted) is no longer polled, and the link goes down", () => {
       const h = harness({ mode });
       postRx(h, 1);
       h.dev.pollReady(h.tap.fd, sys.POLLERR);
       assert.deepEqual(h.dev.pollFds(), []);
-      assert.match(h.logs[0]!, /reports an error/);
+      assert.equal(h.logs.length, 1);
+      assert.match(h.logs[0]!, /reports an error .*; no longer using it, the link is down/);
+      assert.deepEqual(h.configUpdates, [[NetConfig.STATUS, [0, 0]]], "status: LINK_UP cleared, the driver told");
+    });
+
+    it("a lost back end: link down once, TX frames dropped (not written), nothing polled after a driver reset either", () => {
+      class LosingTap extends FakeTap {
+        readonly reportsOwnLoss = true;
+        override read(): number {
+          throw new Error("the peer closed the connection");
+        }
+      }
+      const tap = new LosingTap();
+      const h = harness({ mode, tap });
+      postRx(h, 2);
+      h.dev.pollReady(h.tap.fd, sys.POLLIN);
+      assert.deepEqual(h.configUpdates, [[NetConfig.STATUS, [0, 0]]]);
+      assert.deepEqual(h.logs, [], "its owner reports the loss: no line from the device");
+      assert.deepEqual(h.dev.pollFds(), []);
+      sendTx(h, [h.tx.readable(frame(pattern(100, 1)))]);
+      assert.deepEqual(h.tap.fromGuest, [], "nothing written to a lost back end");
+      assert.equal(h.dev.stats.txDropped, 1);
+      assert.equal(h.tx.used().length, 1, "the chain is returned all the same");
+      // Lost for good: a driver reset and re-activation keep the link down and say so again.
+      h.dev.reset();
+      h.configUpdates.length = 0;
+      h.dev.activate(h.ctx);
+      assert.deepEqual(h.configUpdates, [[NetConfig.STATUS, [0, 0]]]);
+      assert.deepEqual(h.dev.pollFds(), []);
+      h.dev.pollReady(h.tap.fd, sys.POLLIN);
+      assert.equal(h.configUpdates.length, 1);
     });
   });
 

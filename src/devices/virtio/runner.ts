@@ -74,6 +74,10 @@ export class VirtioDeviceRunner {
           this.deliver(this.transport.setNeedsReset());
         },
         ...(restored !== undefined ? { queueStates: restored } : {}),
+        updateConfig: (offset, bytes) => {
+          this.transport.updateDeviceConfig(offset, bytes);
+          this.deliver(this.transport.signalConfigChange(gen));
+        },
       });
       // A kick that was in its eventfd when the snapshot was taken is gone: look at every queue.
       if (restored !== undefined) this.serveAllQueues();

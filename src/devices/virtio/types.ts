@@ -103,10 +103,10 @@ export interface VirtioDevice extends VirtioDeviceDescription {
 
 /**
  * Readiness of a polled fd, as pollFds/pollReady speak it. The values are poll(2)'s
- * POLLIN/POLLOUT/POLLERR/POLLHUP, so the I/O worker passes them through unchanged
+ * POLLIN/POLLOUT/POLLERR/POLLHUP/POLLRDHUP (a socket's peer closed), so the I/O worker passes them through unchanged
  * (io/io-worker.ts checks that they agree).
  */
-export const IoReady = { READABLE: 0x001, WRITABLE: 0x004, ERROR: 0x008, HANGUP: 0x010 } as const;
+export const IoReady = { READABLE: 0x001, WRITABLE: 0x004, ERROR: 0x008, HANGUP: 0x010, PEER_CLOSED: 0x2000 } as const;
 
 export interface VirtioActivation {
   memory: GuestMemory;
@@ -122,4 +122,9 @@ export interface VirtioActivation {
    * each queue goes on from there instead of from a reset.
    */
   queueStates?: readonly (VirtqueueState | undefined)[];
+  /**
+   * Change bytes of the device-specific configuration space (a network link going down)
+   * and send the driver a configuration change interrupt. Absent in tests that need none.
+   */
+  updateConfig?(offset: number, bytes: Uint8Array): void;
 }

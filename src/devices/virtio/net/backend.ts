@@ -34,6 +34,22 @@ export interface NetBackend {
   setOffload(flags: number): void;
   /** Frames start with a header of this many bytes: 10 (virtio_net_hdr) or 12 (with num_buffers). */
   setVnetHeaderSize(bytes: number): void;
+  /**
+   * True when whoever owns the back end tells the user when it is lost (passt's process
+   * watcher says how passt ended), so the device does not say it again.
+   */
+  readonly reportsOwnLoss?: boolean;
+  /**
+   * True for a stream socket whose peer may go away (passt): the device watches for that
+   * (IoReady.PEER_CLOSED) even while it has no reason to read, so the link goes down at once.
+   */
+  readonly peerMayClose?: boolean;
+  /**
+   * True when every frame it hands over has complete, correct checksums (passt builds its
+   * frames itself) though it takes no offloads: the device offers GUEST_CSUM alone, and
+   * after setOffload(NetOffload.CSUM) the back end marks its frames DATA_VALID.
+   */
+  readonly validChecksums?: boolean;
 }
 
 /** Does the back end take every offload the device could offer? Leaves offloads off either way. */

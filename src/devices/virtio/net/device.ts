@@ -97,6 +97,12 @@ export interface NetIdentity {
   readonly mtu?: number;
   /** The back end takes every offload (probeOffloads): offer checksum and TSO offloads. */
   readonly offloads: boolean;
+  /**
+   * Without offloads: every frame the back end hands over has complete, correct checksums
+   * (passt builds its frames itself). Offer GUEST_CSUM alone, and the guest need not check
+   * them (DATA_VALID).
+   */
+  readonly validChecksums?: boolean;
 }
 
 /** The device's identity, features and configuration space (no back end needed). */
@@ -107,6 +113,7 @@ export function netDescription(id: NetIdentity): VirtioDeviceDescription {
   }
   let f = feature(VirtioNetFeature.MAC) | feature(VirtioNetFeature.STATUS) | feature(VirtioNetFeature.MRG_RXBUF);
   if (id.offloads) f |= OFFLOAD_FEATURES;
+  else if (id.validChecksums === true) f |= feature(VirtioNetFeature.GUEST_CSUM);
   if (id.mtu !== undefined) f |= feature(VirtioNetFeature.MTU);
   const c = new Uint8Array(NetConfig.SIZE);
   const v = new DataView(c.buffer);
@@ -127,6 +134,8 @@ export interface VirtioNetOptions {
    * what another thread probed to skip the probe.
    */
   offloads?: boolean;
+  /** The back end's frames have valid checksums (NetIdentity.validChecksums); default from the back end. */
+  validChecksums?: boolean;
   /** Where to report what the guest did wrong or what failed on the host (one line each). */
   log?: (line: string) => void;
 }
@@ -145,13 +154,19 @@ export class VirtioNet implements VirtioDevice, NetLink {
   readonly mac: Uint8Array;
   /** Whether the back end takes the offloads, so they are offered. */
   readonly offloads: boolean;
+  /** Without offloads: GUEST_CSUM is offered, and the back end marks frames DATA_VALID when the guest takes it. */
+  readonly validChecksums: boolean;
   readonly stats: NetStats = { rxFrames: 0, rxBytes: 0, rxDropped: 0, rxWaits: 0, txFrames: 0, txBytes: 0, txDropped: 0, txRetries: 0 };
 
   private readonly log: (line: string) => void;
   private logged = 0;
   private ctx: VirtioActivation | undefined;
   private broken = false;
-  /** The back end failed (it reported an error on poll, a read failed): no longer polled. */
+  /**
+   * The back end failed for good (it reported an error on poll, a read failed, passt
+   * died): no longer polled or written, and the link is down (config status), for the rest
+   * of the device's life: a driver reset does not bring a lost back end back.
+   */
   private backendFailed = false;
   private hdrSize: number = NetHdr.MRG_SIZE;
   private readonly rx: NetRx;
@@ -170,7 +185,13 @@ export class VirtioNet implements VirtioDevice, NetLink {
     this.pollEntry.fd = backend.fd;
     this.mac = Uint8Array.from(options.mac ?? defaultMac(backend.name));
     this.offloads = options.offloads ?? probeOffloads(backend);
-    const d = netDescription({ mac: this.mac, offloads: this.offloads, ...(options.mtu !== undefined ? { mtu: options.mtu } : {}) });
+    this.validChecksums = !this.offloads && (options.validChecksums ?? backend.validChecksums === true);
+    const d = netDescription({
+      mac: this.mac,
+      offloads: this.offloads,
+      validChecksums: this.validChecksums,
+      ...(options.mtu !== undefined ? { mtu: options.mtu } : {}),
+    });
     this.deviceType = d.deviceType;
     this.queueCount = d.queueCount;
     this.maxQueueSize = d.maxQueueSize;
@@ -193,7 +214,8 @@ export class VirtioNet implements VirtioDevice, NetLink {
   activate(ctx: VirtioActivation): void {
     this.ctx = ctx;
     this.broken = false;
-    this.backendFailed = false;
+    // Lost while no driver ran: tell this one.
+    if (this.backendFailed) ctx.updateConfig?.(NetConfig.STATUS, this.config.subarray(NetConfig.STATUS, NetConfig.STATUS + 2));
     const has = (bit: number): boolean => (ctx.features & feature(bit)) !== 0n;
     const mergeable = has(VirtioNetFeature.MRG_RXBUF);
     const guestCsum = has(VirtioNetFeature.GUEST_CSUM);
@@ -203,13 +225,16 @@ export class VirtioNet implements VirtioDevice, NetLink {
       hdrSize: this.hdrSize,
       mergeable,
       guestCsum,
-      direct: backend.readv !== undefined && backend.writev !== undefined && ctx.memory.hasHostAddresses,
+      directRx: backend.readv !== undefined && ctx.memory.hasHostAddresses,
+      directTx: backend.writev !== undefined && ctx.memory.hasHostAddresses,
     };
     try {
       backend.setVnetHeaderSize(this.hdrSize);
       let offloads = 0;
       // TSO without checksum offload is meaningless (and a TAP refuses it).
       if (this.offloads && guestCsum) for (const [bit, flag] of GUEST_OFFLOADS) if (has(bit)) offloads |= flag;
+      // Checksums only: the back end says DATA_VALID on what it hands over.
+      if (this.validChecksums && guestCsum) offloads = NetOffload.CSUM;
       this.setOffload(offloads);
     } catch (e) {
       this.fail(e);
@@ -240,7 +265,7 @@ export class VirtioNet implements VirtioDevice, NetLink {
 
   pollFds(): readonly { fd: number; events: number }[] {
     if (this.ctx === undefined || this.broken || this.backendFailed) return NO_FDS;
-    let events = 0;
+    let events = this.backend.peerMayClose === true ? IoReady.PEER_CLOSED : 0;
     if (this.rx.wantsInput()) events |= IoReady.READABLE;
     if (this.tx.blocked()) events |= IoReady.WRITABLE;
     if (events === 0) return NO_FDS;
@@ -256,6 +281,9 @@ export class VirtioNet implements VirtioDevice, NetLink {
     }
     if ((revents & IoReady.WRITABLE) !== 0) this.transmit();
     if ((revents & IoReady.READABLE) !== 0) this.receive();
+    // The peer went away. While reading, receive() takes what it sent first and then finds
+    // the end; otherwise nothing will read it: the back end is lost now.
+    if ((revents & IoReady.PEER_CLOSED) !== 0 && !this.rx.wantsInput()) this.backendGone(`${this.backend.name} closed the connection`);
   }
 
   quiesce(): void {
@@ -273,7 +301,7 @@ export class VirtioNet implements VirtioDevice, NetLink {
     this.ctx = undefined;
     this.broken = false;
     // No guest to take checksum-less or GSO frames any more.
-    if (this.offloads) {
+    if (this.offloads || this.validChecksums) {
       try {
         this.backend.setOffload(0);
       } catch {
@@ -282,10 +310,14 @@ export class VirtioNet implements VirtioDevice, NetLink {
     }
   }
 
-  /** NetLink: stop reading and polling the back end. */
+  /** NetLink: stop using the back end, and tell the driver the link is down (VIRTIO_NET_S_LINK_UP cleared). */
   backendGone(why: string): void {
+    if (this.backendFailed) return;
     this.backendFailed = true;
-    this.note(`virtio-net: ${why}; no longer reading it`);
+    this.config[NetConfig.STATUS] = 0;
+    this.config[NetConfig.STATUS + 1] = 0;
+    this.ctx?.updateConfig?.(NetConfig.STATUS, this.config.subarray(NetConfig.STATUS, NetConfig.STATUS + 2));
+    if (this.backend.reportsOwnLoss !== true) this.note(`virtio-net: ${why}; no longer using it, the link is down`);
   }
 
   /** NetLink: log a line, at most LOG_LIMIT times per device (a guest can cause these at line rate). */
@@ -318,7 +350,7 @@ export class VirtioNet implements VirtioDevice, NetLink {
   }
 
   private setOffload(flags: number): void {
-    if (!this.offloads) return;
+    if (!this.offloads && !this.validChecksums) return;
     try {
       this.backend.setOffload(flags);
     } catch (e) {

@@ -58,17 +58,19 @@ export interface NetLinkSettings {
   readonly mergeable: boolean;
   /** GUEST_CSUM: the guest takes partial checksums (else RX flags must be 0). */
   readonly guestCsum: boolean;
-  /** Guest memory has host addresses and the back end takes iovecs: frames move in place. */
-  readonly direct: boolean;
+  /** Guest memory has host addresses and the back end reads into iovecs (readv): RX frames move in place. */
+  readonly directRx: boolean;
+  /** Guest memory has host addresses and the back end writes from iovecs (writev): TX frames move in place. */
+  readonly directTx: boolean;
 }
 
 /** What the paths need of the device around them. */
 export interface NetLink {
   readonly stats: NetStats;
-  /** The back end failed for good (backendGone was called): nothing more is read from it. */
+  /** The back end failed for good (backendGone was called): nothing more is read from or written to it. */
   readonly gone: boolean;
   /** Log a line about one frame (rate-limited). */
   note(line: string): void;
-  /** The back end failed for good: stop polling and reading it. */
+  /** The back end failed for good: stop polling and using it, and take the link down. */
   backendGone(why: string): void;
 }

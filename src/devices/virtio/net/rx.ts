@@ -5,7 +5,7 @@
  * that does not fit in the buffers available now is kept (it has been read) and finished
  * when the guest posts more (its kick).
  *
- * In place when it can (NetLinkSettings.direct): the frame is read with readv straight
+ * In place when it can (NetLinkSettings.directRx): the frame is read with readv straight
  * into the held chains' buffers, plus rxBuf for what does not fit (copied into further
  * chains). Otherwise read into rxBuf and copied.
  */
@@ -21,7 +21,7 @@ export const NET_RX_BATCH = 256;
 export class NetRx {
   private queue: Virtqueue | undefined;
   private memory: GuestMemory | undefined;
-  private settings: NetLinkSettings = { hdrSize: NetHdr.MRG_SIZE, mergeable: false, guestCsum: false, direct: false };
+  private settings: NetLinkSettings = { hdrSize: NetHdr.MRG_SIZE, mergeable: false, guestCsum: false, directRx: false, directTx: false };
 
   /**
    * The frame read from the back end and not yet given to the guest (length 0: none). Its
@@ -53,7 +53,7 @@ export class NetRx {
     this.queue = queue;
     this.memory = memory;
     this.settings = settings;
-    if (settings.direct && this.rxBufAddress === 0) this.rxBufAddress = hostAddressOf(this.rxBuf);
+    if (settings.directRx && this.rxBufAddress === 0) this.rxBufAddress = hostAddressOf(this.rxBuf);
     // With EVENT_IDX: ask to be kicked for the next buffer posted.
     queue?.enableNotification();
   }
@@ -147,7 +147,7 @@ export class NetRx {
     const hdrSize = this.settings.hdrSize;
     let n: number;
     try {
-      if (this.settings.direct) {
+      if (this.settings.directRx) {
         if (this.held === 0 && !this.holdChain(q)) return false;
         const iov = this.iov;
         iov.clear();

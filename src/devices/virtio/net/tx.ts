@@ -13,7 +13,7 @@ import { NET_MAX_FRAME, NET_MAX_IOV, NetChainError, NetHdr, type NetLink, type N
 export class NetTx {
   private queue: Virtqueue | undefined;
   private chain: DescriptorChain | undefined;
-  private settings: NetLinkSettings = { hdrSize: NetHdr.MRG_SIZE, mergeable: false, guestCsum: false, direct: false };
+  private settings: NetLinkSettings = { hdrSize: NetHdr.MRG_SIZE, mergeable: false, guestCsum: false, directRx: false, directTx: false };
   /** Tell the driver about used buffers: the transmit queue's interrupt. */
   private signalUsed: () => void = () => undefined;
 
@@ -101,7 +101,7 @@ export class NetTx {
         }
         // In place (writev from guest memory) when possible, else copied into txBuf.
         this.iov.clear();
-        let iovecs = this.settings.direct && c.appendIovecs(this.iov, false) ? this.iov.count : -1;
+        let iovecs = this.settings.directTx && c.appendIovecs(this.iov, false) ? this.iov.count : -1;
         if (iovecs < 0) {
           if (len > this.txBuf.length) {
             this.link.stats.txDropped++;
@@ -132,6 +132,12 @@ export class NetTx {
    * and return its chain; false (nothing done) when the write would block.
    */
   private sendFrame(head: number, len: number, iovecs: number, q: Virtqueue): boolean {
+    if (this.link.gone) {
+      // The link is down (the guest hears of it by a configuration change): like a cable pulled.
+      this.link.stats.txDropped++;
+      q.addUsed(head, 0);
+      return true;
+    }
     try {
       const n = iovecs > 0 ? this.backend.writev!(this.iov.bytes, iovecs) : this.backend.write(this.txBuf, len);
       if (n === 0) return false;
