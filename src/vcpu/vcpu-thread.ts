@@ -3,7 +3,8 @@
  * promptly (immediate_exit plus a signal, because a worker blocked in KVM_RUN never sees a
  * message), and get back why it stopped.
  */
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
+import { startWorker } from "../sys/threads";
 import { join } from "node:path";
 import { constants } from "node:os";
 import { pthreadKill } from "../sys/libc";
@@ -61,6 +62,27 @@ export interface VcpuThreadResult {
   counters: ExitCounters | undefined;
 }
 
+/** A vCPU worker started before its vCPU exists; see prestartVcpuWorker. */
+export interface PrestartedWorker {
+  readonly worker: Worker;
+  /** Given to a VcpuThread (which then owns its errors and exit). */
+  claimed: boolean;
+}
+
+/**
+ * Start a vCPU worker thread now, before the machine is built: starting a thread and
+ * loading its modules costs about as much as building the machine (50 ms here, a second
+ * in an emulated VM), so the two overlap and the boot vCPU enters KVM_RUN sooner. It waits
+ * for its init message (VcpuThread.start). Terminate it if it is never claimed.
+ */
+export function prestartVcpuWorker(): PrestartedWorker {
+  const worker = startWorker(join(__dirname, "worker.js"), { resourceLimits: VCPU_WORKER_LIMITS });
+  const p: PrestartedWorker = { worker, claimed: false };
+  // Until claimed, a failure to start is reported when it is (the thread's 'exit').
+  worker.on("error", () => undefined);
+  return p;
+}
+
 export class VcpuThread {
   private thread: bigint | undefined;
   readonly done: Promise<VcpuThreadResult>;
@@ -83,8 +105,20 @@ export class VcpuThread {
     });
   }
 
-  start(): void {
-    const worker = new Worker(join(__dirname, "worker.js"), { workerData: this.init, resourceLimits: VCPU_WORKER_LIMITS });
+  /**
+   * Run the vCPU: in `worker` when one was started ahead (prestartVcpuWorker: it has loaded
+   * its modules while the machine was built and takes its init as a message), else in a
+   * new one.
+   */
+  start(prestarted?: PrestartedWorker): void {
+    let worker: Worker;
+    if (prestarted !== undefined) {
+      worker = prestarted.worker;
+      prestarted.claimed = true;
+      worker.postMessage({ type: "init", init: this.init });
+    } else {
+      worker = startWorker(join(__dirname, "worker.js"), { workerData: this.init, resourceLimits: VCPU_WORKER_LIMITS });
+    }
     let result: VcpuThreadResult | undefined;
     worker.on("message", (msg: VcpuWorkerMessage) => {
       if (msg.type === "started") {

@@ -40,4 +40,7 @@ function main(init: VcpuWorkerInit): void {
   post({ type: "stopped", id: vcpu.id, stop, counters: loop.counters });
 }
 
-main(workerData as VcpuWorkerInit);
+// Started with its init (workerData), or ahead of its vCPU: then the init comes as the
+// first message, once the machine is built (vcpu-thread.ts, prestartVcpuWorker).
+if (workerData !== undefined && workerData !== null) main(workerData as VcpuWorkerInit);
+else parentPort!.once("message", (m: { type: "init"; init: VcpuWorkerInit }) => main(m.init));

@@ -30,7 +30,7 @@ import { ConfigError } from "./errors";
 import { createDeviceSetSpec, instantiateDevices, DeviceSet, DeviceSetSpec, type SerialSinkSpec } from "../board/devices";
 import type { Serial } from "../devices/legacy/serial";
 import { createHaltStatus, createRunControl, RunControlCell, ExitCounters, VcpuStop } from "../vcpu/exit-loop";
-import { VcpuThread, VcpuThreadResult, holdKickHandler } from "../vcpu/vcpu-thread";
+import { PrestartedWorker, VcpuThread, VcpuThreadResult, holdKickHandler, prestartVcpuWorker } from "../vcpu/vcpu-thread";
 import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
 import { prepareBoot, BootSource, BootSummary } from "./boot-source";
 
@@ -188,6 +188,10 @@ export class Machine {
     if (config.memoryBytes < MIN_GUEST_MEMORY) {
       throw new ConfigError(`guest memory ${formatBytes(config.memoryBytes)} is too small: give at least ${formatBytes(MIN_GUEST_MEMORY)}`, "memoryBytes");
     }
+    // The boot vCPU's thread starts now and loads while the machine is built (the other
+    // vCPUs' threads start once it runs: they would only compete with it for the CPUs).
+    const bootWorker = prestartVcpuWorker();
+    cleanups.push(() => void bootWorker.worker.terminate());
     const kvm = Kvm.open(config.kvmPath);
     cleanups.push(() => kvm.close());
     const irqchip = config.irqchip ?? true;
@@ -247,8 +251,13 @@ export class Machine {
       // gets the boot state.
       if (id === 0) applyBootState(vcpu, boot.cpu);
     }
-    return new Machine(kvm, vm, memory, vcpus, deviceSpec, boot, config.consoleFd, templateName, virtio, irqchip);
+    const machine = new Machine(kvm, vm, memory, vcpus, deviceSpec, boot, config.consoleFd, templateName, virtio, irqchip);
+    machine.bootWorker = bootWorker;
+    return machine;
   }
+
+  /** The boot vCPU's thread, started while the machine was built (until run() takes it). */
+  private bootWorker: PrestartedWorker | undefined;
 
   /** Start every vCPU thread; resolves once all have stopped. */
   run(): Promise<MachineResult> {
@@ -268,13 +277,18 @@ export class Machine {
           ...(this.virtio.controlFd !== undefined ? { ioControlFd: this.virtio.controlFd } : {}),
         }),
     );
-    this.io?.start();
     if (this.irqchip) this.startHaltProbes();
-    for (const t of this.threads) {
+    // The boot vCPU first (in its thread started ahead), then the others, then the I/O
+    // worker: nothing the guest does early needs the I/O worker, whose start would only
+    // compete with the boot vCPU's.
+    const bootWorker = this.bootWorker;
+    this.bootWorker = undefined;
+    this.threads.forEach((t, i) => {
       t.onStop = (r) => this.onVcpuStop(r);
       t.onRegisterDump = (dump) => this.onDiagnostic({ kind: "registers", vcpu: t.vcpu.id, dump });
-      t.start();
-    }
+      t.start(i === 0 ? bootWorker : undefined);
+    });
+    this.io?.start();
     this.running = Promise.all(this.threads.map((t) => t.done)).then(async (results) => {
       // The back ends finish and flush only after no vCPU can submit more work.
       this.stopHaltProbes();
@@ -379,6 +393,9 @@ export class Machine {
   destroy(): void {
     if (this.destroyed) return;
     this.destroyed = true;
+    // Built but never run: the boot vCPU's thread still waits for its init.
+    void this.bootWorker?.worker.terminate();
+    this.bootWorker = undefined;
     this.stopInput();
     for (const v of this.vcpus) v.destroy();
     for (const fd of this.virtio.fds) sys.close(fd);
