@@ -4,6 +4,7 @@
  * message), and get back why it stopped.
  */
 import type { Worker } from "node:worker_threads";
+import { performance } from "node:perf_hooks";
 import { startWorker } from "../sys/threads";
 import { join } from "node:path";
 import { constants } from "node:os";
@@ -36,7 +37,7 @@ export interface VcpuWorkerInit {
 export const VCPU_WORKER_LIMITS = { maxOldGenerationSizeMb: 32, maxYoungGenerationSizeMb: 2 } as const;
 
 export type VcpuWorkerMessage =
-  | { type: "started"; id: number; thread: bigint }
+  | { type: "started"; id: number; thread: bigint; at: number }
   | { type: "registers"; id: number; dump: string }
   | { type: "stopped"; id: number; stop: VcpuStop; counters: ExitCounters };
 
@@ -89,6 +90,8 @@ export class VcpuThread {
   private resolveDone!: (r: VcpuThreadResult) => void;
   /** Resolves when the worker is about to enter KVM_RUN for the first time. */
   readonly started: Promise<void>;
+  /** When that was, in ms since this process started (performance.now() time); NaN before. */
+  firstRunAt = NaN;
   private resolveStarted!: () => void;
   private finished = false;
   /** Called with the first stop this vCPU reports (the machine then stops the others). */
@@ -123,6 +126,7 @@ export class VcpuThread {
     worker.on("message", (msg: VcpuWorkerMessage) => {
       if (msg.type === "started") {
         this.thread = msg.thread;
+        this.firstRunAt = msg.at - performance.timeOrigin;
         this.resolveStarted();
         // A stop may have been requested before the thread id was known.
         if (Atomics.load(this.init.control, RunControlCell.STOP) !== 0) this.kick();

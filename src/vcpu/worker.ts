@@ -4,6 +4,7 @@
  * KVM_RUN with a signal), runs the exit loop synchronously and reports why it stopped.
  */
 import { parentPort, workerData } from "node:worker_threads";
+import { performance } from "node:perf_hooks";
 import { pthreadSelf } from "../sys/libc";
 import { Vcpu } from "../kvm/vcpu";
 import { GuestMemory } from "../memory/guest-memory";
@@ -30,7 +31,9 @@ function main(init: VcpuWorkerInit): void {
   });
   loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control, init.haltStatus);
   loop.onRegisterDump = (dump) => post({ type: "registers", id: vcpu.id, dump });
-  post({ type: "started", id: vcpu.id, thread: pthreadSelf() });
+  // The wall-clock time (ms since the epoch, high resolution) of the first KVM_RUN, for
+  // the start-up timeline: the main thread's own clock has another time origin.
+  post({ type: "started", id: vcpu.id, thread: pthreadSelf(), at: performance.timeOrigin + performance.now() });
   let stop: VcpuStop;
   try {
     stop = loop.run();

@@ -33,6 +33,7 @@ import { createHaltStatus, createRunControl, RunControlCell, ExitCounters, VcpuS
 import { PrestartedWorker, VcpuThread, VcpuThreadResult, holdKickHandler, prestartVcpuWorker } from "../vcpu/vcpu-thread";
 import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
 import { prepareBoot, BootSource, BootSummary } from "./boot-source";
+import { performance } from "node:perf_hooks";
 
 export interface MachineConfig {
   /** Guest RAM in bytes. */
@@ -170,8 +171,11 @@ export class Machine {
   /** Build the whole machine; nothing runs until run(). Cleans up after itself on failure. */
   static create(config: MachineConfig): Machine {
     const cleanups: (() => void)[] = [];
+    const begin = performance.now();
     try {
-      return Machine.build(config, cleanups);
+      const m = Machine.build(config, cleanups);
+      m.createdAt = { begin, end: performance.now() };
+      return m;
     } catch (e) {
       for (const undo of cleanups.reverse()) {
         try {
@@ -254,6 +258,17 @@ export class Machine {
     const machine = new Machine(kvm, vm, memory, vcpus, deviceSpec, boot, config.consoleFd, templateName, virtio, irqchip);
     machine.bootWorker = bootWorker;
     return machine;
+  }
+
+  private createdAt = { begin: NaN, end: NaN };
+
+  /**
+   * Where start-up time went, in ms since this process started: until Machine.create was
+   * called (Node, module loading, option handling), building the machine (KVM, RAM, kernel
+   * and initrd, devices, vCPUs), and until the boot vCPU entered KVM_RUN (NaN before it has).
+   */
+  startupTimeline(): { createBegin: number; createEnd: number; firstKvmRun: number } {
+    return { createBegin: this.createdAt.begin, createEnd: this.createdAt.end, firstKvmRun: this.threads[0]?.firstRunAt ?? NaN };
   }
 
   /** The boot vCPU's thread, started while the machine was built (until run() takes it). */
