@@ -1,14 +1,14 @@
 /**
  * Starting worker threads, from dist/ or from the bundle (scripts/bundle.ts). When tskvm
- * runs from the bundle (bin/tskvm sets it with useBundle), a worker starts from the same
- * one file instead of resolving and reading its ~30 modules again.
+ * runs from the bundle (bin/tskvm sets it with useBundle: the bundle's loader), a worker
+ * starts from the same one file instead of resolving and reading its ~30 modules again.
  */
 import { relative, dirname } from "node:path";
 import { Worker, type WorkerOptions } from "node:worker_threads";
 
 let bundleFile: string | undefined;
 
-/** Start workers from the bundle at `file` (called once by bin/tskvm before anything starts). */
+/** Start workers through the bundle loader `file` (called once by bin/tskvm before anything starts). */
 export function useBundle(file: string): void {
   bundleFile = file;
 }
