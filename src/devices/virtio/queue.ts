@@ -233,6 +233,11 @@ export abstract class ChainCursor {
     return this.done;
   }
 
+  /** Whether runs have host addresses (mmap'd guest RAM), so the kernel can move them by address. */
+  get hostAddressed(): boolean {
+    return this.chain.memory.hasHostAddresses;
+  }
+
   /** @internal */
   abstract reset(): void;
 
