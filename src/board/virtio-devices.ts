@@ -23,6 +23,10 @@ import { VirtioDeviceRunner, type DeviceLog, type InterruptSink } from "../devic
 import { VirtioBlock, blkDescription } from "../devices/virtio/blk/device";
 import { VirtioNet, netDescription } from "../devices/virtio/net/device";
 import { FileBlockEngine } from "../host/block-file-engine";
+import { BLOCK_RING_ENTRIES, UringBlockEngine } from "../host/block-uring-engine";
+import type { IoEngineName } from "../host/io-engine";
+import type { BlockBackend } from "../devices/virtio/blk/backend";
+import { IoUring } from "../sys/io-uring";
 import { Tap } from "../host/tap";
 
 /** An open disk image, as plain data (the fd is valid in every thread of the process). */
@@ -32,6 +36,8 @@ export interface DiskSpec {
   readOnly: boolean;
   path: string;
   serial: string;
+  /** io_uring: a queue drain per io_uring_enter; sync: pread/pwrite per request (host/io-engine.ts). */
+  engine: IoEngineName;
 }
 
 /** An open TAP, as plain data: the fd stays owned (and closed) by the main thread. */
@@ -42,6 +48,8 @@ export interface NicSpec {
   mac: Uint8Array;
   /** Whether the TAP takes the offloads (probed once, on the main thread). */
   offloads: boolean;
+  /** io_uring: runs of frames per io_uring_enter; sync: read/write per frame. */
+  engine: IoEngineName;
 }
 
 /** What a virtio device is made of. */
@@ -75,16 +83,37 @@ export function describeVirtioDevice(spec: VirtioDeviceSpec): VirtioDeviceDescri
   }
 }
 
-/** The device model over its host back end, in the thread that serves its queues. */
-export function createVirtioDevice(spec: VirtioDeviceSpec, log: (line: string) => void): VirtioDevice {
+/**
+ * The device model over its host back end, in the thread that serves its queues, and how
+ * to let go of what the back end holds (an io_uring ring) when that thread ends.
+ */
+export function createVirtioDevice(spec: VirtioDeviceSpec, log: (line: string) => void): { device: VirtioDevice; close(): void } {
   switch (spec.kind) {
-    case "virtio-blk":
-      return new VirtioBlock(new FileBlockEngine(spec.disk), { serial: spec.disk.serial, log });
+    case "virtio-blk": {
+      const engine = blockEngine(spec.disk, log);
+      return { device: new VirtioBlock(engine, { serial: spec.disk.serial, log }), close: () => (engine as Partial<UringBlockEngine>).close?.() };
+    }
     case "virtio-net": {
       // A second handle on the main thread's TAP fd: never closed from here.
       const tap = new Tap(spec.nic.tapName, spec.nic.tapFd, spec.nic.created, 12);
-      return new VirtioNet(tap, { mac: spec.nic.mac, offloads: spec.nic.offloads, log });
+      return { device: new VirtioNet(tap, { mac: spec.nic.mac, offloads: spec.nic.offloads, log }), close: () => undefined };
     }
+  }
+}
+
+/**
+ * The disk's engine. io_uring's ring is made here, in the I/O worker (a ring belongs to
+ * the thread that made it); should that fail although the main thread's probe said yes,
+ * the disk runs on the file engine and the log says why.
+ */
+function blockEngine(disk: DiskSpec, log: (line: string) => void): BlockBackend {
+  const file = new FileBlockEngine(disk);
+  if (disk.engine !== "io_uring") return file;
+  try {
+    return new UringBlockEngine(disk, { ring: IoUring.create(BLOCK_RING_ENTRIES), fallback: file });
+  } catch (e) {
+    log(`io_uring unusable in the I/O worker (${(e as Error).message}); the disk uses pread/pwrite`);
+    return file;
   }
 }
 
@@ -94,16 +123,18 @@ export interface IoSideDevice {
   /** Polled for kicks of queue i (index i). */
   readonly kickFds: readonly number[];
   readonly resampleFd: number;
+  /** Release what the back end holds in this thread (after runner.stop()). */
+  close(): void;
 }
 
 /** Bring a function to life in the I/O worker: its device model, runner and interrupt sink. */
 export function instantiateIoSide(spec: VirtioFunctionSpec, env: { memory: GuestMemory; vmFd: number; log: DeviceLog }): IoSideDevice {
   const vm = new Vm(env.vmFd);
   const irq: InterruptSink = {
-    msi: (address, data) => vm.signalMsi(address % 0x1_0000_0000, Math.floor(address / 0x1_0000_0000), data),
+    msi: (address, data) => vm.signalMsi(address >>> 0, (address / 0x1_0000_0000) >>> 0, data),
     intx: () => sys.signalEventfd(spec.intxFd),
   };
-  const device = createVirtioDevice(spec.device, (line) => env.log.warn(`${spec.name}: ${line}`));
+  const { device, close } = createVirtioDevice(spec.device, (line) => env.log.warn(`${spec.name}: ${line}`));
   const runner = new VirtioDeviceRunner(spec.name, new VirtioPciDeviceSide(spec.transport), device, env.memory, irq, env.log);
-  return { runner, kickFds: spec.kickFds, resampleFd: spec.resampleFd };
+  return { runner, kickFds: spec.kickFds, resampleFd: spec.resampleFd, close };
 }

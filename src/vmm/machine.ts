@@ -33,6 +33,7 @@ import { createHaltStatus, createRunControl, RunControlCell, ExitCounters, VcpuS
 import { PrestartedWorker, VcpuThread, VcpuThreadResult, holdKickHandler, prestartVcpuWorker } from "../vcpu/vcpu-thread";
 import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
 import { prepareBoot, BootSource, BootSummary } from "./boot-source";
+import { chooseIoEngine, type IoEngine, type IoEngineChoice } from "../host/io-engine";
 import { performance } from "node:perf_hooks";
 
 export interface MachineConfig {
@@ -60,6 +61,12 @@ export interface MachineConfig {
   /** In-kernel irqchip and PIT (default true). Tiny test guests turn it off to see HLT exits. */
   irqchip?: boolean;
   kvmPath?: string;
+  /**
+   * How virtio back ends reach the host: "io_uring" (a queue drain per system call),
+   * "sync" (a system call per request or frame), or "auto" (default): io_uring where this
+   * process can use it. Asking for io_uring where it cannot be used is an IoEngineError.
+   */
+  ioEngine?: IoEngineChoice;
   /** virtio-blk disks, in order: /dev/vda, /dev/vdb, ... */
   disks?: readonly DiskConfig[];
   /** virtio-net interfaces on TAP devices, in order: eth0, eth1, ... */
@@ -92,6 +99,8 @@ const PCI_GSI_COUNT = 8;
 
 /** Everything the machine opened for its virtio devices, for closing. */
 interface VirtioResources {
+  /** The I/O engine the back ends use (undefined: no virtio device). */
+  ioEngine: IoEngine | undefined;
   functions: VirtioFunctionSpec[];
   fds: number[];
   images: DiskImage[];
@@ -227,7 +236,7 @@ export class Machine {
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
-    const virtio = openVirtioDevices(vm, config.disks ?? [], config.nics ?? [], irqchip, cleanups);
+    const virtio = openVirtioDevices(vm, config.disks ?? [], config.nics ?? [], irqchip, cleanups, config.ioEngine);
     const boot = prepareBoot(memory, config.boot, {
       cpus: config.cpus,
       extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)],
@@ -269,6 +278,11 @@ export class Machine {
    */
   startupTimeline(): { createBegin: number; createEnd: number; firstKvmRun: number } {
     return { createBegin: this.createdAt.begin, createEnd: this.createdAt.end, firstKvmRun: this.threads[0]?.firstRunAt ?? NaN };
+  }
+
+  /** The I/O engine of the virtio back ends, and why sync if io_uring was not usable; undefined without virtio devices. */
+  get ioEngine(): IoEngine | undefined {
+    return this.virtio.ioEngine;
   }
 
   /** The boot vCPU's thread, started while the machine was built (until run() takes it). */
@@ -476,9 +490,12 @@ function openVirtioDevices(
   nics: readonly NicConfig[],
   irqchip: boolean,
   cleanups: (() => void)[],
+  ioEngine: IoEngineChoice | undefined,
 ): VirtioResources {
-  const res: VirtioResources = { functions: [], fds: [], images: [], taps: [], controlFd: undefined };
+  const res: VirtioResources = { ioEngine: undefined, functions: [], fds: [], images: [], taps: [], controlFd: undefined };
   if (disks.length + nics.length === 0) return res;
+  const engine = chooseIoEngine(ioEngine);
+  res.ioEngine = engine;
   if (!irqchip) throw new ConfigError("virtio devices need the in-kernel irqchip");
   const eventfd = () => {
     const fd = sys.eventfd(0, sys.EFD_NONBLOCK);
@@ -505,7 +522,7 @@ function openVirtioDevices(
   disks.forEach((d, i) => {
     const image = openDiskImage(d.path, { readOnly: d.readOnly });
     res.images.push(image);
-    const disk = { fd: image.fd, sizeBytes: image.sizeBytes, readOnly: image.readOnly, path: image.path, serial: d.serial ?? defaultSerial(image.path) };
+    const disk = { fd: image.fd, sizeBytes: image.sizeBytes, readOnly: image.readOnly, path: image.path, serial: d.serial ?? defaultSerial(image.path), engine: engine.name };
     add(`virtio-blk vd${String.fromCharCode(0x61 + (i % 26))} (${d.path})`, { kind: "virtio-blk", disk });
   });
   nics.forEach((n, i) => {
@@ -513,7 +530,7 @@ function openVirtioDevices(
     const tap = openTap(n.tap, { vnetHeaderSize: 12 });
     res.taps.push(tap);
     if (n.hostCidr !== undefined) configureHostSide(tap.name, n.hostCidr);
-    const nic = { tapFd: tap.fd, tapName: tap.name, created: tap.created, mac, offloads: probeOffloads(tap) };
+    const nic = { tapFd: tap.fd, tapName: tap.name, created: tap.created, mac, offloads: probeOffloads(tap), engine: engine.name };
     add(`virtio-net eth${i} (${tap.name})`, { kind: "virtio-net", nic });
   });
   return res;
