@@ -56,12 +56,15 @@ export const REQUIRED_CAPS: readonly [CapName, string][] = [
   ["IMMEDIATE_EXIT", "stopping vCPUs cleanly"],
 ];
 
+/** "KVM_<name>" for error messages, made once rather than on every call. */
+const IOCTL_LABEL = Object.fromEntries(Object.keys(Ioctl).map((n) => [n, `KVM_${n}`])) as Record<IoctlName, string>;
+
 function ioctlCall(fd: number, name: IoctlName, arg: Uint8Array | null): number {
-  return sys.ioctl(fd, Ioctl[name], arg, `KVM_${name}`);
+  return sys.ioctl(fd, Ioctl[name], arg, IOCTL_LABEL[name]);
 }
 
 function ioctlValueCall(fd: number, name: IoctlName, value: number): number {
-  return sys.ioctlValue(fd, Ioctl[name], value, `KVM_${name}`);
+  return sys.ioctlValue(fd, Ioctl[name], value, IOCTL_LABEL[name]);
 }
 
 export class Kvm {
@@ -281,14 +284,17 @@ export class Vm {
   }
 
   signalMsi(addressLo: number, addressHi: number, data: number): void {
-    const buf = new Uint8Array(KvmMsi.size);
-    const dv = new DataView(buf.buffer);
-    dv.setUint32(KvmMsi.address_lo, addressLo >>> 0, true);
-    dv.setUint32(KvmMsi.address_hi, addressHi >>> 0, true);
-    dv.setUint32(KvmMsi.data, data >>> 0, true);
-    ioctlCall(this.fd, "SIGNAL_MSI", buf);
+    // One struct kvm_msi per thread, filled in place: an interrupt allocates nothing.
+    msiView.setUint32(KvmMsi.address_lo, addressLo >>> 0, true);
+    msiView.setUint32(KvmMsi.address_hi, addressHi >>> 0, true);
+    msiView.setUint32(KvmMsi.data, data >>> 0, true);
+    ioctlCall(this.fd, "SIGNAL_MSI", msiBuf);
   }
 }
+
+/** KVM_SIGNAL_MSI's argument; per thread, as this module is loaded once per worker. */
+const msiBuf = new Uint8Array(KvmMsi.size);
+const msiView = new DataView(msiBuf.buffer);
 
 /**
  * KVM_IRQ_LINE on a VM fd, usable from any thread (device models in vCPU workers hold only
