@@ -35,7 +35,8 @@ export type OptionName =
   | "nics.hostCidr"
   | "guestIp"
   | "entry"
-  | "cpuTemplate";
+  | "cpuTemplate"
+  | "ioEngine";
 
 /**
  * How a message names an option. The API names them by their VmOptions field; a caller

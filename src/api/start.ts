@@ -5,6 +5,7 @@
  */
 import { readFileSync } from "node:fs";
 import { totalmem } from "node:os";
+import { IoEngineError } from "../host/io-engine";
 import { ConfigError } from "../vmm/errors";
 import { formatBytes, type DiskConfig, type NicConfig } from "../vmm/machine";
 import { KvmUnavailableError } from "../kvm/kvm";
@@ -48,6 +49,8 @@ export function readInputFile(path: string, what: string): Uint8Array {
   return data;
 }
 
+const IO_ENGINES: readonly string[] = ["auto", "io_uring", "sync"];
+
 /** The API's names of the MachineConfig fields a ConfigError can be about. */
 const MACHINE_OPTIONS: Record<NonNullable<ConfigError["option"]>, OptionName> = {
   memoryBytes: "memory",
@@ -67,6 +70,7 @@ export function toStartError(e: unknown): VmError {
   if (e instanceof SizeError || e instanceof ConfigError || e instanceof CpuidError || e instanceof MacAddressError) return wrap("options");
   if (e instanceof InputFileError || e instanceof BootError || e instanceof GuestBuildError || e instanceof DiskImageError) return wrap("input");
   if (e instanceof TapError) return wrap(e.kind === "NameTooLong" || e.kind === "InvalidName" ? "options" : "host");
+  if (e instanceof IoEngineError) return new VmStartError("host", (n) => `${message} (${n("ioEngine")})`, { cause: e, option: "ioEngine" });
   if (e instanceof KvmUnavailableError) return wrap("host");
   return wrap("internal");
 }
@@ -117,6 +121,9 @@ export function checkOptions(o: VmOptions): CheckedOptions {
     throw optionsError((n) => `guest memory ${formatBytes(memoryBytes)} is more than this host's ${formatBytes(totalmem())} of RAM: use a smaller ${n("memory")}`, "memory");
   }
   const cpus = checkCpus(o.cpus ?? 1);
+  if (o.ioEngine !== undefined && !IO_ENGINES.includes(o.ioEngine)) {
+    throw optionsError((n) => `unknown I/O engine '${String(o.ioEngine)}': use ${IO_ENGINES.join(", ")} (${n("ioEngine")})`, "ioEngine");
+  }
   for (const [option, path] of [["kernel", o.kernel], ["initrd", o.initrd]] as const) {
     if (typeof path === "string" && path.trim() === "") throw optionsError((n) => `${n(option)} needs a file path`, option);
   }

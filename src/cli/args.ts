@@ -30,6 +30,7 @@ export const CLI_OPTION_NAMES: OptionNames = (option) =>
     guestIp: "--guest-ip",
     entry: "--entry",
     cpuTemplate: "--cpu-template",
+    ioEngine: "--io-engine",
   })[option];
 
 /** Run an API check at parse time: its error becomes a UsageError naming the flag. */
@@ -60,6 +61,9 @@ export interface BootOptions {
   cpuTemplate: string | undefined;
   hideFeatures: string[];
   entry: "pvh" | "linux64" | undefined;
+  ioEngine: "auto" | "io_uring" | "sync" | undefined;
+  /** Say on stderr what happens: the boot, start-up times, the exits at the end. */
+  verbose: boolean;
   help: boolean;
 }
 
@@ -77,6 +81,8 @@ const BOOT_FLAGS = {
   "cpu-template": { type: "string" },
   "hide-cpu-feature": { type: "string", multiple: true },
   entry: { type: "string" },
+  "io-engine": { type: "string" },
+  verbose: { type: "boolean", short: "v" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -102,6 +108,11 @@ Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on f
                            default: chosen from the host's KVM
       --hide-cpu-feature F hide a CPUID feature (repeatable), e.g. avx2
       --entry pvh|linux64  entry point for an ELF vmlinux (default: pvh when present)
+      --io-engine E        how disks and TAPs do host I/O: io_uring (a queue drain per
+                           system call), sync (a system call per request), or auto
+                           (default: io_uring where the host allows it)
+  -v, --verbose            say on stderr what happens: the boot, where start-up time went,
+                           and at the end the exits the guest made tskvm handle
   -h, --help               this help
 
 Console: the guest's serial port is on stdin/stdout. Ctrl-A x quits, Ctrl-A h helps.`;
@@ -137,6 +148,10 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
   const list = (k: string) => (values[k] as string[] | undefined) ?? [];
   const cpus = str("cpus") === undefined ? 1 : asUsage(() => checkCpus(parsePositiveInt(str("cpus")!, "vCPU count", "-c")));
   const entry = asUsage(() => checkEntry(str("entry")));
+  const ioEngine = str("io-engine");
+  if (ioEngine !== undefined && ioEngine !== "auto" && ioEngine !== "io_uring" && ioEngine !== "sync") {
+    throw new UsageError(`unknown I/O engine '${ioEngine}': use auto, io_uring or sync (--io-engine)`);
+  }
   if (list("tap-ip").length > list("tap").length) throw new UsageError("--tap-ip needs a --tap for each address");
   if (list("mac").length > list("tap").length) throw new UsageError("--mac needs a --tap for each address");
   return {
@@ -153,6 +168,8 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
     cpuTemplate: str("cpu-template"),
     hideFeatures: list("hide-cpu-feature"),
     entry,
+    ioEngine,
+    verbose: values.verbose === true,
     help: values.help === true,
   };
 }
@@ -189,7 +206,6 @@ const RUN_FLAGS = {
   "ready-timeout": { type: "string" },
   "console-log": { type: "string" },
   "no-initrd": { type: "boolean" },
-  verbose: { type: "boolean", short: "v" },
 } as const;
 
 export const RUN_USAGE = `usage: tskvm run [options] -- CMD [ARG...]
@@ -207,7 +223,6 @@ Without -k the default guest boots; with -k and no -i, the default guest's initr
                               (default ${DEFAULT_READY_TIMEOUT_S}; 0: no limit)
       --console-log FILE      write the kernel's console (ttyS0) to FILE (default: discarded)
       --no-initrd             boot -k without an initrd (its root file system must run the agent)
-  -v, --verbose               say what happens (boot, ready, exit) on stderr
 ${BOOT_USAGE.split("\n").slice(4, -2).join("\n")}
 
 Exit status: CMD's; or 1 the guest failed (KVM could not run it), 2 bad command line,

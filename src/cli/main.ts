@@ -9,6 +9,7 @@ import { BOOT_USAGE, CLI_OPTION_NAMES, UsageError, parseBootArgs } from "./args"
 import { attachConsole, ESCAPE_HELP } from "./console";
 import { SizeError } from "../api/option-values";
 import { runProbe } from "./probe";
+import { exitLines, startupLine } from "./report";
 import { bootBanner, runCommand, vmOptionsFrom } from "./run";
 import { mkdiskCommand } from "./mkdisk";
 import { startVm, type Vm } from "../api/vm";
@@ -73,11 +74,11 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
   if (opts.kernel === undefined) say("no kernel given (-k): using the default guest (building it on first use, which takes minutes)");
   const vm = await startVm({ ...vmOptionsFrom(opts), agent: false, console: { fd: 1 }, onWarning: say });
   say(`${bootBanner(vm)}; Ctrl-A x quits`);
-  return runToEnd(vm);
+  return runToEnd(vm, opts.verbose);
 }
 
 /** Run a started VM with the console and signals attached; returns the exit status. */
-async function runToEnd(vm: Vm): Promise<number> {
+async function runToEnd(vm: Vm, verbose = false): Promise<number> {
   let signal: StopSignal | undefined;
   const onSignal = (s: NodeJS.Signals) => {
     signal ??= s as StopSignal;
@@ -105,6 +106,10 @@ async function runToEnd(vm: Vm): Promise<number> {
     attachment.detach();
     vm.off("registers", onRegisters);
     for (const s of signals) process.off(s, onSignal);
+  }
+  if (verbose) {
+    say(startupLine(vm));
+    for (const line of exitLines(vm, exit).split("\n")) say(line);
   }
   if (signal !== undefined) {
     say(`stopped by ${signal}`);

@@ -3,6 +3,7 @@
  * stdout and stderr, power the guest off, exit with CMD's status (docs/api.md). Built on the
  * API (src/api); exit statuses in exit-codes.ts.
  */
+import { exitLines, startupLine } from "./report";
 import { constants } from "node:os";
 import { setParentDeathSignal } from "../sys/libc";
 import { ExitCode, STOP_SIGNALS, signalExitCode, type StopSignal } from "./exit-codes";
@@ -37,6 +38,7 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
     })),
     ...(opts.guestIp !== undefined ? { guestIp: opts.guestIp } : {}),
     ...(opts.cpuTemplate !== undefined ? { cpuTemplate: opts.cpuTemplate } : {}),
+    ...(opts.ioEngine !== undefined ? { ioEngine: opts.ioEngine } : {}),
     hideCpuFeatures: opts.hideFeatures,
     ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
   };
@@ -48,7 +50,7 @@ export function bootBanner(vm: Vm): string {
   const extras =
     (i.disks.length === 0 ? "" : `, ${i.disks.length} disk${i.disks.length > 1 ? "s" : ""}`) +
     (i.taps.length === 0 ? "" : `, network on ${i.taps.join(", ")}`);
-  return `booting ${i.kernel} (${i.bootDescription}), ${i.cpus} vCPU${i.cpus > 1 ? "s" : ""}, ${formatBytes(i.memoryBytes)}${extras}, CPU template ${i.cpuTemplate}`;
+  return `booting ${i.kernel} (${i.bootDescription}), ${i.cpus} vCPU${i.cpus > 1 ? "s" : ""}, ${formatBytes(i.memoryBytes)}${extras}, CPU template ${i.cpuTemplate}${i.ioEngine !== undefined ? `, I/O ${i.ioEngine}` : ""}`;
 }
 
 export async function runCommand(argv: readonly string[]): Promise<number> {
@@ -160,6 +162,8 @@ async function drive(vm: Vm, opts: RunCliOptions, signal: () => StopSignal | und
   const bySignal = stopped();
   if (bySignal !== undefined) return bySignal;
   note(`${exit.reason}; ${since(t0)} in all`);
+  note(startupLine(vm));
+  for (const line of exitLines(vm, exit).split("\n")) note(line);
   return status;
 }
 

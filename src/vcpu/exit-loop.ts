@@ -3,7 +3,8 @@
  * (handing an exit to another thread costs more than the exit itself), until the guest or
  * the VMM ends the run. Mirrors Firecracker's run_emulation()/handle_kvm_exit().
  */
-import { InternalErrorSuberror, MpState, SystemEvent, exitReasonName } from "../kvm/abi";
+import { ExitReason, InternalErrorSuberror, MpState, SystemEvent, exitReasonName } from "../kvm/abi";
+import { ExitStats } from "./exit-stats";
 import { Vcpu, formatRegisterDump } from "../kvm/vcpu";
 import type { InternalErrorExit, MmioExit, PioExit, VcpuExit } from "../kvm/vcpu-exit";
 import type { Bus } from "../devices/bus";
@@ -50,6 +51,8 @@ export interface ExitCounters {
 export class ExitLoop implements VmControl {
   private pending: VcpuStop | undefined;
   readonly counters: ExitCounters = { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 };
+  /** Exits by reason, port and MMIO address (`tskvm boot -v`, the boot benchmark). */
+  readonly stats = new ExitStats();
   private dumpSeen = 0;
   /** Where this vCPU's register dump goes when DUMP is bumped (the worker posts it to the main thread). */
   onRegisterDump: (dump: string) => void = () => undefined;
@@ -114,10 +117,14 @@ export class ExitLoop implements VmControl {
     switch (exit.kind) {
       case "pio":
         this.counters.pio++;
+        this.stats.exit(ExitReason.IO);
+        this.stats.pio(exit.port, exit.isWrite, exit.count);
         this.handlePio(exit);
         return undefined;
       case "mmio":
         this.counters.mmio++;
+        this.stats.exit(ExitReason.MMIO);
+        this.stats.mmioAccess(exit.address, exit.isWrite);
         this.handleMmio(exit);
         return undefined;
       case "interrupted":
@@ -127,6 +134,7 @@ export class ExitLoop implements VmControl {
         return undefined;
       case "intr":
         // A signal kicked us out; the loop checks STOP.
+        this.stats.exit(ExitReason.INTR);
         return undefined;
       case "hlt":
         // Only without an in-kernel irqchip: nothing can wake the vCPU again.

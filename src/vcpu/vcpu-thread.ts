@@ -13,6 +13,7 @@ import type { Vcpu, VcpuHandle } from "../kvm/vcpu";
 import type { RegionDescriptor } from "../memory/guest-memory";
 import type { DeviceSetSpec } from "../board/devices";
 import { RunControlCell, type ExitCounters, type VcpuStop } from "./exit-loop";
+import type { ExitStatsData } from "./exit-stats";
 
 export interface VcpuWorkerInit {
   vcpu: VcpuHandle;
@@ -39,7 +40,7 @@ export const VCPU_WORKER_LIMITS = { maxOldGenerationSizeMb: 32, maxYoungGenerati
 export type VcpuWorkerMessage =
   | { type: "started"; id: number; thread: bigint; at: number }
   | { type: "registers"; id: number; dump: string }
-  | { type: "stopped"; id: number; stop: VcpuStop; counters: ExitCounters };
+  | { type: "stopped"; id: number; stop: VcpuStop; counters: ExitCounters; exits: ExitStatsData };
 
 /** The signal that kicks a vCPU thread out of KVM_RUN; the VMM installs a no-op handler. */
 export const KICK_SIGNAL = constants.signals.SIGUSR2;
@@ -61,6 +62,8 @@ export interface VcpuThreadResult {
   id: number;
   stop: VcpuStop;
   counters: ExitCounters | undefined;
+  /** Exits by reason, port and address (undefined when the thread died without reporting). */
+  exits?: ExitStatsData;
 }
 
 /** A vCPU worker started before its vCPU exists; see prestartVcpuWorker. */
@@ -133,7 +136,7 @@ export class VcpuThread {
       } else if (msg.type === "registers") {
         this.onRegisterDump?.(msg.dump);
       } else {
-        result = { id: msg.id, stop: msg.stop, counters: msg.counters };
+        result = { id: msg.id, stop: msg.stop, counters: msg.counters, exits: msg.exits };
         this.onStop?.(result);
       }
     });

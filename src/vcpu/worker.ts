@@ -40,7 +40,7 @@ function main(init: VcpuWorkerInit): void {
   } catch (e) {
     stop = { kind: "error", reason: `vCPU ${vcpu.id}: ${(e as Error).stack ?? String(e)}` };
   }
-  post({ type: "stopped", id: vcpu.id, stop, counters: loop.counters });
+  post({ type: "stopped", id: vcpu.id, stop, counters: loop.counters, exits: loop.stats.data() });
 }
 
 // Started with its init (workerData), or ahead of its vCPU: then the init comes as the

@@ -34,6 +34,7 @@ import { PrestartedWorker, VcpuThread, VcpuThreadResult, holdKickHandler, presta
 import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
 import { prepareBoot, BootSource, BootSummary } from "./boot-source";
 import { chooseIoEngine, type IoEngine, type IoEngineChoice } from "../host/io-engine";
+import { mergeExitStats, type ExitStatsData } from "../vcpu/exit-stats";
 import { performance } from "node:perf_hooks";
 
 export interface MachineConfig {
@@ -123,6 +124,8 @@ export interface MachineResult {
   requestedBy: string | undefined;
   vcpus: VcpuThreadResult[];
   counters: ExitCounters;
+  /** Exits by reason, port and MMIO address, all vCPUs together. */
+  exits: ExitStatsData;
 }
 
 export class Machine {
@@ -280,6 +283,12 @@ export class Machine {
     return { createBegin: this.createdAt.begin, createEnd: this.createdAt.end, firstKvmRun: this.threads[0]?.firstRunAt ?? NaN };
   }
 
+  /** What sits at an I/O port or MMIO address, e.g. "COM1 (16550A) +5", for exit summaries. */
+  deviceAt(space: "pio" | "mmio", address: number): string | undefined {
+    const r = (space === "pio" ? this.devices.pio : this.devices.mmio).find(address);
+    return r === undefined ? undefined : `${r.name} +${(address - r.base).toString(16)}`;
+  }
+
   /** The I/O engine of the virtio back ends, and why sync if io_uring was not usable; undefined without virtio devices. */
   get ioEngine(): IoEngine | undefined {
     return this.virtio.ioEngine;
@@ -331,7 +340,8 @@ export class Machine {
         for (const k of Object.keys(counters) as (keyof ExitCounters)[]) counters[k] += r.counters[k];
       }
       const stop = this.firstStop ?? results[0]?.stop ?? { kind: "stopped" as const };
-      return { stop, requestedBy: this.requestedBy, vcpus: results, counters };
+      const exits = mergeExitStats(results.flatMap((r) => (r.exits === undefined ? [] : [r.exits])));
+      return { stop, requestedBy: this.requestedBy, vcpus: results, counters, exits };
     });
     return this.running;
   }
