@@ -27,6 +27,7 @@ import { BLOCK_RING_ENTRIES, UringBlockEngine } from "../host/block-uring-engine
 import type { IoEngineName } from "../host/io-engine";
 import type { BlockBackend } from "../devices/virtio/blk/backend";
 import { IoUring } from "../sys/io-uring";
+import { TX_BATCH } from "../devices/virtio/net/tx";
 import { Tap } from "../host/tap";
 
 /** An open disk image, as plain data (the fd is valid in every thread of the process). */
@@ -96,7 +97,16 @@ export function createVirtioDevice(spec: VirtioDeviceSpec, log: (line: string) =
     case "virtio-net": {
       // A second handle on the main thread's TAP fd: never closed from here.
       const tap = new Tap(spec.nic.tapName, spec.nic.tapFd, spec.nic.created, 12);
-      return { device: new VirtioNet(tap, { mac: spec.nic.mac, offloads: spec.nic.offloads, log }), close: () => undefined };
+      let ring: IoUring | undefined;
+      if (spec.nic.engine === "io_uring") {
+        try {
+          ring = IoUring.create(TX_BATCH);
+          tap.useRing(ring);
+        } catch (e) {
+          log(`io_uring unusable in the I/O worker (${(e as Error).message}); the TAP uses writev per frame`);
+        }
+      }
+      return { device: new VirtioNet(tap, { mac: spec.nic.mac, offloads: spec.nic.offloads, log }), close: () => ring?.close() };
     }
   }
 }

@@ -27,6 +27,12 @@ export class IovecArray {
     this.totalBytes = 0;
   }
 
+  /** Keep only the first `count` entries. */
+  truncate(count: number): void {
+    for (let i = count; i < this.count; i++) this.totalBytes -= this.words[4 * i + 2]!;
+    this.count = Math.min(count, this.count);
+  }
+
   get full(): boolean {
     return this.count === this.capacity;
   }
