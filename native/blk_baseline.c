@@ -12,7 +12,8 @@
  *             per queue drain)
  *
  * Offsets come from the same xorshift32 generator as scripts/bench-blk.ts (seeded by
- * --seed), so both sides read the same blocks of the same file. After --warmup untimed
+ * --seed, restarted when the timed requests begin), so both sides read the same blocks
+ * of the same file. After --warmup untimed
  * requests it times --ops requests with CLOCK_MONOTONIC and prints one JSON line:
  *
  *   {"mode": "pread", "ops": N, "seconds": S, "nsPerOp": T, "opsPerSecond": R}
@@ -143,7 +144,10 @@ int main(int argc, char **argv)
 		/* One buffer per request slot, like the device's 64 chains. */
 		char *buf = aligned_alloc(4096, 64 * 4 * KiB);
 		for (long i = 0; i < warmup + ops; i++) {
-			if (i == warmup) t0 = now();
+			if (i == warmup) {
+				t0 = now();
+				rng_state = seed; /* the timed reads are the offsets the TypeScript side reads */
+			}
 			off_t off = (off_t)next_block(blocks) * 4 * KiB;
 			if (pread(fd, buf + (i & 63) * 4 * KiB, 4 * KiB, off) != 4 * KiB) die("pread");
 		}
@@ -171,7 +175,10 @@ int main(int argc, char **argv)
 		char *buf = aligned_alloc(4096, (size_t)batch * 4 * KiB);
 		long done = 0;
 		for (long i = 0; i < warmup + ops; i += batch) {
-			if (i >= warmup && t0 == 0) t0 = now();
+			if (i >= warmup && t0 == 0) {
+				t0 = now();
+				rng_state = seed;
+			}
 			unsigned tail = *r.sq_tail;
 			for (long k = 0; k < batch; k++) {
 				unsigned idx = (tail + k) & *r.sq_mask;

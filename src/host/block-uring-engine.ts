@@ -16,7 +16,9 @@
  * per request, as with the file engine: a failing request gets its `error` line and the
  * others carry on.
  *
- * The ring is made on first use, in the thread that uses it (the I/O worker).
+ * A drain of one request goes to the file engine: one system call either way, and the
+ * plain one is the cheaper. The ring is made on first use, in the thread that uses it
+ * (the I/O worker), unless one is given.
  */
 import * as sys from "../sys/libc";
 import { IORING_FSYNC_DATASYNC, IOSQE_IO_DRAIN, IoUring, IoUringOp } from "../sys/io-uring";
@@ -41,6 +43,8 @@ export interface UringBlockEngineOptions {
   ring?: IoUring;
   /** The engine for what io_uring does not take (default: a FileBlockEngine on the image). */
   fallback?: FileBlockEngine;
+  /** Smaller batches go to the file engine (default 2: a lone request is one pread either way). */
+  minBatch?: number;
 }
 
 export class UringBlockEngine implements BlockBackend {
@@ -67,6 +71,7 @@ export class UringBlockEngine implements BlockBackend {
   private retries: number[] = [];
   private inFlight = 0;
   private readonly one: BlockRequest[] = [];
+  private readonly minBatch: number;
 
   constructor(image: ImageFile, options: UringBlockEngineOptions = {}) {
     this.name = image.path;
@@ -75,9 +80,16 @@ export class UringBlockEngine implements BlockBackend {
     this.fd = image.fd;
     this.ring = options.ring;
     this.fallback = options.fallback ?? new FileBlockEngine(image);
+    this.minBatch = options.minBatch ?? 2;
   }
 
   execute(requests: readonly BlockRequest[], count: number): void {
+    // One request costs one system call either way: the plain one is cheaper than a ring
+    // round trip (preparing, entering, reaping).
+    if (count < this.minBatch) {
+      this.fallback.execute(requests, count);
+      return;
+    }
     if (count > this.expected.length) this.grow(count);
     const ring = (this.ring ??= IoUring.create(BLOCK_RING_ENTRIES));
     if (this.iovAddress === 0) this.iovAddress = sys.addressOf(this.iov.buffer);

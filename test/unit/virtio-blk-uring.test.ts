@@ -64,7 +64,8 @@ function harness(opts: { path?: string; testMemory?: boolean; image?: DiskImage 
   const image = opts.image ?? openDiskImage(opts.path ?? makeImage());
   const mem = opts.testMemory ? GuestMemory.forTest(16 * MiB) : GuestMemory.allocate(16 * MiB);
   const drv = new VirtqDriver(mem, { size: 256 });
-  const engine = new UringBlockEngine(image);
+  // minBatch 1: single requests through the ring too, which is what these tests are about.
+  const engine = new UringBlockEngine(image, { minBatch: 1 });
   const logs: string[] = [];
   const resets: string[] = [];
   const dev = new VirtioBlock(engine, { log: (l) => logs.push(l) });
@@ -151,6 +152,26 @@ describe("virtio-blk on the io_uring engine", { skip }, () => {
       assert.equal(h.engine.fallbacks, 0);
     } finally {
       h.close();
+    }
+  });
+
+  it("a lone request goes to the file engine by default: one system call either way", () => {
+    const image = openDiskImage(makeImage());
+    const mem = GuestMemory.allocate(16 * MiB);
+    try {
+      const engine = new UringBlockEngine(image);
+      const drv = new VirtqDriver(mem, { size: 256 });
+      const dev = new VirtioBlock(engine);
+      dev.activate({ memory: mem, features: feature(VirtioFeatureBit.VERSION_1) | dev.deviceFeatures, queues: [drv.config()], signalUsed: () => {}, needsReset: (r) => assert.fail(r) });
+      const h = { mem, drv, dev, engine, image, resets: [], logs: [], close: () => undefined };
+      assert.equal(one(h, VirtioBlkRequest.IN, 0, { inLens: [4096] }).status, VirtioBlkStatus.OK);
+      assert.equal(engine.enters, 0);
+      serve(h, [queue(h, VirtioBlkRequest.IN, 0, { inLens: [4096] }), queue(h, VirtioBlkRequest.IN, 8, { inLens: [4096] })]);
+      assert.equal(engine.enters, 1);
+      engine.close();
+    } finally {
+      image.close();
+      mem.free();
     }
   });
 
