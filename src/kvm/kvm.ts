@@ -23,6 +23,7 @@ import {
   KvmIrqLevel,
   KvmIrqfd,
   KvmMsi,
+  KvmCoalescedMmioZone,
   KvmPitConfig,
   KvmUserspaceMemoryRegion,
 } from "./abi";
@@ -281,6 +282,19 @@ export class Vm {
     dv.setInt32(KvmIoeventfd.fd, eventFd, true);
     dv.setUint32(KvmIoeventfd.flags, flags, true);
     ioctlCall(this.fd, "IOEVENTFD", buf);
+  }
+
+  /**
+   * Have KVM keep guest writes to ports [port, port + length) in the coalesced ring instead
+   * of exiting for each (KVM_CAP_COALESCED_PIO), or (enabled false) stop that.
+   */
+  coalescePio(port: number, length: number, enabled: boolean): void {
+    const buf = new Uint8Array(KvmCoalescedMmioZone.size);
+    const dv = new DataView(buf.buffer);
+    dv.setBigUint64(KvmCoalescedMmioZone.addr, BigInt(port), true);
+    dv.setUint32(KvmCoalescedMmioZone.size_, length, true);
+    dv.setUint32(KvmCoalescedMmioZone.pio, 1, true);
+    ioctlCall(this.fd, enabled ? "REGISTER_COALESCED_MMIO" : "UNREGISTER_COALESCED_MMIO", buf);
   }
 
   signalMsi(addressLo: number, addressHi: number, data: number): void {

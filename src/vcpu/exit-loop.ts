@@ -5,6 +5,7 @@
  */
 import { ExitReason, InternalErrorSuberror, MpState, SystemEvent, exitReasonName } from "../kvm/abi";
 import { ExitStats } from "./exit-stats";
+import type { CoalescedRing } from "../kvm/coalesced";
 import { Vcpu, formatRegisterDump } from "../kvm/vcpu";
 import type { InternalErrorExit, MmioExit, PioExit, VcpuExit } from "../kvm/vcpu-exit";
 import type { Bus } from "../devices/bus";
@@ -27,8 +28,9 @@ export type VcpuStop =
  *       (Ctrl-A d on the console, for finding out where a guest is stuck).
  * HALT_PROBE: a generation counter; a vCPU that sees it change answers in the halt-status
  *       array whether it sits in HLT with interrupts disabled (see probeHalt).
+ * COALESCED_LOCK: held by the vCPU replaying KVM's coalesced-write ring (kvm/coalesced.ts).
  */
-export const RunControlCell = { STOP: 0, DUMP: 1, HALT_PROBE: 2, COUNT: 3 } as const;
+export const RunControlCell = { STOP: 0, DUMP: 1, HALT_PROBE: 2, COALESCED_LOCK: 3, COUNT: 4 } as const;
 
 export function createRunControl(): Int32Array {
   return new Int32Array(new SharedArrayBuffer(4 * RunControlCell.COUNT));
@@ -58,13 +60,32 @@ export class ExitLoop implements VmControl {
   onRegisterDump: (dump: string) => void = () => undefined;
   private haltProbeSeen = 0;
 
+  /** KVM's coalesced-write ring, replayed before each exit is handled (undefined: not used). */
+  private readonly coalesced: CoalescedRing | undefined;
+  private readonly replayPio = (port: number, data: Uint8Array): void => {
+    this.stats.pio(port, true);
+    if (!this.pio.write(port, data)) this.counters.unclaimedPio++;
+  };
+  private readonly replayMmio = (address: number, data: Uint8Array): void => {
+    this.stats.mmioAccess(address, true);
+    if (!this.mmio.write(address, data)) this.counters.unclaimedMmio++;
+  };
+
   constructor(
     readonly vcpu: Vcpu,
     readonly pio: Bus,
     readonly mmio: Bus,
     readonly control: Int32Array,
     readonly haltStatus?: Int32Array,
-  ) {}
+    options: { coalesced?: CoalescedRing } = {},
+  ) {
+    this.coalesced = options.coalesced;
+  }
+
+  /** Replay the writes KVM kept in its coalesced ring (any vCPU's), oldest first. */
+  private replayCoalesced(): void {
+    this.coalesced!.drain(this.control, RunControlCell.COALESCED_LOCK, this.replayPio, this.replayMmio);
+  }
 
   /** VmControl: a device (the i8042's reset line) asks to end the VM; the loop stops after this exit. */
   requestReset(reason: string): void {
@@ -78,11 +99,21 @@ export class ExitLoop implements VmControl {
   /** Run until the guest stops, a device ends the VM, or another thread sets STOP. */
   run(): VcpuStop {
     const vcpu = this.vcpu;
+    const ring = this.coalesced;
     for (;;) {
       if (this.pending !== undefined) return this.pending;
-      if (this.stopRequested()) return { kind: "stopped" };
-      const stop = this.handleExit(vcpu.run());
-      if (stop !== undefined) return stop;
+      if (this.stopRequested()) {
+        if (ring?.pending()) this.replayCoalesced();
+        return { kind: "stopped" };
+      }
+      const exit = vcpu.run();
+      // Writes the guest made before this exit, held by KVM, come first.
+      if (ring !== undefined && ring.pending()) this.replayCoalesced();
+      const stop = this.handleExit(exit);
+      if (stop !== undefined) {
+        if (ring?.pending()) this.replayCoalesced();
+        return stop;
+      }
     }
   }
 

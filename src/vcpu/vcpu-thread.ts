@@ -24,6 +24,8 @@ export interface VcpuWorkerInit {
   haltStatus: Int32Array;
   vmFd: number;
   consoleFd: number;
+  /** KVM keeps some guest writes in its coalesced ring (COM1's THR): replay it before each exit. */
+  coalescing?: boolean;
   /** The I/O worker's control eventfd, when the machine has virtio devices. */
   ioControlFd?: number;
 }

@@ -29,7 +29,7 @@ function main(init: VcpuWorkerInit): void {
       requestReset: (reason) => loop?.requestReset(reason),
     },
   });
-  loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control, init.haltStatus);
+  loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control, init.haltStatus, init.coalescing ? { coalesced: vcpu.coalescedRing() } : {});
   loop.onRegisterDump = (dump) => post({ type: "registers", id: vcpu.id, dump });
   // The wall-clock time (ms since the epoch, high resolution) of the first KVM_RUN, for
   // the start-up timeline: the main thread's own clock has another time origin.

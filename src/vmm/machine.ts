@@ -11,6 +11,7 @@ import {
 } from "../arch/x86/layout";
 import type { BootCpuState } from "../arch/x86/cpu-state";
 import { Kvm, KvmUnavailableError, Vm } from "../kvm/kvm";
+import { KVM_COALESCED_MMIO_PAGE_OFFSET } from "../kvm/abi";
 import { Vcpu } from "../kvm/vcpu";
 import { linuxHidingArgs, resolveHiddenFeatures, vcpuCpuid, CPU_TEMPLATES, CpuidEntry } from "../kvm/cpuid";
 import { maxMpTableCpus } from "../arch/x86/mptable";
@@ -245,12 +246,17 @@ export class Machine {
       extraCmdline: [...template.linuxArgs, ...linuxHidingArgs(hidden)],
       pciIrqs: virtio.functions.map((f) => ({ device: f.slot.device, pin: f.slot.intxPin, ioapicPin: f.slot.gsi })),
     });
+    // KVM may keep COM1's THR writes in its coalesced ring (the kernel console then costs
+    // one exit per character, not two): where the host has it and the vCPU mapping shows it.
+    const coalescing =
+      kvm.checkExtension("COALESCED_PIO") > 0 && kvm.checkExtension("COALESCED_MMIO") === KVM_COALESCED_MMIO_PAGE_OFFSET && kvm.vcpuMmapSize() >= (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * 4096;
     const deviceSpec = createDeviceSetSpec({
       memory,
       cpus: config.cpus,
       virtio: virtio.functions,
       ...(config.consoleTag !== undefined ? { consoleTag: config.consoleTag } : {}),
       ...(config.auxSerialSinks !== undefined ? { auxSinks: config.auxSerialSinks } : {}),
+      coalesceConsoleTx: coalescing,
     });
 
     const supported = kvm.supportedCpuid();
@@ -312,6 +318,7 @@ export class Machine {
           haltStatus: this.haltStatus,
           vmFd: this.vm.fd,
           consoleFd: this.consoleFd,
+          coalescing: this.deviceSpec.serial.coalesceTx === true,
           ...(this.virtio.controlFd !== undefined ? { ioControlFd: this.virtio.controlFd } : {}),
         }),
     );
