@@ -193,6 +193,54 @@ export class Tap implements NetBackend {
     }
   }
 
+  readFrames(batch: FrameBatch): void {
+    const ring = this.ring;
+    const iov = batch.iov.bytes;
+    if (ring === undefined) {
+      for (let k = 0; k < batch.frames; k++) {
+        let n: number;
+        try {
+          n = sys.readv(this.fd, iov.subarray(IOVEC_BYTES * batch.start[k]!), batch.count[k]!);
+        } catch (e) {
+          batch.result[k] = -((e as sys.SysError).errno ?? 5);
+          for (let j = k + 1; j < batch.frames; j++) batch.result[j] = 0;
+          return;
+        }
+        batch.result[k] = n < 0 ? 0 : n;
+        if (n < 0) {
+          for (let j = k + 1; j < batch.frames; j++) batch.result[j] = 0;
+          return;
+        }
+      }
+      return;
+    }
+    // Independent RWF_NOWAIT reads, in order: each takes the next frame there is, or
+    // completes with -EAGAIN when there is none (then so will the rest, bar a frame that
+    // arrives meanwhile, which still lands after the ones before it).
+    const iovAddress = hostAddressOf(iov);
+    for (let from = 0; from < batch.frames; ) {
+      const n = Math.min(batch.frames - from, ring.sqEntries);
+      for (let k = from; k < from + n; k++) ring.prepReadv(this.fd, iovAddress + IOVEC_BYTES * batch.start[k]!, batch.count[k]!, -1, k, RWF_NOWAIT);
+      ring.submitAndWait(n);
+      const ready = ring.completionCount();
+      let none = false;
+      for (let i = 0; i < ready; i++) {
+        const k = ring.completionTag(i);
+        const res = ring.completionResult(i);
+        if (res === -EAGAIN) {
+          batch.result[k] = 0;
+          none = true;
+        } else batch.result[k] = res;
+      }
+      ring.consumeCompletions(ready);
+      from += n;
+      if (none) {
+        for (let k = from; k < batch.frames; k++) batch.result[k] = 0;
+        return;
+      }
+    }
+  }
+
   private writeFramesOneByOne(batch: FrameBatch, from: number): void {
     const iov = batch.iov.bytes;
     for (let k = from; k < batch.frames; k++) {

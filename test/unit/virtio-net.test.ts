@@ -115,6 +115,12 @@ class SocketBackedTap extends FakeTap {
  */
 class BatchingTap extends SocketBackedTap {
   calls = 0;
+  readCalls = 0;
+  readFrames(batch: FrameBatch): void {
+    this.readCalls++;
+    const iov = batch.iov.bytes;
+    for (let k = 0; k < batch.frames; k++) batch.result[k] = this.readv(iov.subarray(16 * batch.start[k]!), batch.count[k]!);
+  }
   writeFrames(batch: FrameBatch, from: number): void {
     this.calls++;
     const iov = batch.iov.bytes;
@@ -815,5 +821,57 @@ describe("virtio-net TX in batches (a back end with writeFrames)", () => {
     h.dev.queueNotified(1);
     assert.deepEqual(h.tap.fromGuest, [a, big, c]);
     assert.equal(h.tx.used().length, 3);
+  });
+});
+
+describe("virtio-net RX in batches (a back end with readFrames)", () => {
+  it("after 32 frames that fitted, reads frames into whole RX chains a batch at a time, in arrival order, num_buffers 1", () => {
+    const h = harness({ mode: "batches", features: V1 | MRG });
+    const tap = h.tap as BatchingTap;
+    postRx(h, 32, 2048);
+    h.tap.toGuest.push(...Array.from({ length: 32 }, (_, i) => frame(pattern(100, i))));
+    pump(h);
+    assert.equal(rxFrames(h).length, 32);
+    assert.equal(tap.readCalls, 0, "frame by frame so far");
+    postRx(h, 40, 2048);
+    const frames = Array.from({ length: 50 }, (_, i) => frame(pattern(60 + 30 * i, i)));
+    h.tap.toGuest.push(...frames);
+    pump(h);
+    assert.ok(tap.readCalls >= 2, "batches of chains");
+    const got = rxFrames(h);
+    assert.deepEqual(got.map((g) => g.bytes), frames.slice(0, 40).map((f) => withNumBuffers(f, 1)));
+    // The rest arrive once the guest posts more buffers.
+    postRx(h, 20, 2048);
+    h.dev.queueNotified(0);
+    pump(h);
+    assert.deepEqual(rxFrames(h).map((g) => g.bytes), frames.slice(40).map((f) => withNumBuffers(f, 1)));
+    assert.equal(h.dev.stats.rxFrames, 32 + 50);
+    assert.equal(h.dev.stats.rxDropped, 0);
+  });
+
+  it("a frame longer than its chain (a jumbo MTU) is dropped, and RX goes on frame by frame, merging buffers", () => {
+    const h = harness({ mode: "batches", features: V1 | MRG });
+    const tap = h.tap as BatchingTap;
+    postRx(h, 32, 1600);
+    h.tap.toGuest.push(...Array.from({ length: 32 }, (_, i) => frame(pattern(100, i))));
+    pump(h);
+    assert.equal(rxFrames(h).length, 32);
+    postRx(h, 8, 1600);
+    const small = frame(pattern(100, 1));
+    const jumbo = frame(pattern(3000, 2));
+    const after = frame(pattern(3000, 3));
+    h.tap.toGuest.push(small, jumbo);
+    pump(h);
+    assert.deepEqual(rxFrames(h).map((g) => g.bytes), [withNumBuffers(small, 1)]);
+    assert.equal(h.dev.stats.rxDropped, 1);
+    assert.match(h.logs.join("\n"), /receiving frame by frame from now on/);
+    const calls = tap.readCalls;
+    h.tap.toGuest.push(after);
+    pump(h);
+    assert.equal(tap.readCalls, calls, "no more batches");
+    const got = rxFrames(h);
+    assert.equal(got.length, 1);
+    assert.equal(got[0]!.numBuffers, 2);
+    assert.deepEqual(got[0]!.bytes, withNumBuffers(after, 2));
   });
 });

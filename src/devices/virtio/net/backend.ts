@@ -87,6 +87,13 @@ export interface NetBackend {
    * frames after it still go).
    */
   writeFrames?(batch: FrameBatch, from: number): void;
+  /**
+   * Optional: read up to batch.frames frames, frame k into its iovecs, in as few crossings
+   * as the back end can; frames land in k order as they arrived. result[k] is the frame's
+   * whole length (more than its buffers hold when it did not fit: the rest is lost), 0 when
+   * there was no frame for it, -errno when the back end failed.
+   */
+  readFrames?(batch: FrameBatch): void;
   /** Hand the guest frames with these offloads (NetOffload bits); throws when refused. */
   setOffload(flags: number): void;
   /** Frames start with a header of this many bytes: 10 (virtio_net_hdr) or 12 (with num_buffers). */

@@ -204,6 +204,7 @@ export class VirtioNet implements VirtioDevice, NetLink {
       mergeable,
       guestCsum,
       direct: backend.readv !== undefined && backend.writev !== undefined && ctx.memory.hasHostAddresses,
+      guestGso: this.offloads && guestCsum && (has(VirtioNetFeature.GUEST_TSO4) || has(VirtioNetFeature.GUEST_TSO6) || has(VirtioNetFeature.GUEST_UFO)),
     };
     try {
       backend.setVnetHeaderSize(this.hdrSize);

@@ -60,6 +60,11 @@ export interface NetLinkSettings {
   readonly guestCsum: boolean;
   /** Guest memory has host addresses and the back end takes iovecs: frames move in place. */
   readonly direct: boolean;
+  /**
+   * The guest takes GSO frames (GUEST_TSO4/6 negotiated with the back end): a received
+   * frame may be up to NET_MAX_FRAME long, so it cannot be promised a single RX buffer.
+   */
+  readonly guestGso?: boolean;
 }
 
 /** What the paths need of the device around them. */
