@@ -181,6 +181,19 @@ static void layouts(void)
 	OFF("KvmIoeventfd", struct kvm_ioeventfd, fd);
 	OFF("KvmIoeventfd", struct kvm_ioeventfd, flags);
 
+	SIZE("KvmCoalescedMmioZone", struct kvm_coalesced_mmio_zone);
+	OFF("KvmCoalescedMmioZone", struct kvm_coalesced_mmio_zone, addr);
+	OFF_AS("KvmCoalescedMmioZone", "size_", struct kvm_coalesced_mmio_zone, size);
+	OFF("KvmCoalescedMmioZone", struct kvm_coalesced_mmio_zone, pio);
+	OFF("KvmCoalescedMmioRing", struct kvm_coalesced_mmio_ring, first);
+	OFF("KvmCoalescedMmioRing", struct kvm_coalesced_mmio_ring, last);
+	OFF("KvmCoalescedMmioRing", struct kvm_coalesced_mmio_ring, coalesced_mmio);
+	SIZE("KvmCoalescedMmio", struct kvm_coalesced_mmio);
+	OFF("KvmCoalescedMmio", struct kvm_coalesced_mmio, phys_addr);
+	OFF("KvmCoalescedMmio", struct kvm_coalesced_mmio, len);
+	OFF("KvmCoalescedMmio", struct kvm_coalesced_mmio, pio);
+	OFF("KvmCoalescedMmio", struct kvm_coalesced_mmio, data);
+
 	SIZE("KvmIrqfd", struct kvm_irqfd);
 	OFF("KvmIrqfd", struct kvm_irqfd, fd);
 	OFF("KvmIrqfd", struct kvm_irqfd, gsi);
@@ -319,6 +332,8 @@ static void ioctls(void)
 	IOCTL(IRQFD);
 	IOCTL(CREATE_PIT2);
 	IOCTL(IOEVENTFD);
+	IOCTL(REGISTER_COALESCED_MMIO);
+	IOCTL(UNREGISTER_COALESCED_MMIO);
 	IOCTL(SIGNAL_MSI);
 	/* vCPU */
 	IOCTL(RUN);
@@ -385,6 +400,8 @@ static void constants(void)
 	CAP(PIT2);
 	CAP(PIT_STATE2);
 	CAP(IOEVENTFD);
+	CAP(COALESCED_MMIO);
+	CAP(COALESCED_PIO);
 	CAP(SET_IDENTITY_MAP_ADDR);
 	CAP(MAX_VCPUS);
 	CAP(TSC_DEADLINE_TIMER);
@@ -453,6 +470,9 @@ static void constants(void)
 	TOP(KVM_IOEVENTFD_FLAG_DATAMATCH);
 	TOP(KVM_IOEVENTFD_FLAG_PIO);
 	TOP(KVM_IOEVENTFD_FLAG_DEASSIGN);
+	TOP(KVM_COALESCED_MMIO_PAGE_OFFSET);
+	/* KVM_COALESCED_MMIO_MAX uses the kernel's PAGE_SIZE: 4096 on x86-64. */
+	printf("KVM_COALESCED_MMIO_MAX %zu\n", (4096 - sizeof(struct kvm_coalesced_mmio_ring)) / sizeof(struct kvm_coalesced_mmio));
 	TOP(KVM_IRQ_ROUTING_IRQCHIP);
 	TOP(KVM_IRQ_ROUTING_MSI);
 

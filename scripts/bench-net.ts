@@ -1,45 +1,51 @@
 /**
- * virtio-net device-model packet rate over a real TAP, beside raw TAP read/write of the
- * same frames in the same run. Everything happens in a network namespace the benchmark
- * creates and deletes (needs root and /dev/net/tun); no traffic leaves it.
+ * virtio-net against C over a real TAP, in a network namespace the benchmark creates and
+ * deletes (needs root and /dev/net/tun; no traffic leaves it). Each figure is set beside a
+ * C program (native/net_baseline.c) making one read(2) or write(2) per frame on the same
+ * TAP (its fd inherited), in rounds that alternate which goes first; the figure is the
+ * ratio to C with its spread over the rounds.
  *
  *   rx  TAP -> guest RX ring: frames are queued on the TAP by a raw AF_PACKET socket bound
  *       to it (untimed), then the device moves them into the RX ring of real mmap'd guest
- *       memory (timed: the device's pollReady calls only; the test driver re-posting
- *       buffers is the guest's work and not counted). Baseline: read(2) of the same frames
- *       from the TAP fd into one buffer.
+ *       memory (timed: the device's pollReady and queueNotified calls only; the test
+ *       driver re-posting buffers is the guest's work). C: read(2) of each frame.
  *   tx  guest TX ring -> TAP: chains are posted (untimed), then the device drains the ring
- *       into the TAP (timed: queueNotified). Baseline: write(2) of the same frames. The
- *       frames go to a MAC nobody has, so the namespace's kernel drops them early.
+ *       into the TAP (timed: queueNotified). C: write(2) of each frame. The frames go to a
+ *       MAC nobody has, so the namespace's kernel drops them early.
  *
- * Each case runs for 64-byte and 1500-byte Ethernet frames (plus the 12-byte virtio-net
- * header), in alternating rounds of device and baseline; medians are reported, and the
- * ratio device/raw (1.0: the device model costs nothing over the system calls).
+ * 64-byte and 1500-byte Ethernet frames (plus the 12-byte virtio-net header), for each I/O
+ * engine usable here: io_uring (TX: a drain's frames in one io_uring_enter) and sync (a
+ * system call per frame).
  *
  * `node dist/scripts/bench-net.js [--rounds N] [--frames N]` runs it standalone.
  */
+import * as fs from "node:fs";
+import * as os from "node:os";
+import { join } from "node:path";
+import { spawnSync } from "node:child_process";
 import * as sys from "../src/sys/libc";
+import { IoUring, probeIoUring } from "../src/sys/io-uring";
 import { GuestMemory } from "../src/memory/guest-memory";
 import { VirtioFeatureBit, feature } from "../src/devices/virtio/types";
 import { NET_QUEUE_SIZE, VirtioNet, VirtioNetFeature } from "../src/devices/virtio/net/device";
+import { TX_BATCH } from "../src/devices/virtio/net/tx";
 import { configureHostSide, type Tap } from "../src/host/tap";
 import { type Buf, VirtqDriver } from "../test/helpers/virtq-driver";
 import { NetNs, ipv4, netTestSkipReason, udpFrame } from "../test/helpers/netns";
+import { buildNative } from "./lib/native";
+import { type Spread, formatRatio, paired } from "./lib/rounds";
 import { runStandalone } from "./lib/standalone";
 
-export interface NetRate {
-  /** Frames per second through the device model. */
-  device: number;
-  /** Frames per second of plain read(2)/write(2) on the TAP. */
-  raw: number;
-  ratio: number;
+export interface NetFigure {
+  /** tskvm frames/s over C's, per round. */
+  ratio: Spread;
+  /** ns per frame: tskvm, C (medians). */
+  nsPerFrame: { tskvm: number; c: number };
 }
 
 export interface NetBenchResult {
-  rx64: NetRate;
-  rx1500: NetRate;
-  tx64: NetRate;
-  tx1500: NetRate;
+  /** By engine ("io_uring", "sync"), then "rx64", "tx64", "rx1500", "tx1500". */
+  engines: Record<string, Record<string, NetFigure>>;
   rounds: number;
   framesPerRound: number;
 }
@@ -58,15 +64,16 @@ const NOBODY_MAC = Uint8Array.of(0x52, 0x54, 0x00, 0x00, 0x00, 0x99);
 /** The source MAC of frames "from the host" (any unicast address will do). */
 const HOST_MAC = Uint8Array.of(0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc);
 
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const nowNs = (): bigint => process.hrtime.bigint();
 
 export async function benchNet(options: NetBenchOptions = {}): Promise<NetBenchResult> {
   const why = netTestSkipReason();
   if (why !== undefined) throw new Error(`bench-net: ${why}`);
-  const rounds = options.rounds ?? 15;
+  const rounds = options.rounds ?? 7;
   const frames = Math.min(options.frames ?? 2048, TXQUEUELEN - 96);
+  const cBin = buildNative("net_baseline");
   const ns = NetNs.create("bench");
+  const dir = fs.mkdtempSync(join(os.tmpdir(), "tskvm-bench-net-"));
   let tap: Tap | undefined;
   let sock = -1;
   let mem: GuestMemory | undefined;
@@ -83,20 +90,56 @@ export async function benchNet(options: NetBenchOptions = {}): Promise<NetBenchR
     sv.setUint16(0, sys.AF_PACKET, true);
     sv.setInt32(4, ifindex, true);
     sys.bind(sock, sll);
+    const theTap = tap;
+    const theSock = sock;
+    /** One C round: ns per frame as the program measured it (TAP and socket as fds 3 and 4). */
+    const c = (mode: "rx" | "tx", frame: Uint8Array): number => {
+      const file = join(dir, `${mode}-${frame.length}.frame`);
+      if (!fs.existsSync(file)) fs.writeFileSync(file, frame);
+      if (mode === "rx") drainTap(theTap, new Uint8Array(70 * 1024));
+      const r = spawnSync(cBin, ["--mode", mode, "--tap-fd", "3", "--sock-fd", "4", "--frame-file", file, "--frames", String(frames)], {
+        encoding: "utf8",
+        stdio: ["ignore", "pipe", "pipe", theTap.fd, theSock],
+      });
+      if (r.status !== 0) throw new Error(`net_baseline ${mode} failed: ${r.stderr.trim()}`);
+      return (JSON.parse(r.stdout) as { nsPerFrame: number }).nsPerFrame;
+    };
 
     mem = GuestMemory.allocate(64 * 1024 * 1024);
-    const out: Partial<NetBenchResult> = { rounds, framesPerRound: frames };
-    for (const size of [64, 1500] as const) {
-      out[size === 64 ? "rx64" : "rx1500"] = benchRx(mem, tap, sock, size, frames, rounds);
-      out[size === 64 ? "tx64" : "tx1500"] = benchTx(mem, tap, size, frames, rounds);
+    const engines: Record<string, Record<string, NetFigure>> = {};
+    const names = probeIoUring().available ? ["io_uring", "sync"] : ["sync"];
+    for (const engine of names) {
+      const ring = engine === "io_uring" ? IoUring.create(TX_BATCH) : undefined;
+      tap.useRing(ring);
+      const figures: Record<string, NetFigure> = {};
+      try {
+        for (const size of [64, 1500] as const) {
+          const rx = rxRounds(mem, tap, sock, size, frames);
+          const rxFrame = udpFrame(HOST_MAC, GUEST_MAC, ipv4("192.168.100.1"), ipv4("192.168.100.2"), size);
+          figures[`rx${size}`] = figure(await paired(rounds, rx.round, () => c("rx", rxFrame), { lowerIsBetter: true }));
+          rx.done();
+          const tx = txRounds(mem, tap, size, frames);
+          figures[`tx${size}`] = figure(await paired(rounds, tx.round, () => c("tx", tx.frame), { lowerIsBetter: true }));
+          tx.done();
+        }
+      } finally {
+        tap.useRing(undefined);
+        ring?.close();
+      }
+      engines[engine] = figures;
     }
-    return out as NetBenchResult;
+    return { engines, rounds, framesPerRound: frames };
   } finally {
     if (sock >= 0) sys.close(sock);
     tap?.close();
     ns.destroy();
     mem?.free();
+    fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+function figure(p: { ratio: Spread; subject: Spread; baseline: Spread }): NetFigure {
+  return { ratio: p.ratio, nsPerFrame: { tskvm: p.subject.median, c: p.baseline.median } };
 }
 
 function makeDevice(mem: GuestMemory, tap: Tap): { dev: VirtioNet; rx: VirtqDriver; tx: VirtqDriver } {
@@ -128,18 +171,16 @@ function drainTap(tap: Tap, buf: Uint8Array): void {
   }
 }
 
-function benchRx(mem: GuestMemory, tap: Tap, sock: number, size: number, frames: number, rounds: number): NetRate {
+/** RX through the device: a round queues `frames` frames and times the device moving them. */
+function rxRounds(mem: GuestMemory, tap: Tap, sock: number, size: number, frames: number): { round: () => number; done: () => void } {
   const frame = udpFrame(HOST_MAC, GUEST_MAC, ipv4("192.168.100.1"), ipv4("192.168.100.2"), size);
   const buf = new Uint8Array(70 * 1024);
-  drainTap(tap, buf);
   const { dev, rx } = makeDevice(mem, tap);
   const bufs = new Map<number, Buf>();
   const post = (b: Buf): void => void bufs.set(rx.add([b]), b);
   for (let i = 0; i < NET_QUEUE_SIZE; i++) post(rx.writable(2048));
-  const devRates: number[] = [];
-  const rawRates: number[] = [];
-  for (let r = 0; r <= rounds; r++) {
-    // Device: time only its pollReady calls.
+  const round = (): number => {
+    drainTap(tap, buf);
     const queued = fill(sock, frame, frames);
     const start = dev.stats.rxFrames;
     let t = 0n;
@@ -159,29 +200,20 @@ function benchRx(mem: GuestMemory, tap: Tap, sock: number, size: number, frames:
       dev.queueNotified(0);
       t += nowNs() - t1;
     }
-    // Raw: read(2) of the same number of frames.
-    const q2 = fill(sock, frame, frames);
-    let n = 0;
-    const t1 = nowNs();
-    while (n < q2) if (tap.read(buf) > 0) n++;
-    const raw = nowNs() - t1;
-    if (r === 0) continue; // warm-up
-    devRates.push(queued / (Number(t) / 1e9));
-    rawRates.push(q2 / (Number(raw) / 1e9));
-  }
-  dev.reset();
-  return rate(devRates, rawRates);
+    return Number(t) / queued;
+  };
+  round(); // warm-up
+  return { round, done: () => dev.reset() };
 }
 
-function benchTx(mem: GuestMemory, tap: Tap, size: number, frames: number, rounds: number): NetRate {
+/** TX through the device: a round posts `frames` frames (in ring-sized runs) and times the device sending them. */
+function txRounds(mem: GuestMemory, tap: Tap, size: number, frames: number): { round: () => number; done: () => void; frame: Uint8Array } {
   const eth = udpFrame(GUEST_MAC, NOBODY_MAC, ipv4("192.168.100.2"), ipv4("192.168.100.99"), size);
   const withHdr = new Uint8Array(HDR + eth.length);
   withHdr.set(eth, HDR);
   const { dev, tx } = makeDevice(mem, tap);
   const bufs = Array.from({ length: NET_QUEUE_SIZE }, () => tx.readable(withHdr));
-  const devRates: number[] = [];
-  const rawRates: number[] = [];
-  for (let r = 0; r <= rounds; r++) {
+  const round = (): number => {
     const start = dev.stats.txFrames;
     let t = 0n;
     while (dev.stats.txFrames - start < frames) {
@@ -192,33 +224,23 @@ function benchTx(mem: GuestMemory, tap: Tap, size: number, frames: number, round
       t += nowNs() - t0;
       if (tx.used().length !== batch) throw new Error("bench-net: tx stalled");
     }
-    let n = 0;
-    const t1 = nowNs();
-    while (n < frames) if (tap.write(withHdr) > 0) n++;
-    const raw = nowNs() - t1;
-    if (r === 0) continue;
-    devRates.push(frames / (Number(t) / 1e9));
-    rawRates.push(frames / (Number(raw) / 1e9));
-  }
-  dev.reset();
-  return rate(devRates, rawRates);
-}
-
-function rate(dev: number[], raw: number[]): NetRate {
-  const d = median(dev);
-  const w = median(raw);
-  return { device: Math.round(d), raw: Math.round(w), ratio: Number((d / w).toFixed(3)) };
+    return Number(t) / frames;
+  };
+  round();
+  return { round, done: () => dev.reset(), frame: withHdr };
 }
 
 export function formatNetBench(r: NetBenchResult): string {
-  const line = (name: string, x: NetRate, raw: string) =>
-    `net ${name.padEnd(7)} device ${(x.device / 1000).toFixed(0).padStart(5)} K frames/s, ${raw} ${(x.raw / 1000).toFixed(0).padStart(5)} K/s: ratio ${x.ratio.toFixed(3)}`;
-  return [
-    line("rx64", r.rx64, "read "),
-    line("rx1500", r.rx1500, "read "),
-    line("tx64", r.tx64, "write"),
-    line("tx1500", r.tx1500, "write"),
-  ].join("\n");
+  const lines: string[] = [];
+  for (const [engine, figs] of Object.entries(r.engines)) {
+    for (const [name, x] of Object.entries(figs)) {
+      const call = name.startsWith("rx") ? "read" : "write";
+      lines.push(
+        `net ${engine.padEnd(8)} ${name.padEnd(6)} ${x.nsPerFrame.tskvm.toFixed(0).padStart(5)} ns/frame, C ${call} ${x.nsPerFrame.c.toFixed(0).padStart(5)} ns: ratio ${formatRatio(x.ratio)} (target >= 0.9)`,
+      );
+    }
+  }
+  return lines.join("\n");
 }
 
 if (require.main === module) {

@@ -1,76 +1,76 @@
 /**
- * `npm run bench`: tskvm's speed, each figure beside a baseline measured in the same run.
+ * `npm run bench`: tskvm's speed and memory, each figure beside a baseline measured in the
+ * same run, in rounds that alternate which goes first, as a ratio with its spread.
  *
- *   pio-exit      PIO-exit round trips/s of a tiny guest under tskvm vs. a C KVM loop
- *                 (native/pio_exit_bench.c) running the same guest bytes. Target ratio >= 0.9.
- *   vcpu-start    process start -> all N vCPU threads about to enter KVM_RUN, N = 1, 2, 8.
- *   virtio-blk    device-model throughput (4 KiB random reads, 1 MiB sequential writes)
- *                 through the virtqueue in-process vs. plain pread/pwrite. Target >= 0.8.
- *   irq           cost of raising an MSI from a device thread: irqfd on a GSI routed to the
- *                 message (how virtiofsd does it) vs. KVM_SIGNAL_MSI, and the round trip.
- *   virtio-net    device-model packet rate TAP -> guest RX ring and TX ring -> TAP (64 B and
- *                 1500 B frames) vs. raw TAP read/write, in a namespace it makes and removes.
- *   virtio-fs     inside the default guest: a 256 MiB file read and a 10,000-file tree walked
- *                 over virtio-fs (virtiofsd) vs. the same files on a virtio-blk ext4 image,
- *                 in the same VM (scripts/bench-fs.ts). Skipped with --no-boot.
- *   boot          wall time to each Linux boot milestone with the default guest, beside QEMU
- *                 (microvm, KVM) booting the same kernel, initrd, command line and CPU features
- *                 when qemu-system-x86 is installed. Target: tskvm <= QEMU to the ready
- *                 marker. Skipped with the reason when the guest is not built; --no-boot.
- *   snapshot      restore of a tiny guest's snapshot (256 MiB and 8 GiB) from process start
- *                 to vCPUs running, beside booting it; `tskvm run --snapshot DIR -- true`
- *                 cold vs. warm (target warm <= 0.1 x cold), snapshot RAM vs. touched RAM
- *                 (bench-snapshot.ts). --snapshot-rounds=N.
- *   usernet       TCP throughput both ways and request/response rate between the default
- *                 guest and the host over --net user (passt), beside QEMU on the same passt
- *                 and tskvm on a TAP, in one run (bench-usernet.ts). Target: tskvm >= QEMU.
- *                 Needs root, passt, the default guest; --no-usernet, --usernet-seconds=N.
+ *   pio     PIO-exit round trips of a tiny guest under tskvm vs. a C KVM loop running the
+ *           same guest bytes (native/pio_exit_bench.c). Target >= 0.95.
+ *   start   process start -> the boot vCPU in KVM_RUN, with 1, 2 and 8 vCPUs (tskvm alone).
+ *   blk     virtio-blk vs. C doing the same system calls (bench-blk.ts): random 4 KiB reads
+ *           at queue depth 64 vs. pread per request (target >= 1.5 with io_uring), 256 x 4 KiB
+ *           scattered writes vs. pwritev (target >= 0.9).
+ *   net     virtio-net over a TAP vs. C read/write per frame (bench-net.ts). Target >= 0.9.
+ *   kick    one read per kick, kick to interrupt, through tskvm's I/O worker vs. a C device
+ *           loop (bench-kick.ts). Target: within 1.3x of C.
+ *   boot    the default guest to each console milestone, tskvm beside QEMU (microvm, KVM,
+ *           the same kernel, initrd, command line and CPU features), with tskvm's start-up
+ *           (process start -> first KVM_RUN) and the exits it handled. Target: ready <= 0.8x QEMU.
+ *   memory  the VMM's own memory (guest RAM excluded) at the ready marker, 1, 2 and 8 vCPUs,
+ *           tskvm beside QEMU booting the same guest. Target: below QEMU's.
+ *   irq     MSI injection: irqfd on a routed GSI vs. KVM_SIGNAL_MSI (bench-irq.ts).
+ *   fs      a 256 MiB file and a 10,000-file tree read in the guest over virtio-fs vs. the
+ *           same files on a virtio-blk ext4 image in the same VM (bench-fs.ts; boots a guest).
+ *   snapshot restore of a tiny guest's snapshot (256 MiB and 8 GiB) from process start
+ *           to vCPUs running, beside booting it; `tskvm run --snapshot DIR -- true`
+ *           cold vs. warm (target warm <= 0.1 x cold), snapshot RAM vs. touched RAM
+ *           (bench-snapshot.ts). --snapshot-rounds=N.
+ *   usernet TCP throughput both ways and request/response rate between the default
+ *           guest and the host over --net user (passt), beside QEMU on the same passt
+ *           and tskvm on a TAP, in one run (bench-usernet.ts). Target: tskvm >= QEMU.
+ *           Needs root, passt, the default guest; --no-usernet, --usernet-seconds=N.
  *
- * Every run first says where it ran (hardware KVM, kvm-pvm, nested SVM on QEMU TCG) and on
- * which CPU: figures from different kinds of host are not comparable. Results go to stdout
- * as a table and to dist/bench.json (--results=FILE). --in-harness-vm runs it all inside
- * the harness VM (scripts/harness-vm.ts), results in dist/bench-harness-vm.json: there
- * tskvm and QEMU boot the same guest on the same (emulated) KVM.
+ * `--only=a,b` picks sections, `--no-boot` leaves out boot and memory, `--rounds=N` sets the
+ * rounds of the in-process sections, `--boot-rounds=N` those of boot. Where the figures
+ * were taken is printed first (the host's KVM, and whether this is a VM, e.g. the
+ * emulated-SVM VM). Results also go to dist/bench.json (--results=FILE). --in-harness-vm
+ * runs it all inside the harness VM (scripts/harness-vm.ts), results in
+ * dist/bench-harness-vm.json: there tskvm and QEMU boot the same guest on the same
+ * (emulated) KVM with hardware semantics.
  */
 import { spawn, spawnSync } from "node:child_process";
 import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { cpus, tmpdir } from "node:os";
 import { runInHarnessVm } from "./harness-vm";
-import { join } from "node:path";
 import { buildNative, repoRoot } from "./lib/native";
 import { Machine } from "../src/vmm/machine";
 import { pioLoop } from "../test/helpers/guest-code";
 import { bootFilesFor, findDefaultGuest } from "../src/api/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
+import { probeIoUring } from "../src/sys/io-uring";
 import { benchBlock, formatBlockBench } from "./bench-blk";
 import { benchNet, formatNetBench } from "./bench-net";
+import { benchKick, formatKickBench } from "./bench-kick";
 import { benchIrq, formatIrqBench } from "./bench-irq";
 import { benchFs, formatFsBench, fsBenchSkipReason } from "./bench-fs";
 import { benchUsernet, formatUsernetBench, usernetBenchSkipReason } from "./bench-usernet";
-import { netTestSkipReason } from "../test/helpers/netns";
 import { benchRestoreStart, benchSnapshotRun, formatSnapshotBench } from "./bench-snapshot";
+import { netTestSkipReason } from "../test/helpers/netns";
+import { type Spread, formatRatio, formatSpread, paired, spread } from "./lib/rounds";
+import { type VmmMemory, formatMiB, vmmMemory } from "./lib/rss";
 
 /** A port nothing claims, in KVM or tskvm: the C baseline uses the same. */
 const BENCH_PORT = 0x5e0;
-const ROUNDS = 3;
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
+// ---- pio ------------------------------------------------------------------------------
+
+/** C: exits per second over 100 000 exits. */
+function cPioRate(): number {
+  const r = spawnSync(buildNative("pio_exit_bench"), ["-n", "100000"], { encoding: "utf8" });
+  if (r.status !== 0) throw new Error(`pio_exit_bench failed: ${r.stderr}`);
+  return (JSON.parse(r.stdout.trim().split("\n").pop()!) as { exitsPerSecond: number }).exitsPerSecond;
 }
 
-function cBaseline(): number {
-  const bin = buildNative("pio_exit_bench");
-  const rates: number[] = [];
-  for (let i = 0; i < ROUNDS; i++) {
-    const r = spawnSync(bin, ["-n", "100000"], { encoding: "utf8" });
-    if (r.status !== 0) throw new Error(`pio_exit_bench failed: ${r.stderr}`);
-    rates.push((JSON.parse(r.stdout.trim().split("\n").pop()!) as { exitsPerSecond: number }).exitsPerSecond);
-  }
-  return median(rates);
-}
-
-/** Exits/s of tskvm's vCPU loop: two runs of different length; the difference cancels start-up. */
+/** tskvm: exits per second of its vCPU loop; two runs of different length, so start-up cancels. */
 async function tskvmPioRate(): Promise<number> {
   const exitsAfter = async (ms: number): Promise<number> => {
     const m = Machine.create({
@@ -90,30 +90,21 @@ async function tskvmPioRate(): Promise<number> {
       m.destroy();
     }
   };
-  const rates: number[] = [];
-  for (let i = 0; i < ROUNDS; i++) {
-    const short = await exitsAfter(500);
-    const long = await exitsAfter(2500);
-    rates.push((long - short) / 2.0);
-  }
-  return median(rates);
+  const short = await exitsAfter(300);
+  const long = await exitsAfter(1300);
+  return long - short;
 }
 
-/** How long one vcpu-start process may take before the section gives up on it. */
-const VCPU_START_LIMIT_MS = 120_000;
+// ---- start ----------------------------------------------------------------------------
 
-/** Milliseconds from a fresh process's start until all N vCPUs are running. */
+/** Milliseconds from a fresh process's start until the boot vCPU is in KVM_RUN. */
 function vcpuStart(n: number): number {
-  const script = join(repoRoot(), "dist", "scripts", "vcpu-start.js");
-  const times: number[] = [];
-  for (let i = 0; i < ROUNDS; i++) {
-    const r = spawnSync(process.execPath, [script, String(n)], { encoding: "utf8", timeout: VCPU_START_LIMIT_MS, killSignal: "SIGKILL" });
-    if (r.error !== undefined || r.signal !== null) throw new Error(`vcpu-start ${n} did not finish within ${VCPU_START_LIMIT_MS / 1000} s`);
-    if (r.status !== 0) throw new Error(`vcpu-start ${n} failed: ${r.stderr}`);
-    times.push(Number(r.stdout.trim()));
-  }
-  return median(times);
+  const r = spawnSync(process.execPath, [join(repoRoot(), "dist", "scripts", "vcpu-start.js"), String(n)], { encoding: "utf8" });
+  if (r.status !== 0) throw new Error(`vcpu-start ${n} failed: ${r.stderr}`);
+  return Number(r.stdout.trim());
 }
+
+// ---- boot and memory ------------------------------------------------------------------
 
 /** Console milestones a boot is timed by (milliseconds from process start). */
 const MILESTONES: [string, RegExp][] = [
@@ -122,79 +113,162 @@ const MILESTONES: [string, RegExp][] = [
   ["ready marker", /TSKVM-GUEST-READY/],
 ];
 
-/** QEMU's -cpu for the same guest-visible CPU as tskvm's emulated template (docs/guest.md). */
+/**
+ * QEMU's -cpu for the same guest-visible CPU as tskvm's emulated template (docs/guest.md).
+ * Without -arch-capabilities QEMU 7.2 aborts on a kvm-pvm host that refuses to set MSR 0x10a
+ * ("failed to set MSR 0x10a"); tskvm never sets that MSR either.
+ */
 const QEMU_EMULATED_CPU =
   "host,-cx16,-xsave,-popcnt,-smap,-pcid,-rdrand,-fsgsbase,-smep,-invpcid,-rdseed,-clflushopt,-clwb,-erms,-fsrm," +
-  "kvm-pv-ipi=off,kvm-pv-sched-yield=off,kvm-pv-unhalt=off";
+  "kvm-pv-ipi=off,kvm-pv-sched-yield=off,kvm-pv-unhalt=off,-arch-capabilities";
 
-/** Time the milestones of a command's console output; kills it afterwards. */
-async function timeBoot(argv: string[], timeoutMs: number): Promise<Record<string, number>> {
+interface BootRun {
+  /** ms from process start to each milestone. */
+  times: Record<string, number>;
+  /** The VMM's memory at the ready marker, guest RAM excluded. */
+  memory: VmmMemory;
+  /** What tskvm -v said on stderr when it ended (start-up timeline, exits). */
+  verbose: string;
+}
+
+/**
+ * Boot `argv` until the ready marker; its milestones, its memory then, and (tskvm -v) what it
+ * says when stopped with SIGTERM.
+ */
+async function timeBoot(argv: string[], guestRamBytes: number, timeoutMs: number): Promise<BootRun> {
   const started = Date.now();
   const child = spawn(argv[0]!, argv.slice(1), { stdio: ["pipe", "pipe", "pipe"] });
   let out = "";
+  let err = "";
+  child.stderr!.setEncoding("latin1").on("data", (d: string) => (err += d));
   const times: Record<string, number> = {};
+  let memory: VmmMemory | undefined;
+  const exited = new Promise<void>((resolve) => child.on("exit", () => resolve()));
   try {
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`${argv[0]} boot timed out; last output: ${out.slice(-500)}`)), timeoutMs);
       child.on("exit", () => {
         clearTimeout(timer);
-        reject(new Error(`${argv[0]} exited during the boot: ${out.slice(-500)}`));
+        reject(new Error(`${argv[0]} exited during the boot: ${out.slice(-500)} ${err.slice(-500)}`));
       });
       child.stdout!.setEncoding("latin1").on("data", (d: string) => {
         out += d;
         for (const [name, re] of MILESTONES) if (times[name] === undefined && re.test(out)) times[name] = Date.now() - started;
         if (MILESTONES.every(([name]) => times[name] !== undefined)) {
           clearTimeout(timer);
+          memory = vmmMemory(child.pid!, guestRamBytes);
           resolve();
         }
       });
     });
   } finally {
     child.removeAllListeners("exit");
-    child.kill("SIGKILL");
+    child.kill("SIGTERM");
+    const killer = setTimeout(() => child.kill("SIGKILL"), 5000);
+    await exited;
+    clearTimeout(killer);
   }
-  return times;
+  return { times, memory: memory!, verbose: err };
 }
 
-/**
- * Boot the default guest with tskvm and, when Debian's qemu-system-x86 is installed, with
- * QEMU (microvm, KVM, the same kernel, initrd, command line and CPU features), alternately,
- * and report the median time to each milestone.
- */
-async function bootComparison(rounds: number): Promise<Record<string, unknown> | string> {
+interface BootSetup {
+  tskvm: (cpus: number) => string[];
+  qemu: ((cpus: number) => string[]) | undefined;
+  qemuMissing: string | undefined;
+  guestRamBytes: number;
+  timeoutMs: number;
+}
+
+function bootSetup(): BootSetup | string {
   const guest = findDefaultGuest();
   if (guest === undefined) return "skipped: no default guest built (npm run guest)";
-  const host = detectHostKvm();
-  const emulated = host.kind === "emulated-pvm";
+  const emulated = detectHostKvm().kind === "emulated-pvm";
   const { kernel, initrd } = bootFilesFor(guest, emulated);
   const cmdline = guest.cmdline ?? "console=ttyS0 reboot=k panic=-1";
-  const timeout = host.softwareEmulated ? 420_000 : 60_000;
-  const tskvm = [process.execPath, join(repoRoot(), "bin", "tskvm"), "boot", "-k", kernel, "-i", initrd, "-m", "128M", "-p", cmdline];
   const qemuBin = ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"].find((p) => existsSync(p));
-  const qemu =
-    qemuBin === undefined
-      ? undefined
-      : [qemuBin, "-M", "microvm,rtc=on", "-enable-kvm", "-cpu", emulated ? QEMU_EMULATED_CPU : "host", "-m", "128", "-smp", "1",
-         "-kernel", kernel, "-initrd", initrd, "-append", cmdline, "-nographic", "-no-reboot"];
-  const samples: Record<string, Record<string, number[]>> = { tskvm: {}, qemu: {} };
-  for (let i = 0; i < rounds; i++) {
-    const line: string[] = [];
-    for (const [name, argv] of [["tskvm", tskvm], ["qemu", qemu]] as const) {
-      if (argv === undefined) continue;
-      const t = await timeBoot(argv, timeout);
-      for (const [m, ms] of Object.entries(t)) (samples[name]![m] ??= []).push(ms);
-      line.push(`${name} ${((t["ready marker"] ?? NaN) / 1000).toFixed(1)} s`);
-    }
-    // One line per round: a slow host is never silent for long.
-    console.log(`boot         round ${i + 1}/${rounds}: ready marker ${line.join(", ")}`);
-  }
-  const medians = (s: Record<string, number[]>) => Object.fromEntries(Object.entries(s).map(([k, v]) => [k, median(v)]));
   return {
-    rounds,
-    tskvm: medians(samples.tskvm!),
-    qemu: qemu === undefined ? "skipped: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)" : medians(samples.qemu!),
+    tskvm: (cpus) => [process.execPath, join(repoRoot(), "bin", "tskvm"), "boot", "-v", "-k", kernel, "-i", initrd, "-m", "128M", "-c", String(cpus), "-p", cmdline],
+    qemu:
+      qemuBin === undefined
+        ? undefined
+        : (cpus) => [qemuBin, "-M", "microvm,rtc=on", "-enable-kvm", "-cpu", emulated ? QEMU_EMULATED_CPU : "host", "-m", "128", "-smp", String(cpus),
+            "-kernel", kernel, "-initrd", initrd, "-append", cmdline, "-nographic", "-no-reboot"],
+    qemuMissing: qemuBin === undefined ? "skipped: qemu-system-x86_64 not installed (apt-get install qemu-system-x86)" : undefined,
+    guestRamBytes: 128 * 1024 * 1024,
+    timeoutMs: emulated ? 600_000 : 120_000,
   };
 }
+
+/** tskvm -v's start-up line: "... machine asked for at N ms, built at N ms, boot vCPU in KVM_RUN at N ms". */
+function parseStartup(verbose: string): { createBegin: number; createEnd: number; firstKvmRun: number } | undefined {
+  const m = /machine asked for at (\d+) ms, built at (\d+) ms, boot vCPU in KVM_RUN at (\d+) ms/.exec(verbose);
+  return m === null ? undefined : { createBegin: Number(m[1]), createEnd: Number(m[2]), firstKvmRun: Number(m[3]) };
+}
+
+/** tskvm -v's exit summary lines. */
+function exitSummary(verbose: string): string[] {
+  return verbose
+    .split("\n")
+    .filter((l) => /^tskvm: (exits to tskvm|  (port|mmio) )/.test(l))
+    .map((l) => l.replace(/^tskvm: /, ""));
+}
+
+async function bootComparison(setup: BootSetup, rounds: number): Promise<Record<string, unknown>> {
+  const t: Record<string, number[]> = {};
+  const q: Record<string, number[]> = {};
+  const ratios: Record<string, number[]> = {};
+  const startup: Record<string, number[]> = {};
+  let exits: string[] = [];
+  for (let i = 0; i < rounds; i++) {
+    const order = i % 2 === 0 ? ["tskvm", "qemu"] : ["qemu", "tskvm"];
+    const got: Record<string, BootRun> = {};
+    for (const who of order) {
+      if (who === "qemu" && setup.qemu === undefined) continue;
+      got[who] = await timeBoot(who === "tskvm" ? setup.tskvm(1) : setup.qemu!(1), setup.guestRamBytes, setup.timeoutMs);
+    }
+    for (const [m] of MILESTONES) {
+      (t[m] ??= []).push(got.tskvm!.times[m]!);
+      if (got.qemu !== undefined) {
+        (q[m] ??= []).push(got.qemu.times[m]!);
+        (ratios[m] ??= []).push(got.tskvm!.times[m]! / got.qemu.times[m]!);
+      }
+    }
+    const s = parseStartup(got.tskvm!.verbose);
+    if (s !== undefined) for (const [k, v] of Object.entries(s)) (startup[k] ??= []).push(v);
+    exits = exitSummary(got.tskvm!.verbose);
+  }
+  const spreads = (x: Record<string, number[]>) => Object.fromEntries(Object.entries(x).map(([k, v]) => [k, spread(v)]));
+  return { rounds, tskvm: spreads(t), qemu: setup.qemuMissing ?? spreads(q), ratio: spreads(ratios), startup: spreads(startup), exits };
+}
+
+async function memoryComparison(setup: BootSetup): Promise<Record<string, unknown>> {
+  const out: Record<string, unknown> = {};
+  for (const cpus of [1, 2, 8]) {
+    const tskvm = (await timeBoot(setup.tskvm(cpus), setup.guestRamBytes, setup.timeoutMs)).memory;
+    const qemu = setup.qemu === undefined ? setup.qemuMissing : (await timeBoot(setup.qemu(cpus), setup.guestRamBytes, setup.timeoutMs)).memory;
+    out[cpus] = { tskvm, qemu };
+  }
+  return out;
+}
+
+// ---- where -----------------------------------------------------------------------------
+
+/** The machine the figures come from: the host's KVM, and whether we run inside a VM. */
+function where(): string {
+  const host = detectHostKvm();
+  let virt = "";
+  try {
+    if (/\bhypervisor\b/.test(readFileSync("/proc/cpuinfo", "utf8"))) virt = ", inside a VM";
+  } catch {
+    // no /proc: say nothing
+  }
+  const r = spawnSync("systemd-detect-virt", ["--vm"], { encoding: "utf8" });
+  if (r.status === 0 && r.stdout.trim() !== "" && r.stdout.trim() !== "none") virt = `, inside a VM (${r.stdout.trim()})`;
+  const uring = probeIoUring();
+  return `${host.summary.split(":")[0]}${virt}; ${cpus().length} CPUs; io_uring ${uring.available ? "usable" : `unusable (${uring.reason})`}`;
+}
+
+// ---- in the harness VM ----
 
 /**
  * --in-harness-vm: the same benchmark inside the harness VM (scripts/harness-vm.ts), where
@@ -223,103 +297,133 @@ async function inHarnessVm(args: string[]): Promise<number> {
   }
 }
 
+// ---- main ------------------------------------------------------------------------------
+
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   if (args.includes("--in-harness-vm")) process.exit(await inHarnessVm(args.filter((a) => a !== "--in-harness-vm" && !a.startsWith("--results="))));
-  // --only=pio,vcpu,blk,irq,net,fs,boot,snapshot,usernet runs just those sections.
   const only = args.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
-  const want = (section: string) => only === undefined || only.includes(section);
-  const host = detectHostKvm();
-  const cpu = /^model name\s*:\s*(.*)$/m.exec(readFileSync("/proc/cpuinfo", "latin1"))?.[1] ?? "unknown CPU";
-  // Where the figures come from matters more than the figures: say it first.
-  console.log(`tskvm benchmarks on ${host.label} (${cpu}, ${cpus().length} CPUs)`);
-  console.log(`  ${host.summary}`);
-  const results: Record<string, unknown> = {
-    host: { kind: host.kind, label: host.label, hypervisor: host.hypervisor ?? null, softwareEmulated: host.softwareEmulated, cpu, cpus: cpus().length },
-    date: new Date().toISOString(),
-  };
+  const noBoot = args.includes("--no-boot");
+  const want = (section: string) => (only === undefined || only.includes(section)) && !(noBoot && (section === "boot" || section === "memory" || section === "fs"));
+  const num = (flag: string, dflt: number) => Number(args.find((a) => a.startsWith(`${flag}=`))?.split("=")[1] ?? dflt);
+  const rounds = num("--rounds", 7);
+  const bootRounds = num("--boot-rounds", 3);
+  const whereLine = where();
+  console.log(`tskvm benchmarks on ${whereLine}`);
+  const results: Record<string, unknown> = { where: whereLine, host: detectHostKvm().kind, date: new Date().toISOString() };
 
   if (want("pio")) {
-    const c = cBaseline();
-    const ts = await tskvmPioRate();
-    results["pio-exit"] = { cExitsPerSecond: Math.round(c), tskvmExitsPerSecond: Math.round(ts), ratio: ts / c };
+    await tskvmPioRate(); // warm-up
+    const p = await paired(rounds, tskvmPioRate, cPioRate);
+    results.pio = p;
     console.log(
-      `pio-exit     C ${Math.round(c)} exits/s (${(1e6 / c).toFixed(2)} us), tskvm ${Math.round(ts)} exits/s (${(1e6 / ts).toFixed(2)} us): ratio ${(ts / c).toFixed(3)} (target >= 0.9)`,
+      `pio     tskvm ${(1e6 / p.subject.median).toFixed(2)} us/exit, C ${(1e6 / p.baseline.median).toFixed(2)} us/exit: ratio ${formatRatio(p.ratio, 3)} (target >= 0.95)`,
     );
   }
 
-  if (want("vcpu")) {
-    const starts: Record<string, number> = {};
+  if (want("start")) {
+    const starts: Record<number, Spread> = {};
     for (const n of [1, 2, 8]) {
-      starts[n] = vcpuStart(n);
-      console.log(`vcpu-start   ${n} vCPU${n > 1 ? "s" : " "}: ${starts[n]!.toFixed(1)} ms from process start to all running`);
+      starts[n] = spread(Array.from({ length: 3 }, () => vcpuStart(n)));
+      console.log(`start   ${n} vCPU${n > 1 ? "s" : " "}: process start -> boot vCPU in KVM_RUN ${formatSpread(starts[n], "ms", 0)} (tskvm alone)`);
     }
-    results["vcpu-start-ms"] = starts;
+    results.start = starts;
   }
 
   if (want("blk")) {
-    const blk = await benchBlock();
-    results["virtio-blk"] = blk;
-    for (const line of formatBlockBench(blk).split("\n")) console.log(`virtio-blk   ${line}`);
+    const blk = await benchBlock({ rounds });
+    results.blk = blk;
+    for (const line of formatBlockBench(blk).split("\n")) console.log(`blk     ${line.replace(/^blk /, "")}`);
+  }
+
+  if (want("net")) {
+    const skip = netTestSkipReason();
+    if (skip !== undefined) {
+      results.net = `skipped: ${skip}`;
+      console.log(`net     skipped: ${skip}`);
+    } else {
+      const net = await benchNet({ rounds });
+      results.net = net;
+      for (const line of formatNetBench(net).split("\n")) console.log(`net     ${line.replace(/^net /, "")}`);
+    }
+  }
+
+  if (want("kick")) {
+    const kick = await benchKick({ rounds: Math.max(3, Math.ceil(rounds / 2)) });
+    results.kick = kick;
+    for (const line of formatKickBench(kick).split("\n")) console.log(`kick    ${line.replace(/^kick /, "")}`);
+  }
+
+  if (want("boot") || want("memory")) {
+    const setup = bootSetup();
+    if (typeof setup === "string") {
+      results.boot = setup;
+      console.log(`boot    ${setup}`);
+    } else {
+      if (want("boot")) {
+        const boot = await bootComparison(setup, bootRounds);
+        results.boot = boot;
+        const t = boot.tskvm as Record<string, Spread>;
+        const q = boot.qemu;
+        const ratio = boot.ratio as Record<string, Spread>;
+        for (const [m] of MILESTONES) {
+          const vs = typeof q === "string" ? "" : `, QEMU ${formatSpread((q as Record<string, Spread>)[m]!, "ms", 0)}: ratio ${formatRatio(ratio[m]!)}`;
+          console.log(`boot    ${m.padEnd(13)} tskvm ${formatSpread(t[m]!, "ms", 0)}${vs}${m === "ready marker" ? " (target <= 0.8)" : ""}`);
+        }
+        if (typeof q === "string") console.log(`boot    QEMU ${q}`);
+        const s = boot.startup as Record<string, Spread>;
+        if (s.firstKvmRun !== undefined) {
+          console.log(
+            `boot    tskvm start-up: machine asked for at ${formatSpread(s.createBegin!, "ms", 0)}, built at ${formatSpread(s.createEnd!, "ms", 0)}, boot vCPU in KVM_RUN at ${formatSpread(s.firstKvmRun, "ms", 0)}`,
+          );
+        }
+        for (const line of boot.exits as string[]) console.log(`boot    ${line}`);
+      }
+      if (want("memory")) {
+        const mem = await memoryComparison(setup);
+        results.memory = mem;
+        for (const [cpus, v] of Object.entries(mem)) {
+          const { tskvm, qemu } = v as { tskvm: VmmMemory; qemu: VmmMemory | string };
+          const line = (x: VmmMemory) => `${formatMiB(x.rssKiB)} (${formatMiB(x.anonymousKiB)} anonymous + ${formatMiB(x.fileKiB)} file)`;
+          console.log(
+            `memory  ${cpus} vCPU${cpus === "1" ? " " : "s"} at the ready marker, guest RAM excluded: tskvm ${line(tskvm)}, QEMU ${typeof qemu === "string" ? qemu : line(qemu)}`,
+          );
+        }
+      }
+    }
   }
 
   if (want("irq")) {
     const irq = await benchIrq();
-    results["msi-injection"] = irq;
-    for (const line of formatIrqBench(irq).split("\n")) console.log(`irq          ${line}`);
+    results.irq = irq;
+    for (const line of formatIrqBench(irq).split("\n")) console.log(`irq     ${line}`);
   }
 
-  const netSkip = want("net") ? netTestSkipReason() : "not selected (--only)";
-  if (netSkip !== undefined) {
-    results["virtio-net"] = `skipped: ${netSkip}`;
-    console.log(`virtio-net   skipped: ${netSkip}`);
-  } else {
-    const net = await benchNet();
-    results["virtio-net"] = net;
-    for (const line of formatNetBench(net).split("\n")) console.log(`virtio-net   ${line}`);
-  }
-
-  // Boots a guest too: skipped with --no-boot, like the boot timing.
-  const fsSkip = args.includes("--no-boot") ? "--no-boot" : !want("fs") ? "not selected (--only)" : fsBenchSkipReason();
-  if (fsSkip !== undefined) {
-    results["virtio-fs"] = `skipped: ${fsSkip}`;
-    console.log(`virtio-fs    skipped: ${fsSkip}`);
-  } else {
-    const fs = await benchFs();
-    results["virtio-fs"] = fs;
-    for (const line of formatFsBench(fs).split("\n")) console.log(`virtio-fs    ${line}`);
-  }
-
-  if (args.includes("--no-boot") || !want("boot")) {
-    results.boot = "skipped: --no-boot or --only";
-  } else {
-    const boot = await bootComparison(Number(args.find((a) => a.startsWith("--boot-rounds="))?.split("=")[1] ?? 3));
-    results.boot = boot;
-    if (typeof boot === "string") console.log(`boot         ${boot}`);
-    else {
-      const t = boot.tskvm as Record<string, number>;
-      const q = boot.qemu;
-      for (const [m] of MILESTONES) {
-        const qm = typeof q === "string" ? undefined : (q as Record<string, number>)[m];
-        const vs = qm === undefined ? "" : `, QEMU ${(qm / 1000).toFixed(1)} s: ratio ${((t[m] ?? NaN) / qm).toFixed(2)}`;
-        console.log(`boot         ${m}: tskvm ${((t[m] ?? NaN) / 1000).toFixed(1)} s${vs} (median of ${boot.rounds})`);
-      }
-      if (typeof q === "string") console.log(`boot         QEMU ${q}`);
+  if (want("fs")) {
+    const fsSkip = fsBenchSkipReason();
+    if (fsSkip !== undefined) {
+      results.fs = `skipped: ${fsSkip}`;
+      console.log(`fs      skipped: ${fsSkip}`);
+    } else {
+      const fs = await benchFs();
+      results.fs = fs;
+      for (const line of formatFsBench(fs).split("\n")) console.log(`fs      ${line}`);
     }
   }
+
   if (want("snapshot")) {
-    const rounds = Number(args.find((a) => a.startsWith("--snapshot-rounds="))?.split("=")[1] ?? ROUNDS);
-    const start = await benchRestoreStart(rounds);
+    const snapRounds = num("--snapshot-rounds", 3);
+    const start = await benchRestoreStart(snapRounds);
     const bootMs = vcpuStart(1);
-    const run = args.includes("--no-boot") ? "skipped: --no-boot" : benchSnapshotRun(rounds);
+    const run = noBoot ? "skipped: --no-boot" : benchSnapshotRun(snapRounds);
     results.snapshot = { ...start, bootMs, run };
-    for (const line of formatSnapshotBench(start, bootMs, run).split("\n")) console.log(`snapshot     ${line}`);
+    for (const line of formatSnapshotBench(start, bootMs, run).split("\n")) console.log(`snapshot ${line}`);
   }
 
   const usernetSkip = args.includes("--no-usernet") || !want("usernet") ? "--no-usernet or --only" : usernetBenchSkipReason();
   if (usernetSkip !== undefined) {
     results.usernet = `skipped: ${usernetSkip}`;
-    console.log(`usernet      skipped: ${usernetSkip}`);
+    console.log(`usernet skipped: ${usernetSkip}`);
   } else {
     const arg = (name: string) => args.find((a) => a.startsWith(`--${name}=`))?.split("=")[1];
     const u = await benchUsernet({
@@ -327,7 +431,7 @@ async function main(): Promise<void> {
       ...(arg("usernet-rounds") !== undefined ? { rounds: Number(arg("usernet-rounds")) } : {}),
     });
     results.usernet = u;
-    for (const line of formatUsernetBench(u).split("\n")) console.log(`usernet      ${line}`);
+    for (const line of formatUsernetBench(u).split("\n")) console.log(`usernet ${line}`);
   }
   const file = args.find((a) => a.startsWith("--results="))?.slice("--results=".length) ?? join(repoRoot(), "dist", "bench.json");
   writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);

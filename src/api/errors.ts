@@ -42,7 +42,8 @@ export type OptionName =
   | "cpuTemplate"
   | "restore"
   | "shares"
-  | "rootfs";
+  | "rootfs"
+  | "ioEngine";
 
 /**
  * How a message names an option. The API names them by their VmOptions field; a caller

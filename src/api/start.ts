@@ -5,6 +5,7 @@
  */
 import { readFileSync } from "node:fs";
 import { totalmem } from "node:os";
+import { IoEngineError } from "../host/io-engine";
 import { ConfigError } from "../vmm/errors";
 import { SnapshotError } from "../vmm/snapshot/format";
 import { formatBytes, type DiskConfig, type TapNicConfig } from "../vmm/machine";
@@ -54,6 +55,8 @@ export function readInputFile(path: string, what: string): Uint8Array {
   return data;
 }
 
+const IO_ENGINES: readonly string[] = ["auto", "io_uring", "sync"];
+
 /** The API's names of the MachineConfig fields a ConfigError can be about. */
 const MACHINE_OPTIONS: Record<NonNullable<ConfigError["option"]>, OptionName> = {
   memoryBytes: "memory",
@@ -81,6 +84,7 @@ export function toStartError(e: unknown): VmError {
   // A port below 1024 or a malformed forward: change the option. A port in use, no passt,
   // no default route: this host's state.
   if (e instanceof PasstError) return wrap(e.kind === "BadForward" || e.kind === "PortPrivileged" ? "options" : "host");
+  if (e instanceof IoEngineError) return new VmStartError("host", (n) => `${message} (${n("ioEngine")})`, { cause: e, option: "ioEngine" });
   if (e instanceof KvmUnavailableError) return wrap("host");
   return wrap("internal");
 }
@@ -135,6 +139,9 @@ export function checkOptions(o: VmOptions): CheckedOptions {
     throw optionsError((n) => `guest memory ${formatBytes(memoryBytes)} is more than this host's ${formatBytes(totalmem())} of RAM: use a smaller ${n("memory")}`, "memory");
   }
   const cpus = checkCpus(o.cpus ?? 1);
+  if (o.ioEngine !== undefined && !IO_ENGINES.includes(o.ioEngine)) {
+    throw optionsError((n) => `unknown I/O engine '${String(o.ioEngine)}': use ${IO_ENGINES.join(", ")} (${n("ioEngine")})`, "ioEngine");
+  }
   for (const [option, path] of [["kernel", o.kernel], ["initrd", o.initrd], ["modules", o.modules]] as const) {
     if (typeof path === "string" && path.trim() === "") throw optionsError((n) => `${n(option)} needs a file path`, option);
   }

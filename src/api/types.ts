@@ -1,5 +1,6 @@
 /** The API's option and result types (see docs/api.md). */
 import type { Share, ShareOptions } from "./shares";
+import type { ExitStatsData } from "../vcpu/exit-stats";
 
 export interface DiskOptions {
   /** A raw image file, a whole number of 512-byte sectors. */
@@ -74,6 +75,12 @@ export interface VmOptions {
   guestIp?: string;
   /** "host" or "emulated"; default chosen from the host's KVM. */
   cpuTemplate?: string;
+  /**
+   * How virtio back ends do host I/O: "io_uring" (a queue drain per system call), "sync"
+   * (a system call per request or frame), or "auto" (default): io_uring where the host
+   * allows it (kernel, kernel.io_uring_disabled, seccomp), else sync.
+   */
+  ioEngine?: "auto" | "io_uring" | "sync";
   /** CPUID features to hide, e.g. ["avx2"]. */
   hideCpuFeatures?: readonly string[];
   /** Entry point of an ELF vmlinux that has both. */
@@ -173,6 +180,18 @@ export interface VmExit {
   requestedBy?: string;
   /** For "error": every vCPU's registers, when KVM reported a failure. */
   dump?: string;
+  /** The exits the guest made tskvm handle, by reason, port and MMIO address (all vCPUs). */
+  exits?: ExitStatsData;
+}
+
+/** Where start-up time went, in ms since the process started (NaN for what has not happened). */
+export interface VmStartupTimeline {
+  /** startVm() asked for the machine: Node, module loading, options, the default guest. */
+  createBegin: number;
+  /** The machine was built: KVM, RAM, kernel and initrd, devices, vCPUs. */
+  createEnd: number;
+  /** The boot vCPU entered KVM_RUN. */
+  firstKvmRun: number;
 }
 
 /** What startVm() chose and built. */
@@ -186,6 +205,8 @@ export interface VmInfo {
   memoryBytes: number;
   cpus: number;
   cpuTemplate: string;
+  /** How the virtio back ends do their I/O: "io_uring", or "sync" (with why, when io_uring was not usable); undefined without virtio devices. */
+  ioEngine: string | undefined;
   disks: string[];
   taps: string[];
   /** "user" when eth0 is on passt's user-mode network. */

@@ -29,11 +29,12 @@ import { buildDefaultGuestAsync, findDefaultGuest, type GuestManifest } from "./
 import { SnapshotError, readSnapshotDir, type Json } from "../vmm/snapshot/format";
 import { parseDiskOption } from "./option-values";
 import { TSKVM_VERSION } from "./version";
-import type { ConsoleMode, ReadyInfo, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions } from "./types";
+import type { ConsoleMode, ReadyInfo, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions, VmStartupTimeline } from "./types";
 import { ShareServers } from "./share-servers";
 import { checkShareDirectory, requireVirtiofsd } from "../host/virtiofsd";
 import { GUEST_SSH_PORT, Passt, formatForward } from "../host/passt";
 import { describeExit } from "../host/helper-process";
+import { describeIoEngine } from "../host/io-engine";
 
 /** The pipe the UARTs share, made large so that a busy event loop does not stall the vCPUs. */
 const MUX_PIPE_BYTES = 1024 * 1024;
@@ -135,6 +136,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
           ...(options.entry !== undefined ? { prefer: options.entry } : {}),
         },
         ...(options.cpuTemplate !== undefined ? { cpuTemplate: options.cpuTemplate } : {}),
+        ...(options.ioEngine !== undefined ? { ioEngine: options.ioEngine } : {}),
         hideFeatures: options.hideCpuFeatures ?? [],
         disks: checked.disks,
         nics: passt === undefined ? checked.nics : [...checked.nics, { stream: { fd: passt.fd, name: "passt", reportsOwnLoss: true } }],
@@ -154,6 +156,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       memoryBytes: checked.memoryBytes,
       cpus: checked.cpus,
       cpuTemplate: machine.cpuTemplate,
+      ioEngine: machine.ioEngine === undefined ? undefined : describeIoEngine(machine.ioEngine),
       disks: checked.disks.map((d) => d.path),
       taps: checked.nics.map((n) => n.tap),
       net: passt !== undefined ? "user" : undefined,
@@ -312,6 +315,7 @@ async function restoreVm(dir: string, options: VmOptions): Promise<Vm> {
       cpus: machine.cpus,
       cpuTemplate: machine.cpuTemplate,
       disks: machine.diskPaths(),
+      ioEngine: machine.ioEngine === undefined ? undefined : describeIoEngine(machine.ioEngine),
       // A VM with shares or passt is never snapshotted (Machine.snapshot refuses).
       shares: [],
       rootfs: undefined,
@@ -433,11 +437,21 @@ export class Vm extends EventEmitter {
     this.exited = running.then(
       async (result) => this.finish(result, muxEnded),
       async (e: unknown) =>
-        this.finish({ stop: { kind: "error", reason: `the VM failed: ${(e as Error).message}` }, requestedBy: undefined, vcpus: [], counters: { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 } }, muxEnded),
+        this.finish({ stop: { kind: "error", reason: `the VM failed: ${(e as Error).message}` }, requestedBy: undefined, vcpus: [], counters: { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 }, exits: { reasons: [], pio: [], mmio: [] } }, muxEnded),
     );
   }
 
   // ---- lifecycle ----
+
+  /** Where start-up time went (ms since the process started); firstKvmRun is NaN until the boot vCPU runs. */
+  startupTimeline(): VmStartupTimeline {
+    return this.machine.startupTimeline();
+  }
+
+  /** What sits at an I/O port or MMIO address ("COM1 (16550A) +5"), to name exits by. */
+  deviceAt(space: "pio" | "mmio", address: number): string | undefined {
+    return this.machine.deviceAt(space, address);
+  }
 
   /** How the VM ended, once it has (else undefined). */
   get exit(): VmExit | undefined {
@@ -611,6 +625,7 @@ export class Vm extends EventEmitter {
           ? { kind: "error", reason: stop.reason, ...(stop.dump !== undefined ? { dump: stop.dump } : {}) }
           : { kind: stop.kind, reason: stop.reason };
     exit.reason += cleanup;
+    exit.exits = result.exits;
     this.exitInfo = exit;
     const ended = (what: VmWait) => new VmExitedError(what, exit, `the VM ended (${exit.reason}) while waiting for ${describeWait(what)}`);
     for (const w of this.readyWaiters.splice(0)) w.reject(ended("ready"));

@@ -64,7 +64,7 @@ const ISA_IRQ_LINES = 16;
 /** Plain data: one SharedArrayBuffer per device plus where it sits. Safe for postMessage. */
 export interface DeviceSetSpec {
   /** COM1, the console. Its output goes to the thread's consoleFd, tagged when `consoleTag` is set. */
-  serial: { base: number; irq: number; state: SharedArrayBuffer; consoleTag?: number };
+  serial: { base: number; irq: number; state: SharedArrayBuffer; consoleTag?: number; coalesceTx?: boolean };
   /** COM2..COM4 (see AUX_SERIAL_PORTS). */
   auxSerials: AuxSerialSpec[];
   /** Levels of the ISA IRQ lines the UARTs share (SharedState, one cell per line). */
@@ -83,6 +83,11 @@ export function createDeviceSetSpec(opts: {
   consoleTag?: number;
   /** Sinks for COM2, COM3, COM4 in that order; a missing one drops that port's output. */
   auxSinks?: readonly (SerialSinkSpec | undefined)[];
+  /**
+   * Let KVM coalesce COM1's THR writes while the UART allows it (KVM_CAP_COALESCED_PIO; the
+   * vCPU threads then replay the ring before each exit).
+   */
+  coalesceConsoleTx?: boolean;
 }): DeviceSetSpec {
   const lowRamBytes = opts.memory.regions.filter((r) => r.base < PCI_HOLE_END).reduce((n, r) => n + r.size, 0);
   const auxSinks = opts.auxSinks ?? [];
@@ -93,6 +98,7 @@ export function createDeviceSetSpec(opts: {
       irq: COM1_IRQ,
       state: Serial.createState().buffer,
       ...(opts.consoleTag !== undefined ? { consoleTag: opts.consoleTag } : {}),
+      ...(opts.coalesceConsoleTx === true ? { coalesceTx: true } : {}),
     },
     auxSerials: AUX_SERIAL_PORTS.map((p, i) => ({
       ...p,
@@ -206,7 +212,9 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
   // Every UART gets its own source bit on its (possibly shared) line.
   const uartIrq = (irq: number, source: number) => sharedIrqLine(env.vmFd, lines, irq, source);
   const consoleSink = spec.serial.consoleTag !== undefined ? taggedFdSink(env.consoleFd, spec.serial.consoleTag) : fdSink(env.consoleFd);
-  const serial = new Serial(spec.serial.state, consoleSink, uartIrq(spec.serial.irq, 0));
+  const base = spec.serial.base;
+  const coalescing = spec.serial.coalesceTx === true ? { set: (on: boolean) => new Vm(env.vmFd).coalescePio(base, 1, on) } : undefined;
+  const serial = new Serial(spec.serial.state, consoleSink, uartIrq(spec.serial.irq, 0), coalescing);
   pio.register(spec.serial.base, SERIAL_PORT_COUNT, serial, "COM1 (16550A)");
   const auxSerials = spec.auxSerials.map((p, i) => {
     const uart = new Serial(p.state, sinkFor(p.sink), uartIrq(p.irq, 1 + i));

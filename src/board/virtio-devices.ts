@@ -27,6 +27,11 @@ import { VirtioBlock, blkDescription } from "../devices/virtio/blk/device";
 import { VirtioNet, netDescription } from "../devices/virtio/net/device";
 import { VirtioFs, fsDescription } from "../devices/virtio/fs/device";
 import { FileBlockEngine } from "../host/block-file-engine";
+import { BLOCK_RING_ENTRIES, UringBlockEngine } from "../host/block-uring-engine";
+import type { IoEngineName } from "../host/io-engine";
+import type { BlockBackend } from "../devices/virtio/blk/backend";
+import { IoUring } from "../sys/io-uring";
+import { TX_BATCH } from "../devices/virtio/net/tx";
 import { Tap } from "../host/tap";
 import { VhostUserFsBackend, type VhostUserFsSpec } from "../host/vhost-user/fs-backend";
 import type { MsiRoutes } from "../kvm/gsi-routing";
@@ -40,6 +45,8 @@ export interface DiskSpec {
   readOnly: boolean;
   path: string;
   serial: string;
+  /** io_uring: a queue drain per io_uring_enter; sync: pread/pwrite per request (host/io-engine.ts). */
+  engine: IoEngineName;
 }
 
 /**
@@ -62,6 +69,8 @@ export interface NicSpec {
   mac: Uint8Array;
   /** Whether the back end takes the offloads (probed once, on the main thread). */
   offloads: boolean;
+  /** io_uring: runs of frames per io_uring_enter; sync: read/write per frame. */
+  engine: IoEngineName;
 }
 
 /** A share: the virtio-fs tag, and virtiofsd's connection with what it needs (plain data). */
@@ -116,23 +125,44 @@ export interface IoSideEnv {
   restored?: readonly (VirtqueueState | undefined)[] | undefined;
 }
 
-/** The device model over its host back end, in the thread that serves its queues. */
-export function createVirtioDevice(spec: VirtioFunctionSpec, env: IoSideEnv, transport: VirtioPciDeviceSide): VirtioDevice {
+/**
+ * The device model over its host back end, in the thread that serves its queues, and how
+ * to let go of what the back end holds (an io_uring ring) when that thread ends.
+ */
+export function createVirtioDevice(spec: VirtioFunctionSpec, env: IoSideEnv, transport: VirtioPciDeviceSide): { device: VirtioDevice; close(): void } {
   const log = (line: string) => env.log.warn(`${spec.name}: ${line}`);
   const device = spec.device;
   switch (device.kind) {
-    case "virtio-blk":
-      return new VirtioBlock(new FileBlockEngine(device.disk), { serial: device.disk.serial, log });
+    case "virtio-blk": {
+      const engine = blockEngine(device.disk, log);
+      return { device: new VirtioBlock(engine, { serial: device.disk.serial, log }), close: () => (engine as Partial<UringBlockEngine>).close?.() };
+    }
     case "virtio-net": {
       // A second handle on the main thread's fd: never closed from here.
       const b = device.nic.backend;
-      const backend = b.kind === "tap" ? new Tap(b.name, b.fd, b.created, 12) : new StreamNetBackend(b.fd, b.name, { reportsOwnLoss: b.reportsOwnLoss });
-      return new VirtioNet(backend, { mac: device.nic.mac, offloads: device.nic.offloads, validChecksums: validChecksums(device.nic), log });
+      let ring: IoUring | undefined;
+      let backend: Tap | StreamNetBackend;
+      if (b.kind === "tap") {
+        const tap = new Tap(b.name, b.fd, b.created, 12);
+        if (device.nic.engine === "io_uring") {
+          try {
+            ring = IoUring.create(TX_BATCH);
+            tap.useRing(ring);
+          } catch (e) {
+            log(`io_uring unusable in the I/O worker (${(e as Error).message}); the TAP uses writev per frame`);
+          }
+        }
+        backend = tap;
+      } else {
+        backend = new StreamNetBackend(b.fd, b.name, { reportsOwnLoss: b.reportsOwnLoss });
+      }
+      const net = new VirtioNet(backend, { mac: device.nic.mac, offloads: device.nic.offloads, validChecksums: validChecksums(device.nic), log });
+      return { device: net, close: () => ring?.close() };
     }
     case "virtio-fs": {
       const router = new VhostIrqRouter(new Vm(env.vmFd), env.msiRoutes, transport, device.fs.callFds);
       const backend = new VhostUserFsBackend(device.fs, spec.kickFds, env.memory, router);
-      return new VirtioFs(backend, { tag: device.fs.tag, backendFeatures: device.fs.backend.features, log });
+      return { device: new VirtioFs(backend, { tag: device.fs.tag, backendFeatures: device.fs.backend.features, log }), close: () => undefined };
     }
   }
 }
@@ -142,25 +172,43 @@ function validChecksums(nic: NicSpec): boolean {
   return nic.backend.kind === "stream";
 }
 
+/**
+ * The disk's engine. io_uring's ring is made here, in the I/O worker (a ring belongs to
+ * the thread that made it); should that fail although the main thread's probe said yes,
+ * the disk runs on the file engine and the log says why.
+ */
+function blockEngine(disk: DiskSpec, log: (line: string) => void): BlockBackend {
+  const file = new FileBlockEngine(disk);
+  if (disk.engine !== "io_uring") return file;
+  try {
+    return new UringBlockEngine(disk, { ring: IoUring.create(BLOCK_RING_ENTRIES), fallback: file });
+  } catch (e) {
+    log(`io_uring unusable in the I/O worker (${(e as Error).message}); the disk uses pread/pwrite`);
+    return file;
+  }
+}
+
 /** A function as the I/O worker runs it: the fds to poll and what to do when they fire. */
 export interface IoSideDevice {
   readonly runner: VirtioDeviceRunner;
   /** Polled for kicks of queue i (index i); none for a device whose queues another process serves. */
   readonly kickFds: readonly number[];
   readonly resampleFd: number;
+  /** Release what the back end holds in this thread (after runner.stop()). */
+  close(): void;
 }
 
 /** Bring a function to life in the I/O worker: its device model, runner and interrupt sink. */
 export function instantiateIoSide(spec: VirtioFunctionSpec, env: IoSideEnv): IoSideDevice {
   const vm = new Vm(env.vmFd);
   const irq: InterruptSink = {
-    msi: (address, data) => vm.signalMsi(address % 0x1_0000_0000, Math.floor(address / 0x1_0000_0000), data),
+    msi: (address, data) => vm.signalMsi(address >>> 0, (address / 0x1_0000_0000) >>> 0, data),
     intx: () => sys.signalEventfd(spec.intxFd),
   };
   const transport = new VirtioPciDeviceSide(spec.transport);
-  const device = createVirtioDevice(spec, env, transport);
+  const { device, close } = createVirtioDevice(spec, env, transport);
   const runner = new VirtioDeviceRunner(spec.name, transport, device, env.memory, irq, env.log, env.restored);
   // virtiofsd reads a share's kicks itself (the device model polls them only if it dies).
   const kickFds = spec.device.kind === "virtio-fs" ? [] : spec.kickFds;
-  return { runner, kickFds, resampleFd: spec.resampleFd };
+  return { runner, kickFds, resampleFd: spec.resampleFd, close };
 }

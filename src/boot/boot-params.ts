@@ -50,6 +50,8 @@ export interface BootParamsOptions {
   /** For a bzImage: where its protected-mode code was loaded (its 32-bit entry). */
   code32Start?: number;
   e820: readonly E820Entry[];
+  /** Guest address of the first setup_data node (boot protocol 2.09+), if any. */
+  setupData?: number;
 }
 
 /**
@@ -89,6 +91,8 @@ export function buildBootParams(opts: BootParamsOptions): Uint8Array {
   setSplit(v, Hdr.CMD_LINE_PTR, BootParams.EXT_CMD_LINE_PTR, opts.cmdlineAddr);
   setSplit(v, Hdr.RAMDISK_IMAGE, BootParams.EXT_RAMDISK_IMAGE, opts.initrd?.address ?? 0);
   setSplit(v, Hdr.RAMDISK_SIZE, BootParams.EXT_RAMDISK_SIZE, opts.initrd?.size ?? 0);
+
+  if (opts.setupData !== undefined) v.setBigUint64(Hdr.SETUP_DATA, BigInt(opts.setupData), true);
 
   v.setUint8(BootParams.E820_ENTRIES, opts.e820.length);
   opts.e820.forEach((e, i) => {

@@ -10,6 +10,7 @@ import { RFLAGS_RESERVED, type BootCpuState } from "../arch/x86/cpu-state";
 import { setupLongMode, setupProtectedMode } from "../arch/x86/boot-tables";
 import { buildE820, type E820Entry } from "../arch/x86/e820";
 import { writeBootParams, synthesizeSetupHeader } from "./boot-params";
+import { SETUP_DATA_MIN_VERSION, writeRngSeed } from "./setup-data";
 import { bzImageEntry, isBzImage, loadBzImage, parseBzImage } from "./bzimage";
 import { DEFAULT_CMDLINE_SIZE, encodeCmdline, writeCmdline } from "./cmdline";
 import { isElf, loadElf, parseElf, entryInImage } from "./elf";
@@ -130,8 +131,11 @@ export function loadKernel(mem: GuestMemory, opts: LoadKernelOptions): BootPlan 
     bootInfoAddr = writePvhInfo(mem, { cmdlineAddr, initrd, e820 });
     cpu = { regs: startRegs(entryAddress, { rbx: bootInfoAddr }), sregs: setupProtectedMode(mem) };
   } else {
+    const version = new DataView(plan.setupHeader.buffer, plan.setupHeader.byteOffset).getUint16(Hdr.VERSION - Hdr.SETUP_SECTS, true);
+    const setupData = version >= SETUP_DATA_MIN_VERSION ? writeRngSeed(mem) : undefined;
     bootInfoAddr = writeBootParams(mem, {
       setupHeader: plan.setupHeader,
+      setupData,
       cmdlineAddr,
       cmdlineSize: plan.cmdlineMax,
       initrd,

@@ -36,6 +36,7 @@ export const CLI_OPTION_NAMES: OptionNames = (option) =>
     restore: "--restore",
     shares: "--share",
     rootfs: "--rootfs",
+    ioEngine: "--io-engine",
   })[option];
 
 /** Run an API check at parse time: its error becomes a UsageError naming the flag. */
@@ -77,6 +78,9 @@ export interface BootOptions {
   /** --share values, as given (DIR[,tag=NAME][,readonly]). */
   shares: string[];
   rootfs: "host" | undefined;
+  ioEngine: "auto" | "io_uring" | "sync" | undefined;
+  /** Say on stderr what happens: the boot, start-up times, the exits at the end. */
+  verbose: boolean;
   help: boolean;
 }
 
@@ -99,6 +103,8 @@ const BOOT_FLAGS = {
   entry: { type: "string" },
   share: { type: "string", multiple: true },
   rootfs: { type: "string" },
+  "io-engine": { type: "string" },
+  verbose: { type: "boolean", short: "v" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -150,7 +156,10 @@ const BOOT_FLAG_HELP = `  -k, --kernel PATH        bzImage or uncompressed ELF v
                            virtiofsd from qemu-system-common); the default guest mounts it
                            at the same path (repeatable; readonly: writes fail with EROFS)
       --rootfs host        the host's root file system as the guest's, read-only under a
-                           tmpfs overlay: run the host's own binaries (default guest only)`;
+                           tmpfs overlay: run the host's own binaries (default guest only)
+      --io-engine E        how disks and TAPs do host I/O: io_uring (a queue drain per
+                           system call), sync (a system call per request), or auto
+                           (default: io_uring where the host allows it)`;
 
 export const BOOT_USAGE = `usage: tskvm boot [options]
 
@@ -159,6 +168,8 @@ Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on f
 ${BOOT_FLAG_HELP}
       --restore DIR        continue the VM saved in snapshot DIR (tskvm run --snapshot
                            makes them) instead of booting; only -d may be given with it
+  -v, --verbose            say on stderr what happens: the boot, where start-up time went,
+                           and at the end the exits the guest made tskvm handle
   -h, --help               this help
 
 Console: the guest's serial port is on stdin/stdout. Ctrl-A x quits, Ctrl-A p pauses and
@@ -202,6 +213,10 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
   const list = (k: string) => (values[k] as string[] | undefined) ?? [];
   const cpus = str("cpus") === undefined ? 1 : asUsage(() => checkCpus(parsePositiveInt(str("cpus")!, "vCPU count", "-c")));
   const entry = asUsage(() => checkEntry(str("entry")));
+  const ioEngine = str("io-engine");
+  if (ioEngine !== undefined && ioEngine !== "auto" && ioEngine !== "io_uring" && ioEngine !== "sync") {
+    throw new UsageError(`unknown I/O engine '${ioEngine}': use auto, io_uring or sync (--io-engine)`);
+  }
   if (list("tap-ip").length > list("tap").length) throw new UsageError("--tap-ip needs a --tap for each address");
   if (list("mac").length > list("tap").length) throw new UsageError("--mac needs a --tap for each address");
   const net = str("net");
@@ -235,6 +250,8 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
     restore: undefined,
     shares: list("share"),
     rootfs: parseRootfs(str("rootfs")),
+    ioEngine,
+    verbose: values.verbose === true,
     help: values.help === true,
   };
 }
@@ -280,7 +297,6 @@ const RUN_FLAGS = {
   "console-log": { type: "string" },
   "no-initrd": { type: "boolean" },
   snapshot: { type: "string" },
-  verbose: { type: "boolean", short: "v" },
 } as const;
 
 export const RUN_USAGE = `usage: tskvm run [options] -- CMD [ARG...]

@@ -8,6 +8,7 @@ import { BOOT_USAGE, CLI_OPTION_NAMES, UsageError, parseBootArgs } from "./args"
 import { attachConsole, ESCAPE_HELP } from "./console";
 import { SizeError } from "../api/option-values";
 import { runProbe } from "./probe";
+import { exitLines, startupLine } from "./report";
 import { bootBanner, runCommand, vmOptionsFrom } from "./run";
 import { mkdiskCommand } from "./mkdisk";
 import { startVm, type Vm } from "../api/vm";
@@ -71,7 +72,7 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
   if (opts.restore !== undefined) {
     const vm = await startVm({ restore: opts.restore, ...(opts.disks.length > 0 ? { disks: opts.disks } : {}), console: { fd: 1 }, onWarning: say });
     say(`${bootBanner(vm)}; Ctrl-A x quits`);
-    return runToEnd(vm);
+    return runToEnd(vm, opts.verbose);
   }
   if (opts.kernel === undefined) say("no kernel given (-k): using the default guest (building it on first use, which takes minutes)");
   // A signal during start-up aborts it: startVm undoes what it did and rejects "stopped".
@@ -86,7 +87,7 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
   say(`${bootBanner(vm)}; Ctrl-A x quits`);
   // A line to paste as it is (the comment keeps the shell quiet about the rest).
   if (vm.info.sshCommand !== undefined) process.stderr.write(`${vm.info.sshCommand}    # tskvm: log into the guest\n`);
-  return runToEnd(vm);
+  return runToEnd(vm, opts.verbose);
 }
 
 /** Ctrl-A p: pause a running VM, resume a paused one (the terminal is in raw mode: CR LF). */
@@ -105,7 +106,7 @@ async function togglePause(vm: Vm): Promise<void> {
 }
 
 /** Run a started VM with the console and signals attached; returns the exit status. */
-async function runToEnd(vm: Vm): Promise<number> {
+async function runToEnd(vm: Vm, verbose = false): Promise<number> {
   let signal: StopSignal | undefined;
   const off = onStopSignal((s) => {
     signal ??= s;
@@ -132,6 +133,10 @@ async function runToEnd(vm: Vm): Promise<number> {
     attachment.detach();
     vm.off("registers", onRegisters);
     off();
+  }
+  if (verbose) {
+    say(startupLine(vm));
+    for (const line of exitLines(vm, exit).split("\n")) say(line);
   }
   if (signal !== undefined) {
     say(`stopped by ${signal}`);

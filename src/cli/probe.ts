@@ -5,6 +5,7 @@ import { Kvm, REQUIRED_CAPS } from "../kvm/kvm";
 import { Cap, CapName, KVM_API_VERSION } from "../kvm/abi";
 import { CPU_FEATURES, CPU_TEMPLATES, hasFeature, vendorString } from "../kvm/cpuid";
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
+import { chooseIoEngine, describeIoEngine } from "../host/io-engine";
 import { ExitCode } from "./exit-codes";
 import { UsageError } from "./args";
 
@@ -20,6 +21,7 @@ export function runProbe(argv: readonly string[]): number {
     const cpuid = kvm.supportedCpuid();
     const features = CPU_FEATURES.filter((f) => hasFeature(cpuid, f.name)).map((f) => f.name);
     const template = defaultCpuTemplate(host.kind);
+    const ioEngine = chooseIoEngine("auto");
     const report = {
       device: kvm.path,
       apiVersion: kvm.apiVersion(),
@@ -35,6 +37,7 @@ export function runProbe(argv: readonly string[]): number {
       missingRequired: missing,
       cpuid: { vendor: vendorString(cpuid), entries: cpuid.length, features },
       defaultCpuTemplate: template,
+      ioEngine: describeIoEngine(ioEngine),
     };
     if (json) {
       process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
@@ -48,6 +51,7 @@ export function runProbe(argv: readonly string[]): number {
         `Required by tskvm: ${missing.length === 0 ? "all present" : `MISSING ${missing.join(", ")}`}`,
         `CPUID:             ${report.cpuid.vendor}, ${report.cpuid.entries} entries; features: ${features.join(" ")}`,
         `CPU template:      ${template} (${CPU_TEMPLATES[template]!.description})`,
+        `I/O engine:        ${ioEngine.name === "io_uring" ? "io_uring (a queue drain per system call)" : `sync, a system call per request: ${ioEngine.fallbackReason ?? "chosen"}`}`,
       ];
       process.stdout.write(`${lines.join("\n")}\n`);
     }

@@ -3,6 +3,7 @@
  * stdout and stderr, power the guest off, exit with CMD's status (docs/api.md). Built on the
  * API (src/api); exit statuses in exit-codes.ts.
  */
+import { exitLines, startupLine } from "./report";
 import { constants } from "node:os";
 import { setParentDeathSignal } from "../sys/libc";
 import { ExitCode, signalExitCode, type StopSignal } from "./exit-codes";
@@ -44,6 +45,7 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
     ...(opts.guestIp !== undefined ? { guestIp: opts.guestIp } : {}),
     ...(opts.net !== undefined ? { net: opts.net, forwards: opts.forwards } : {}),
     ...(opts.cpuTemplate !== undefined ? { cpuTemplate: opts.cpuTemplate } : {}),
+    ...(opts.ioEngine !== undefined ? { ioEngine: opts.ioEngine } : {}),
     hideCpuFeatures: opts.hideFeatures,
     ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
     ...(opts.shares.length > 0 ? { shares: opts.shares } : {}),
@@ -61,7 +63,7 @@ export function bootBanner(vm: Vm): string {
     i.shares.map((s) => `, ${s.hostPath} shared as ${s.tag}${s.readOnly ? " (read-only)" : ""}`).join("") +
     (i.rootfs === "host" ? ", the host's root file system" : "");
   const what = i.restoredFrom !== undefined ? `restored from ${i.restoredFrom}: ${i.kernel}` : `booting ${i.kernel}`;
-  return `${what} (${i.bootDescription}), ${i.cpus} vCPU${i.cpus > 1 ? "s" : ""}, ${formatBytes(i.memoryBytes)}${extras}, CPU template ${i.cpuTemplate}`;
+  return `${what} (${i.bootDescription}), ${i.cpus} vCPU${i.cpus > 1 ? "s" : ""}, ${formatBytes(i.memoryBytes)}${extras}, CPU template ${i.cpuTemplate}${i.ioEngine !== undefined ? `, I/O ${i.ioEngine}` : ""}`;
 }
 
 export async function runCommand(argv: readonly string[]): Promise<number> {
@@ -207,6 +209,8 @@ async function drive(
   const bySignal = stopped();
   if (bySignal !== undefined) return bySignal;
   note(`${exit.reason}; ${since(t0)} in all`);
+  note(startupLine(vm));
+  for (const line of exitLines(vm, exit).split("\n")) note(line);
   return status;
 }
 

@@ -10,16 +10,28 @@ import { STOP_SIGNALS, signalExitCode, type StopSignal } from "./exit-codes";
 
 type Listener = (signal: StopSignal) => void;
 
-let received: StopSignal | undefined;
-const listeners = new Set<Listener>();
-let installed = false;
+interface StopState {
+  received: StopSignal | undefined;
+  listeners: Set<Listener>;
+  installed: boolean;
+}
+
+/**
+ * Kept on globalThis, not in this module: bin/tskvm loads this file from dist/src before
+ * the one-file bundle (dist/tskvm.js) is read, and the bundle has its own copy of the
+ * module; both must see the same signal and listeners.
+ */
+const STATE_KEY = Symbol.for("tskvm.stopSignals");
+const state: StopState = ((globalThis as Record<symbol, unknown>)[STATE_KEY] as StopState | undefined) ??
+  ((globalThis as Record<symbol, unknown>)[STATE_KEY] = { received: undefined, listeners: new Set<Listener>(), installed: false } satisfies StopState) as StopState;
+const listeners = state.listeners;
 
 export function catchStopSignals(): void {
-  if (installed) return;
-  installed = true;
+  if (state.installed) return;
+  state.installed = true;
   for (const s of Object.keys(STOP_SIGNALS) as StopSignal[]) {
     process.on(s, () => {
-      received ??= s;
+      state.received ??= s;
       if (listeners.size === 0) {
         process.stderr.write(`tskvm: stopped by ${s}\n`);
         process.exit(signalExitCode(s));
@@ -31,7 +43,7 @@ export function catchStopSignals(): void {
 
 /** The first stop signal received, if any. */
 export function stopSignal(): StopSignal | undefined {
-  return received;
+  return state.received;
 }
 
 /**
@@ -41,7 +53,7 @@ export function stopSignal(): StopSignal | undefined {
 export function onStopSignal(fn: Listener): () => void {
   catchStopSignals();
   listeners.add(fn);
-  if (received !== undefined) fn(received);
+  if (state.received !== undefined) fn(state.received);
   return () => {
     listeners.delete(fn);
   };

@@ -22,6 +22,16 @@ export interface ByteSink {
   write(bytes: Uint8Array): void;
 }
 
+/**
+ * Writes to a register that KVM may keep in its coalesced ring instead of exiting for each
+ * (KVM_REGISTER_COALESCED_MMIO with pio): the VMM replays them, in order, before it handles
+ * the next exit of any vCPU. A device turns it on only while such a write has no effect
+ * the guest could see before that exit (a UART's THR while no transmit interrupt is on).
+ */
+export interface WriteCoalescing {
+  set(enabled: boolean): void;
+}
+
 /** What a device may ask of the VM as a whole. */
 export interface VmControl {
   /**

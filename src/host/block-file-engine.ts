@@ -117,9 +117,10 @@ export class FileBlockEngine implements BlockBackend {
   /**
    * Move the rest of a chain's data stream from or to the file at `offset`, straight
    * from guest memory: runs with a host address are gathered into one preadv/pwritev
-   * (one pread/pwrite for a single run), others go one by one through views.
+   * (one pread/pwrite for a single run), others go one by one through views. Also how
+   * another engine finishes a request it started (from where the cursor stands).
    */
-  private stream(c: ChainCursor, offset: number, toFile: boolean): void {
+  stream(c: ChainCursor, offset: number, toFile: boolean): void {
     let n = c.nextRun();
     if (n === 0) return;
     const at = toFile ? this.pwriteAt : this.preadAt;

@@ -14,7 +14,13 @@
 import { spawnSync } from "node:child_process";
 import * as sys from "../sys/libc";
 import { ior, iow } from "../sys/ioctl-number";
-import { NetOffload, type NetBackend } from "../devices/virtio/net/backend";
+import { NetOffload, type FrameBatch, type NetBackend } from "../devices/virtio/net/backend";
+import { IOSQE_IO_LINK, type IoUring, RWF_NOWAIT } from "../sys/io-uring";
+import { IOVEC_BYTES, hostAddressOf } from "../memory/iovec";
+import { constants as osConstants } from "node:os";
+
+const EAGAIN = osConstants.errno.EAGAIN;
+const ECANCELED = osConstants.errno.ECANCELED;
 
 const T = 0x54; // 'T'
 
@@ -97,6 +103,7 @@ export interface OpenTapOptions {
  */
 export class Tap implements NetBackend {
   private closed = false;
+  private ring: IoUring | undefined;
   private hdrSize: number;
 
   constructor(
@@ -136,6 +143,120 @@ export class Tap implements NetBackend {
   writev(iov: Uint8Array, count: number): number {
     const n = sys.writev(this.fd, iov, count);
     return n < 0 ? 0 : n;
+  }
+
+  /**
+   * Write batches through `ring` from now on (made in the thread that uses it: the I/O
+   * worker); close() does not close it. Without a ring, writeFrames makes a writev per frame.
+   */
+  useRing(ring: IoUring | undefined): void {
+    this.ring = ring;
+  }
+
+  writeFrames(batch: FrameBatch, from: number): void {
+    const ring = this.ring;
+    if (ring === undefined) {
+      this.writeFramesOneByOne(batch, from);
+      return;
+    }
+    const iovAddress = hostAddressOf(batch.iov.bytes);
+    while (from < batch.frames) {
+      // Linked writes: frame k starts after k-1 is done, and a frame that would block
+      // (RWF_NOWAIT: -EAGAIN) cancels the ones after it, which keeps them in order.
+      const n = Math.min(batch.frames - from, ring.sqEntries);
+      for (let k = from; k < from + n; k++) {
+        const link = k < from + n - 1 ? IOSQE_IO_LINK : 0;
+        ring.prepWritev(this.fd, iovAddress + IOVEC_BYTES * batch.start[k]!, batch.count[k]!, -1, k, RWF_NOWAIT, link);
+      }
+      ring.submitAndWait(n);
+      let next = from + n;
+      let blocked = false;
+      const ready = ring.completionCount();
+      for (let i = 0; i < ready; i++) {
+        const k = ring.completionTag(i);
+        const res = ring.completionResult(i);
+        if (res >= 0) batch.result[k] = res;
+        else if (res === -EAGAIN) {
+          batch.result[k] = 0;
+          blocked = true;
+        } else if (res === -ECANCELED) {
+          batch.result[k] = 0;
+          if (k < next) next = k; // to go again (after a refused frame) or stay blocked
+        } else batch.result[k] = res;
+      }
+      ring.consumeCompletions(ready);
+      if (blocked) {
+        for (let k = from; k < batch.frames; k++) if (k >= next || batch.result[k] === 0) batch.result[k] = 0;
+        return;
+      }
+      from = next;
+    }
+  }
+
+  readFrames(batch: FrameBatch): void {
+    const ring = this.ring;
+    const iov = batch.iov.bytes;
+    if (ring === undefined) {
+      for (let k = 0; k < batch.frames; k++) {
+        let n: number;
+        try {
+          n = sys.readv(this.fd, iov.subarray(IOVEC_BYTES * batch.start[k]!), batch.count[k]!);
+        } catch (e) {
+          batch.result[k] = -((e as sys.SysError).errno ?? 5);
+          for (let j = k + 1; j < batch.frames; j++) batch.result[j] = 0;
+          return;
+        }
+        batch.result[k] = n < 0 ? 0 : n;
+        if (n < 0) {
+          for (let j = k + 1; j < batch.frames; j++) batch.result[j] = 0;
+          return;
+        }
+      }
+      return;
+    }
+    // Independent RWF_NOWAIT reads, in order: each takes the next frame there is, or
+    // completes with -EAGAIN when there is none (then so will the rest, bar a frame that
+    // arrives meanwhile, which still lands after the ones before it).
+    const iovAddress = hostAddressOf(iov);
+    for (let from = 0; from < batch.frames; ) {
+      const n = Math.min(batch.frames - from, ring.sqEntries);
+      for (let k = from; k < from + n; k++) ring.prepReadv(this.fd, iovAddress + IOVEC_BYTES * batch.start[k]!, batch.count[k]!, -1, k, RWF_NOWAIT);
+      ring.submitAndWait(n);
+      const ready = ring.completionCount();
+      let none = false;
+      for (let i = 0; i < ready; i++) {
+        const k = ring.completionTag(i);
+        const res = ring.completionResult(i);
+        if (res === -EAGAIN) {
+          batch.result[k] = 0;
+          none = true;
+        } else batch.result[k] = res;
+      }
+      ring.consumeCompletions(ready);
+      from += n;
+      if (none) {
+        for (let k = from; k < batch.frames; k++) batch.result[k] = 0;
+        return;
+      }
+    }
+  }
+
+  private writeFramesOneByOne(batch: FrameBatch, from: number): void {
+    const iov = batch.iov.bytes;
+    for (let k = from; k < batch.frames; k++) {
+      let n: number;
+      try {
+        n = sys.writev(this.fd, iov.subarray(IOVEC_BYTES * batch.start[k]!), batch.count[k]!);
+      } catch (e) {
+        batch.result[k] = -((e as sys.SysError).errno ?? 5);
+        continue;
+      }
+      if (n < 0) {
+        for (let j = k; j < batch.frames; j++) batch.result[j] = 0;
+        return;
+      }
+      batch.result[k] = n;
+    }
   }
 
   /** TUNSETOFFLOAD: what the kernel may hand us (TUN_F_*, the same bits as NetOffload); throws when refused. */

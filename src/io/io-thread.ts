@@ -7,7 +7,8 @@
  *
  * This module is the main thread's handle; io-worker.ts is the thread itself.
  */
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
+import { startWorker } from "../sys/threads";
 import { join } from "node:path";
 import * as sys from "../sys/libc";
 import type { RegionDescriptor } from "../memory/guest-memory";
@@ -66,7 +67,7 @@ export class IoThread {
   }
 
   start(): void {
-    const worker = new Worker(join(__dirname, "io-worker.js"), { workerData: this.init });
+    const worker = startWorker(join(__dirname, "io-worker.js"), { workerData: this.init });
     this.worker = worker;
     worker.on("message", (m: IoWorkerMessage) => {
       if (m.type === "warning") this.onWarning(m.message);

@@ -3,6 +3,7 @@
  */
 import { parentPort, workerData } from "node:worker_threads";
 import * as sys from "../sys/libc";
+import { PollSet } from "../sys/poll-set";
 import { GuestMemory } from "../memory/guest-memory";
 import { IoReady } from "../devices/virtio/types";
 import { IoControlCell, IoWorkerInit, IoWorkerMessage } from "./io-thread";
@@ -25,12 +26,8 @@ function post(m: IoWorkerMessage): void {
   parentPort!.postMessage(m);
 }
 
-/** What each polled fd means. */
-type Source =
-  | { kind: "control" }
-  | { kind: "kick"; device: IoSideDevice; queue: number }
-  | { kind: "resample"; device: IoSideDevice }
-  | { kind: "backend"; device: IoSideDevice };
+/** What a poll slot is. */
+const SlotKind = { CONTROL: 0, KICK: 1, RESAMPLE: 2, BACKEND: 3 } as const;
 
 function main(init: IoWorkerInit): void {
   const memory = GuestMemory.attach(init.memory);
@@ -38,19 +35,34 @@ function main(init: IoWorkerInit): void {
   // This thread owns the VM's GSI routing table: every change re-sends all of it.
   const msiRoutes = new MsiRoutes(new Vm(init.vmFd));
   const devices = init.devices.map((spec, i) => instantiateIoSide(spec, { memory, vmFd: init.vmFd, log, msiRoutes, restored: init.restoredQueues?.[i] }));
-  // Eventfds are polled always; back-end fds (a TAP) as their device asks, so they are
-  // appended afresh before every poll.
-  const fixed: sys.PollFd[] = [];
-  const fixedSources: Source[] = [];
-  const watch = (fd: number, source: Source) => {
-    fixed.push({ fd, events: sys.POLLIN, revents: 0 });
-    fixedSources.push(source);
+  // One poll set for the whole life of the worker, edited in place: the eventfds have fixed
+  // slots; a back end's fd (a TAP) gets a slot the first time its device asks for it, and
+  // each round its events are what the device wants now (0: the kernel skips it). Nothing
+  // is allocated per wake-up.
+  const capacity = 1 + devices.reduce((n, d) => n + d.kickFds.length + 1 + MAX_BACKEND_FDS, 0);
+  const set = new PollSet(capacity);
+  const kind = new Uint8Array(capacity);
+  const owner: (IoSideDevice | undefined)[] = new Array(capacity).fill(undefined);
+  const queue = new Int32Array(capacity);
+  const slot = (fd: number, k: number, d?: IoSideDevice, q = 0) => {
+    const s = set.add(fd, k === SlotKind.BACKEND ? 0 : sys.POLLIN);
+    kind[s] = k;
+    owner[s] = d;
+    queue[s] = q;
+    return s;
   };
-  watch(init.controlFd, { kind: "control" });
+  slot(init.controlFd, SlotKind.CONTROL);
   for (const d of devices) {
-    d.kickFds.forEach((fd, queue) => watch(fd, { kind: "kick", device: d, queue }));
-    watch(d.resampleFd, { kind: "resample", device: d });
+    d.kickFds.forEach((fd, q) => slot(fd, SlotKind.KICK, d, q));
+    slot(d.resampleFd, SlotKind.RESAMPLE, d);
   }
+  const backendSlots = new Map<number, number>();
+  /** The back-end slots, as a list to walk without an iterator, and the round each was last asked for. */
+  const backendList = new Int32Array(capacity);
+  let backendCount = 0;
+  const wantedIn = new Int32Array(capacity);
+  let round = 0;
+
   if (init.restoredQueues !== undefined) {
     for (const d of devices) {
       // A restored device whose driver had it running goes on at once; an INTx line that
@@ -61,17 +73,21 @@ function main(init: IoWorkerInit): void {
     }
   }
 
-  /** Serve what is already signalled, quiesce every device, report, sleep until resumed. */
+  /** Serve the kicks and EOIs already signalled, quiesce every device, report, sleep until resumed. */
   const park = (): void => {
-    const ready = fixed.map((p) => ({ fd: p.fd, events: p.events, revents: 0 }));
-    sys.poll(ready, 0);
-    ready.forEach((p, i) => {
-      const s = fixedSources[i]!;
-      if (p.revents === 0 || s.kind === "control") return;
-      sys.drainEventfd(p.fd);
-      if (s.kind === "kick") s.device.runner.kicked(s.queue);
-      else if (s.kind === "resample") s.device.runner.resampled();
-    });
+    for (let k = 0; k < backendCount; k++) set.setEvents(backendList[k]!, 0);
+    set.wait(0);
+    for (let s = 0; s < set.size; s++) {
+      if (set.revents(s) === 0) continue;
+      const d = owner[s];
+      if (kind[s] === SlotKind.KICK) {
+        sys.drainEventfd(set.fd(s));
+        d!.runner.kicked(queue[s]!);
+      } else if (kind[s] === SlotKind.RESAMPLE) {
+        sys.drainEventfd(set.fd(s));
+        d!.runner.resampled();
+      }
+    }
     post({ type: "parked", queues: devices.map((d) => d.runner.quiesce()) });
     while (Atomics.load(init.control, IoControlCell.PAUSE) !== 0 && Atomics.load(init.control, IoControlCell.STOP) === 0) {
       Atomics.wait(init.control, IoControlCell.PAUSE, 1);
@@ -80,39 +96,61 @@ function main(init: IoWorkerInit): void {
   };
 
   for (;;) {
-    const fds = fixed.slice();
-    const sources = fixedSources.slice();
-    for (const d of devices) {
-      for (const p of d.runner.pollFds()) {
-        if (p.events === 0) continue;
-        fds.push({ fd: p.fd, events: p.events, revents: 0 });
-        sources.push({ kind: "backend", device: d });
+    round++;
+    for (let i = 0; i < devices.length; i++) {
+      const d = devices[i]!;
+      const want = d.runner.pollFds();
+      for (let k = 0; k < want.length; k++) {
+        const p = want[k]!;
+        let s = backendSlots.get(p.fd);
+        if (s === undefined) {
+          s = slot(p.fd, SlotKind.BACKEND, d);
+          backendSlots.set(p.fd, s);
+          backendList[backendCount++] = s;
+        }
+        set.setEvents(s, p.events);
+        wantedIn[s] = round;
       }
     }
-    sys.poll(fds, -1);
-    for (let i = 0; i < fds.length; i++) {
-      const p = fds[i]!;
-      if (p.revents === 0) continue;
-      const s = sources[i]!;
-      if (s.kind === "backend") {
-        s.device.runner.pollReady(p.fd, p.revents);
-        continue;
-      }
-      sys.drainEventfd(p.fd);
-      if (s.kind === "kick") s.device.runner.kicked(s.queue);
-      else if (s.kind === "resample") s.device.runner.resampled();
-      else {
-        if (Atomics.load(init.control, IoControlCell.PAUSE) !== 0) park();
-        if (Atomics.load(init.control, IoControlCell.STOP) !== 0) {
-          // The back ends flush; the worker's exit tells the main thread they are done.
-          for (const d of devices) d.runner.stop();
-          return;
-        }
-        for (const d of devices) d.runner.sync();
+    // Back-end slots no device asked for this round: skipped.
+    for (let k = 0; k < backendCount; k++) {
+      const s = backendList[k]!;
+      if (wantedIn[s] !== round) set.setEvents(s, 0);
+    }
+    set.wait(-1);
+    for (let s = 0; s < set.size; s++) {
+      const revents = set.revents(s);
+      if (revents === 0) continue;
+      const d = owner[s];
+      switch (kind[s]) {
+        case SlotKind.BACKEND:
+          d!.runner.pollReady(set.fd(s), revents);
+          break;
+        case SlotKind.KICK:
+          sys.drainEventfd(set.fd(s));
+          d!.runner.kicked(queue[s]!);
+          break;
+        case SlotKind.RESAMPLE:
+          sys.drainEventfd(set.fd(s));
+          d!.runner.resampled();
+          break;
+        default:
+          sys.drainEventfd(set.fd(s));
+          if (Atomics.load(init.control, IoControlCell.PAUSE) !== 0) park();
+          if (Atomics.load(init.control, IoControlCell.STOP) !== 0) {
+            // The back ends flush; the worker's exit tells the main thread they are done.
+            for (const dev of devices) dev.runner.stop();
+            for (const dev of devices) dev.close();
+            return;
+          }
+          for (const dev of devices) dev.runner.sync();
       }
     }
   }
 }
+
+/** Host fds one device may ask to have polled (a TAP; a passt socket). */
+const MAX_BACKEND_FDS = 2;
 
 try {
   main(workerData as IoWorkerInit);

@@ -79,6 +79,11 @@ export const KvmPitConfig = { size: 64, flags: 0 } as const;
 export const KvmIrqLevel = { size: 8, irq: 0, level: 4 } as const;
 export const KvmIoeventfd = { size: 64, datamatch: 0, addr: 8, len: 16, fd: 20, flags: 24 } as const;
 export const KvmIrqfd = { size: 32, fd: 0, gsi: 4, flags: 8, resamplefd: 12 } as const;
+/** struct kvm_coalesced_mmio_zone: `pio` is a union with `pad`. */
+export const KvmCoalescedMmioZone = { size: 16, addr: 0, size_: 8, pio: 12 } as const;
+/** The coalesced ring (struct kvm_coalesced_mmio_ring) and its entries (struct kvm_coalesced_mmio). */
+export const KvmCoalescedMmioRing = { first: 0, last: 4, coalesced_mmio: 8 } as const;
+export const KvmCoalescedMmio = { size: 24, phys_addr: 0, len: 8, pio: 12, data: 16 } as const;
 export const KvmMpState = { size: 4, mp_state: 0 } as const;
 export const KvmMsi = { size: 32, address_lo: 0, address_hi: 4, data: 8, flags: 12, devid: 16 } as const;
 export const KvmIrqRouting = { size: 8, nr: 0, flags: 4, entries: 8 } as const;
@@ -145,6 +150,8 @@ export const Ioctl = {
   IRQFD: iow(KVMIO, 0x76, KvmIrqfd.size),
   CREATE_PIT2: iow(KVMIO, 0x77, KvmPitConfig.size),
   IOEVENTFD: iow(KVMIO, 0x79, KvmIoeventfd.size),
+  REGISTER_COALESCED_MMIO: iow(KVMIO, 0x67, KvmCoalescedMmioZone.size),
+  UNREGISTER_COALESCED_MMIO: iow(KVMIO, 0x68, KvmCoalescedMmioZone.size),
   SIGNAL_MSI: iow(KVMIO, 0xa5, KvmMsi.size),
   // vCPU
   RUN: io(KVMIO, 0x80),
@@ -200,6 +207,7 @@ export const Cap = {
   NR_MEMSLOTS: 10,
   PIT: 11,
   MP_STATE: 14,
+  COALESCED_MMIO: 15,
   IRQ_ROUTING: 25,
   IRQ_INJECT_STATUS: 26,
   IRQFD: 32,
@@ -224,6 +232,7 @@ export const Cap = {
   KVMCLOCK_CTRL: 76,
   GET_MSR_FEATURES: 153,
   XSAVE2: 208,
+  COALESCED_PIO: 162,
 } as const;
 export type CapName = keyof typeof Cap;
 
@@ -288,6 +297,9 @@ export const KVM_IRQFD_FLAG_RESAMPLE = 2;
 export const KVM_IOEVENTFD_FLAG_DATAMATCH = 1;
 export const KVM_IOEVENTFD_FLAG_PIO = 2;
 export const KVM_IOEVENTFD_FLAG_DEASSIGN = 4;
+/** The page of the vCPU mapping that holds the coalesced ring (x86), and its entry count. */
+export const KVM_COALESCED_MMIO_PAGE_OFFSET = 2;
+export const KVM_COALESCED_MMIO_MAX = 170;
 export const KVM_IRQ_ROUTING_IRQCHIP = 1;
 export const KVM_IRQ_ROUTING_MSI = 2;
 

@@ -23,6 +23,7 @@ import {
   KvmIrqLevel,
   KvmIrqfd,
   KvmMsi,
+  KvmCoalescedMmioZone,
   KvmPitConfig,
   KvmUserspaceMemoryRegion,
 } from "./abi";
@@ -56,12 +57,15 @@ export const REQUIRED_CAPS: readonly [CapName, string][] = [
   ["IMMEDIATE_EXIT", "stopping vCPUs cleanly"],
 ];
 
+/** "KVM_<name>" for error messages, made once rather than on every call. */
+const IOCTL_LABEL = Object.fromEntries(Object.keys(Ioctl).map((n) => [n, `KVM_${n}`])) as Record<IoctlName, string>;
+
 function ioctlCall(fd: number, name: IoctlName, arg: Uint8Array | null): number {
-  return sys.ioctl(fd, Ioctl[name], arg, `KVM_${name}`);
+  return sys.ioctl(fd, Ioctl[name], arg, IOCTL_LABEL[name]);
 }
 
 function ioctlValueCall(fd: number, name: IoctlName, value: number): number {
-  return sys.ioctlValue(fd, Ioctl[name], value, `KVM_${name}`);
+  return sys.ioctlValue(fd, Ioctl[name], value, IOCTL_LABEL[name]);
 }
 
 export class Kvm {
@@ -288,15 +292,31 @@ export class Vm {
     ioctlCall(this.fd, "SET_GSI_ROUTING", table);
   }
 
-  signalMsi(addressLo: number, addressHi: number, data: number): void {
-    const buf = new Uint8Array(KvmMsi.size);
+  /**
+   * Have KVM keep guest writes to ports [port, port + length) in the coalesced ring instead
+   * of exiting for each (KVM_CAP_COALESCED_PIO), or (enabled false) stop that.
+   */
+  coalescePio(port: number, length: number, enabled: boolean): void {
+    const buf = new Uint8Array(KvmCoalescedMmioZone.size);
     const dv = new DataView(buf.buffer);
-    dv.setUint32(KvmMsi.address_lo, addressLo >>> 0, true);
-    dv.setUint32(KvmMsi.address_hi, addressHi >>> 0, true);
-    dv.setUint32(KvmMsi.data, data >>> 0, true);
-    ioctlCall(this.fd, "SIGNAL_MSI", buf);
+    dv.setBigUint64(KvmCoalescedMmioZone.addr, BigInt(port), true);
+    dv.setUint32(KvmCoalescedMmioZone.size_, length, true);
+    dv.setUint32(KvmCoalescedMmioZone.pio, 1, true);
+    ioctlCall(this.fd, enabled ? "REGISTER_COALESCED_MMIO" : "UNREGISTER_COALESCED_MMIO", buf);
+  }
+
+  signalMsi(addressLo: number, addressHi: number, data: number): void {
+    // One struct kvm_msi per thread, filled in place: an interrupt allocates nothing.
+    msiView.setUint32(KvmMsi.address_lo, addressLo >>> 0, true);
+    msiView.setUint32(KvmMsi.address_hi, addressHi >>> 0, true);
+    msiView.setUint32(KvmMsi.data, data >>> 0, true);
+    ioctlCall(this.fd, "SIGNAL_MSI", msiBuf);
   }
 }
+
+/** KVM_SIGNAL_MSI's argument; per thread, as this module is loaded once per worker. */
+const msiBuf = new Uint8Array(KvmMsi.size);
+const msiView = new DataView(msiBuf.buffer);
 
 /**
  * KVM_IRQ_LINE on a VM fd, usable from any thread (device models in vCPU workers hold only

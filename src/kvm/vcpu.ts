@@ -20,6 +20,7 @@ import {
 } from "./abi";
 import { encodeCpuidEntries } from "./kvm";
 import { VcpuExitDecoder, type VcpuExit } from "./vcpu-exit";
+import { CoalescedRing } from "./coalesced";
 import type { CpuidEntry } from "./cpuid";
 import type { DescriptorTable, Segment } from "../arch/x86/cpu-state";
 
@@ -94,6 +95,11 @@ export class Vcpu {
 
   get id(): number {
     return this.handle.id;
+  }
+
+  /** The VM's coalesced MMIO/PIO ring, as this vCPU's mapping shows it. */
+  coalescedRing(): CoalescedRing {
+    return new CoalescedRing(this.kvmRun);
   }
 
   get fd(): number {

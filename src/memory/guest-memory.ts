@@ -113,6 +113,12 @@ export class GuestMemory {
   readonly regionBytes: readonly Uint8Array[];
   readonly regionViews: readonly DataView[];
   readonly regionHosts: readonly number[];
+  /**
+   * The same bytes as little-endian u32 words (host byte order: x86-64), for reading
+   * 4-aligned structures such as descriptor tables; undefined for test memory whose bytes
+   * do not start 4-aligned.
+   */
+  readonly regionWords: readonly (Uint32Array | undefined)[];
   /** Every region has a host address (mmap'd memory): buffers can be handed to the kernel. */
   readonly hasHostAddresses: boolean;
   /** The region found last: accesses cluster, so it is tried first. */
@@ -131,6 +137,9 @@ export class GuestMemory {
     this.regionBytes = this.regions.map((r) => r.bytes);
     this.regionViews = this.regions.map((r) => r.view);
     this.regionHosts = this.regions.map((r) => (r.hostAddress === undefined ? NaN : Number(r.hostAddress)));
+    this.regionWords = this.regions.map((r) =>
+      r.bytes.byteOffset % 4 === 0 ? new Uint32Array(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength >>> 2) : undefined,
+    );
     this.hasHostAddresses = this.regions.every((r) => r.hostAddress !== undefined);
     this.mapping = mapping;
   }

@@ -27,6 +27,12 @@ export class IovecArray {
     this.totalBytes = 0;
   }
 
+  /** Keep only the first `count` entries. */
+  truncate(count: number): void {
+    for (let i = count; i < this.count; i++) this.totalBytes -= this.words[4 * i + 2]!;
+    this.count = Math.min(count, this.count);
+  }
+
   get full(): boolean {
     return this.count === this.capacity;
   }
@@ -35,8 +41,9 @@ export class IovecArray {
   push(address: number, length: number): boolean {
     if (this.count === this.capacity) return false;
     const w = 4 * this.count++;
-    this.words[w] = address % 0x1_0000_0000;
-    this.words[w + 1] = Math.floor(address / 0x1_0000_0000);
+    // Addresses are below 2^53: the low word by ToUint32, the high one by a division.
+    this.words[w] = address >>> 0;
+    this.words[w + 1] = (address / 0x1_0000_0000) >>> 0;
     this.words[w + 2] = length; // a descriptor's length fits 32 bits
     this.words[w + 3] = 0;
     this.totalBytes += length;

@@ -49,7 +49,8 @@ export function transferBuffer(call: TransferBuffer, writing: boolean, fd: numbe
  * Move the `count` iovecs in `iov` (16 bytes each: u64 base address, u64 length, host byte
  * order), `length` bytes in all, from or to file offset `offset`. After a partial transfer
  * the entries are rewritten in place to describe what is left, so `iov` must be the
- * caller's scratch.
+ * caller's scratch. `alreadyDone`: the bytes a first call made elsewhere (an io_uring
+ * completion) already moved; the loop goes on from there.
  */
 export function transferVector(
   call: TransferVector,
@@ -59,8 +60,9 @@ export function transferVector(
   count: number,
   offset: number,
   length: number,
+  alreadyDone?: number,
 ): void {
-  let done = call(fd, iov, count, offset);
+  let done = alreadyDone ?? call(fd, iov, count, offset);
   if (done === length) return;
   if (done <= 0) throw new ShortTransferError(writing, offset);
   const words = new DataView(iov.buffer, iov.byteOffset, iov.byteLength);

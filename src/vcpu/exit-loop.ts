@@ -3,7 +3,9 @@
  * (handing an exit to another thread costs more than the exit itself), until the guest or
  * the VMM ends the run. Mirrors Firecracker's run_emulation()/handle_kvm_exit().
  */
-import { InternalErrorSuberror, MpState, SystemEvent, exitReasonName } from "../kvm/abi";
+import { ExitReason, InternalErrorSuberror, MpState, SystemEvent, exitReasonName } from "../kvm/abi";
+import { ExitStats } from "./exit-stats";
+import type { CoalescedRing } from "../kvm/coalesced";
 import { Vcpu, formatRegisterDump } from "../kvm/vcpu";
 import type { InternalErrorExit, MmioExit, PioExit, VcpuExit } from "../kvm/vcpu-exit";
 import type { Bus } from "../devices/bus";
@@ -29,8 +31,9 @@ export type VcpuStop =
  * PAUSE: set (and every vCPU kicked) to park the vCPUs out of KVM_RUN; cleared, with
  *       Atomics.notify on the cell, to let them go on.
  * PARKED: how many vCPUs are parked now (each notifies the cell as it comes and goes).
+ * COALESCED_LOCK: held by the vCPU replaying KVM's coalesced-write ring (kvm/coalesced.ts).
  */
-export const RunControlCell = { STOP: 0, DUMP: 1, HALT_PROBE: 2, PAUSE: 3, PARKED: 4, COUNT: 5 } as const;
+export const RunControlCell = { STOP: 0, DUMP: 1, HALT_PROBE: 2, PAUSE: 3, PARKED: 4, COALESCED_LOCK: 5, COUNT: 6 } as const;
 
 export function createRunControl(): Int32Array {
   return new Int32Array(new SharedArrayBuffer(4 * RunControlCell.COUNT));
@@ -53,10 +56,23 @@ export interface ExitCounters {
 export class ExitLoop implements VmControl {
   private pending: VcpuStop | undefined;
   readonly counters: ExitCounters = { pio: 0, mmio: 0, unclaimedPio: 0, unclaimedMmio: 0, other: 0 };
+  /** Exits by reason, port and MMIO address (`tskvm boot -v`, the boot benchmark). */
+  readonly stats = new ExitStats();
   private dumpSeen = 0;
   /** Where this vCPU's register dump goes when DUMP is bumped (the worker posts it to the main thread). */
   onRegisterDump: (dump: string) => void = () => undefined;
   private haltProbeSeen = 0;
+
+  /** KVM's coalesced-write ring, replayed before each exit is handled (undefined: not used). */
+  private readonly coalesced: CoalescedRing | undefined;
+  private readonly replayPio = (port: number, data: Uint8Array): void => {
+    this.stats.pio(port, true);
+    if (!this.pio.write(port, data)) this.counters.unclaimedPio++;
+  };
+  private readonly replayMmio = (address: number, data: Uint8Array): void => {
+    this.stats.mmioAccess(address, true);
+    if (!this.mmio.write(address, data)) this.counters.unclaimedMmio++;
+  };
 
   constructor(
     readonly vcpu: Vcpu,
@@ -64,7 +80,15 @@ export class ExitLoop implements VmControl {
     readonly mmio: Bus,
     readonly control: Int32Array,
     readonly haltStatus?: Int32Array,
-  ) {}
+    options: { coalesced?: CoalescedRing } = {},
+  ) {
+    this.coalesced = options.coalesced;
+  }
+
+  /** Replay the writes KVM kept in its coalesced ring (any vCPU's), oldest first. */
+  private replayCoalesced(): void {
+    this.coalesced!.drain(this.control, RunControlCell.COALESCED_LOCK, this.replayPio, this.replayMmio);
+  }
 
   /** VmControl: a device (the i8042's reset line) asks to end the VM; the loop stops after this exit. */
   requestReset(reason: string): void {
@@ -78,16 +102,26 @@ export class ExitLoop implements VmControl {
   /** Run until the guest stops, a device ends the VM, or another thread sets STOP. */
   run(): VcpuStop {
     const vcpu = this.vcpu;
+    const ring = this.coalesced;
     for (;;) {
       if (this.pending !== undefined) return this.pending;
-      if (this.stopRequested()) return { kind: "stopped" };
+      if (this.stopRequested()) {
+        if (ring?.pending()) this.replayCoalesced();
+        return { kind: "stopped" };
+      }
       const exit = vcpu.run();
+      // Writes the guest made before this exit, held by KVM, come first.
+      if (ring !== undefined && ring.pending()) this.replayCoalesced();
       if (exit.kind === "interrupted" && Atomics.load(this.control, RunControlCell.PAUSE) !== 0) {
+        // Parked with the ring empty: a snapshot sees every write the guest made.
         this.park();
         continue;
       }
       const stop = this.handleExit(exit);
-      if (stop !== undefined) return stop;
+      if (stop !== undefined) {
+        if (ring?.pending()) this.replayCoalesced();
+        return stop;
+      }
     }
   }
 
@@ -154,10 +188,14 @@ export class ExitLoop implements VmControl {
     switch (exit.kind) {
       case "pio":
         this.counters.pio++;
+        this.stats.exit(ExitReason.IO);
+        this.stats.pio(exit.port, exit.isWrite, exit.count);
         this.handlePio(exit);
         return undefined;
       case "mmio":
         this.counters.mmio++;
+        this.stats.exit(ExitReason.MMIO);
+        this.stats.mmioAccess(exit.address, exit.isWrite);
         this.handleMmio(exit);
         return undefined;
       case "interrupted":
@@ -167,6 +205,7 @@ export class ExitLoop implements VmControl {
         return undefined;
       case "intr":
         // A signal kicked us out; the loop checks STOP.
+        this.stats.exit(ExitReason.INTR);
         return undefined;
       case "hlt":
         // Only without an in-kernel irqchip: nothing can wake the vCPU again.

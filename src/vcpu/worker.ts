@@ -4,6 +4,7 @@
  * KVM_RUN with a signal), runs the exit loop synchronously and reports why it stopped.
  */
 import { parentPort, workerData } from "node:worker_threads";
+import { performance } from "node:perf_hooks";
 import { pthreadSelf } from "../sys/libc";
 import { Vcpu } from "../kvm/vcpu";
 import { GuestMemory } from "../memory/guest-memory";
@@ -28,16 +29,21 @@ function main(init: VcpuWorkerInit): void {
       requestReset: (reason) => loop?.requestReset(reason),
     },
   });
-  loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control, init.haltStatus);
+  loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control, init.haltStatus, init.coalescing ? { coalesced: vcpu.coalescedRing() } : {});
   loop.onRegisterDump = (dump) => post({ type: "registers", id: vcpu.id, dump });
-  post({ type: "started", id: vcpu.id, thread: pthreadSelf() });
+  // The wall-clock time (ms since the epoch, high resolution) of the first KVM_RUN, for
+  // the start-up timeline: the main thread's own clock has another time origin.
+  post({ type: "started", id: vcpu.id, thread: pthreadSelf(), at: performance.timeOrigin + performance.now() });
   let stop: VcpuStop;
   try {
     stop = loop.run();
   } catch (e) {
     stop = { kind: "error", reason: `vCPU ${vcpu.id}: ${(e as Error).stack ?? String(e)}` };
   }
-  post({ type: "stopped", id: vcpu.id, stop, counters: loop.counters });
+  post({ type: "stopped", id: vcpu.id, stop, counters: loop.counters, exits: loop.stats.data() });
 }
 
-main(workerData as VcpuWorkerInit);
+// Started with its init (workerData), or ahead of its vCPU: then the init comes as the
+// first message, once the machine is built (vcpu-thread.ts, prestartVcpuWorker).
+if (workerData !== undefined && workerData !== null) main(workerData as VcpuWorkerInit);
+else parentPort!.once("message", (m: { type: "init"; init: VcpuWorkerInit }) => main(m.init));

@@ -11,6 +11,7 @@ import {
 } from "../arch/x86/layout";
 import type { BootCpuState } from "../arch/x86/cpu-state";
 import { Kvm, KvmUnavailableError, Vm } from "../kvm/kvm";
+import { KVM_COALESCED_MMIO_PAGE_OFFSET } from "../kvm/abi";
 import { Vcpu } from "../kvm/vcpu";
 import { allowedXcr0, linuxHidingArgs, resolveHiddenFeatures, vcpuCpuid, CPU_TEMPLATES, CpuidEntry } from "../kvm/cpuid";
 import { setXcr0 } from "../kvm/xcr";
@@ -33,7 +34,7 @@ import { ConfigError } from "./errors";
 import { createDeviceSetSpec, instantiateDevices, DeviceSet, DeviceSetSpec, type SerialSinkSpec } from "../board/devices";
 import type { Serial } from "../devices/legacy/serial";
 import { createHaltStatus, createRunControl, RunControlCell, ExitCounters, VcpuStop } from "../vcpu/exit-loop";
-import { VcpuThread, VcpuThreadResult, holdKickHandler } from "../vcpu/vcpu-thread";
+import { PrestartedWorker, VcpuThread, VcpuThreadResult, holdKickHandler, prestartVcpuWorker } from "../vcpu/vcpu-thread";
 import { applyBootMsrs, configureLapicForBoot } from "./cpu-setup";
 import { prepareBoot, BootSource } from "./boot-source";
 import { VirtioPciDeviceSide } from "../devices/virtio/pci-device-side";
@@ -59,6 +60,9 @@ import {
   type SavedDevices,
   type SavedMachine,
 } from "./snapshot/machine-state";
+import { chooseIoEngine, type IoEngine, type IoEngineChoice } from "../host/io-engine";
+import { mergeExitStats, type ExitStatsData } from "../vcpu/exit-stats";
+import { performance } from "node:perf_hooks";
 
 export interface MachineConfig {
   /** Guest RAM in bytes. */
@@ -85,6 +89,12 @@ export interface MachineConfig {
   /** In-kernel irqchip and PIT (default true). Tiny test guests turn it off to see HLT exits. */
   irqchip?: boolean;
   kvmPath?: string;
+  /**
+   * How virtio back ends reach the host: "io_uring" (a queue drain per system call),
+   * "sync" (a system call per request or frame), or "auto" (default): io_uring where this
+   * process can use it. Asking for io_uring where it cannot be used is an IoEngineError.
+   */
+  ioEngine?: IoEngineChoice;
   /** virtio-blk disks, in order: /dev/vda, /dev/vdb, ... */
   disks?: readonly DiskConfig[];
   /** virtio-net interfaces on TAP devices or stream sockets, in order: eth0, eth1, ... */
@@ -177,6 +187,8 @@ const PCI_GSI_COUNT = 8;
 
 /** Everything the machine opened for its virtio devices, for closing. */
 interface VirtioResources {
+  /** The I/O engine the back ends use (undefined: no virtio device). */
+  ioEngine: IoEngine | undefined;
   functions: VirtioFunctionSpec[];
   fds: number[];
   images: DiskImage[];
@@ -202,6 +214,8 @@ export interface MachineResult {
   requestedBy: string | undefined;
   vcpus: VcpuThreadResult[];
   counters: ExitCounters;
+  /** Exits by reason, port and MMIO address, all vCPUs together. */
+  exits: ExitStatsData;
 }
 
 export class Machine {
@@ -301,8 +315,11 @@ export class Machine {
 
   private static undoOnFailure(build: (cleanups: (() => void)[]) => Machine): Machine {
     const cleanups: (() => void)[] = [];
+    const begin = performance.now();
     try {
-      return build(cleanups);
+      const m = build(cleanups);
+      m.createdAt = { begin, end: performance.now() };
+      return m;
     } catch (e) {
       for (const undo of cleanups.reverse()) {
         try {
@@ -319,6 +336,10 @@ export class Machine {
     if (config.memoryBytes < MIN_GUEST_MEMORY) {
       throw new ConfigError(`guest memory ${formatBytes(config.memoryBytes)} is too small: give at least ${formatBytes(MIN_GUEST_MEMORY)}`, "memoryBytes");
     }
+    // The boot vCPU's thread starts now and loads while the machine is built (the other
+    // vCPUs' threads start once it runs: they would only compete with it for the CPUs).
+    const bootWorker = prestartVcpuWorker();
+    cleanups.push(() => void bootWorker.worker.terminate());
     const kvm = Kvm.open(config.kvmPath);
     cleanups.push(() => kvm.close());
     const irqchip = config.irqchip ?? true;
@@ -361,7 +382,7 @@ export class Machine {
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
-    const virtio = openVirtioDevices(vm, memory, { disks: config.disks ?? [], nics: config.nics ?? [], shares }, irqchip, cleanups);
+    const virtio = openVirtioDevices(vm, memory, { disks: config.disks ?? [], nics: config.nics ?? [], shares }, irqchip, cleanups, config.ioEngine);
     if (source.kind === "restore") {
       checkDisks(source.snapshot.dir, source.machine, virtio);
       if (source.devices.queues.length !== virtio.functions.length) {
@@ -376,12 +397,17 @@ export class Machine {
             pciIrqs: virtio.functions.map((f) => ({ device: f.slot.device, pin: f.slot.intxPin, ioapicPin: f.slot.gsi })),
           })
         : undefined;
+    // KVM may keep COM1's THR writes in its coalesced ring (the kernel console then costs
+    // one exit per character, not two): where the host has it and the vCPU mapping shows it.
+    const coalescing =
+      kvm.checkExtension("COALESCED_PIO") > 0 && kvm.checkExtension("COALESCED_MMIO") === KVM_COALESCED_MMIO_PAGE_OFFSET && kvm.vcpuMmapSize() >= (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * 4096;
     const deviceSpec = createDeviceSetSpec({
       memory,
       cpus: config.cpus,
       virtio: virtio.functions,
       ...(config.consoleTag !== undefined ? { consoleTag: config.consoleTag } : {}),
       ...(config.auxSerialSinks !== undefined ? { auxSinks: config.auxSerialSinks } : {}),
+      coalesceConsoleTx: coalescing,
     });
     if (source.kind === "restore") restoreBuffers(source.snapshot.dir, source.devices.buffers, deviceSetBuffers(deviceSpec));
 
@@ -426,8 +452,34 @@ export class Machine {
       source.kind === "restore" ? source.devices.queues : undefined,
     );
     if (source.kind === "restore") machine.attachDetachedDisks(source.machine);
+    machine.bootWorker = bootWorker;
     return machine;
   }
+
+  private createdAt = { begin: NaN, end: NaN };
+
+  /**
+   * Where start-up time went, in ms since this process started: until Machine.create was
+   * called (Node, module loading, option handling), building the machine (KVM, RAM, kernel
+   * and initrd, devices, vCPUs), and until the boot vCPU entered KVM_RUN (NaN before it has).
+   */
+  startupTimeline(): { createBegin: number; createEnd: number; firstKvmRun: number } {
+    return { createBegin: this.createdAt.begin, createEnd: this.createdAt.end, firstKvmRun: this.threads[0]?.firstRunAt ?? NaN };
+  }
+
+  /** What sits at an I/O port or MMIO address, e.g. "COM1 (16550A) +5", for exit summaries. */
+  deviceAt(space: "pio" | "mmio", address: number): string | undefined {
+    const r = (space === "pio" ? this.devices.pio : this.devices.mmio).find(address);
+    return r === undefined ? undefined : `${r.name} +${(address - r.base).toString(16)}`;
+  }
+
+  /** The I/O engine of the virtio back ends, and why sync if io_uring was not usable; undefined without virtio devices. */
+  get ioEngine(): IoEngine | undefined {
+    return this.virtio.ioEngine;
+  }
+
+  /** The boot vCPU's thread, started while the machine was built (until run() takes it). */
+  private bootWorker: PrestartedWorker | undefined;
 
   /** Start every vCPU thread; resolves once all have stopped. */
   run(): Promise<MachineResult> {
@@ -444,16 +496,22 @@ export class Machine {
           haltStatus: this.haltStatus,
           vmFd: this.vm.fd,
           consoleFd: this.consoleFd,
+          coalescing: this.deviceSpec.serial.coalesceTx === true,
           ...(this.virtio.controlFd !== undefined ? { ioControlFd: this.virtio.controlFd } : {}),
         }),
     );
-    this.io?.start();
     if (this.irqchip) this.startHaltProbes();
-    for (const t of this.threads) {
+    // The boot vCPU first (in its thread started ahead), then the others, then the I/O
+    // worker: nothing the guest does early needs the I/O worker, whose start would only
+    // compete with the boot vCPU's.
+    const bootWorker = this.bootWorker;
+    this.bootWorker = undefined;
+    this.threads.forEach((t, i) => {
       t.onStop = (r) => this.onVcpuStop(r);
       t.onRegisterDump = (dump) => this.onDiagnostic({ kind: "registers", vcpu: t.vcpu.id, dump });
-      t.start();
-    }
+      t.start(i === 0 ? bootWorker : undefined);
+    });
+    this.io?.start();
     this.running = Promise.all(this.threads.map((t) => t.done)).then(async (results) => {
       // The back ends finish and flush only after no vCPU can submit more work.
       this.stopHaltProbes();
@@ -467,7 +525,8 @@ export class Machine {
         for (const k of Object.keys(counters) as (keyof ExitCounters)[]) counters[k] += r.counters[k];
       }
       const stop = this.firstStop ?? results[0]?.stop ?? { kind: "stopped" as const };
-      return { stop, requestedBy: this.requestedBy, vcpus: results, counters };
+      const exits = mergeExitStats(results.flatMap((r) => (r.exits === undefined ? [] : [r.exits])));
+      return { stop, requestedBy: this.requestedBy, vcpus: results, counters, exits };
     });
     return this.running;
   }
@@ -714,6 +773,9 @@ export class Machine {
   destroy(): void {
     if (this.destroyed) return;
     this.destroyed = true;
+    // Built but never run: the boot vCPU's thread still waits for its init.
+    void this.bootWorker?.worker.terminate();
+    this.bootWorker = undefined;
     this.stopInput();
     for (const v of this.vcpus) v.destroy();
     for (const fd of this.virtio.fds) sys.close(fd);
@@ -781,10 +843,13 @@ function openVirtioDevices(
   devices: { disks: readonly DiskConfig[]; nics: readonly NicConfig[]; shares: readonly ShareConfig[] },
   irqchip: boolean,
   cleanups: (() => void)[],
+  ioEngine: IoEngineChoice | undefined,
 ): VirtioResources {
   const { disks, nics, shares } = devices;
-  const res: VirtioResources = { functions: [], fds: [], images: [], taps: [], controlFd: undefined, disks: [], nics: [] };
+  const res: VirtioResources = { ioEngine: undefined, functions: [], fds: [], images: [], taps: [], controlFd: undefined, disks: [], nics: [] };
   if (disks.length + nics.length + shares.length === 0) return res;
+  const engine = chooseIoEngine(ioEngine);
+  res.ioEngine = engine;
   if (!irqchip) throw new ConfigError("virtio devices need the in-kernel irqchip");
   const eventfd = () => {
     const fd = sys.eventfd(0, sys.EFD_NONBLOCK);
@@ -811,7 +876,7 @@ function openVirtioDevices(
   disks.forEach((d, i) => {
     const image = openDiskImage(d.path, { readOnly: d.readOnly });
     res.images.push(image);
-    const disk = { fd: image.fd, sizeBytes: image.sizeBytes, readOnly: image.readOnly, path: image.path, serial: d.serial ?? defaultSerial(image.path) };
+    const disk = { fd: image.fd, sizeBytes: image.sizeBytes, readOnly: image.readOnly, path: image.path, serial: d.serial ?? defaultSerial(image.path), engine: engine.name };
     res.disks.push({ serial: disk.serial });
     add(`virtio-blk vd${String.fromCharCode(0x61 + (i % 26))} (${d.path})`, { kind: "virtio-blk", disk });
   });
@@ -819,14 +884,14 @@ function openVirtioDevices(
     if ("stream" in n) {
       const backend = { kind: "stream" as const, fd: n.stream.fd, name: n.stream.name, reportsOwnLoss: n.stream.reportsOwnLoss ?? false };
       // A stream carries plain frames: no offloads (stream-backend.ts).
-      add(`virtio-net eth${i} (${n.stream.name})`, { kind: "virtio-net", nic: { backend, mac: n.mac ?? defaultMac(n.stream.name), offloads: false } });
+      add(`virtio-net eth${i} (${n.stream.name})`, { kind: "virtio-net", nic: { backend, mac: n.mac ?? defaultMac(n.stream.name), offloads: false, engine: engine.name } });
       return;
     }
     const mac = n.mac ?? defaultMac(n.tap);
     const tap = openTap(n.tap, { vnetHeaderSize: 12 });
     res.taps.push(tap);
     if (n.hostCidr !== undefined) configureHostSide(tap.name, n.hostCidr);
-    const nic = { backend: { kind: "tap" as const, fd: tap.fd, name: tap.name, created: tap.created }, mac, offloads: probeOffloads(tap) };
+    const nic = { backend: { kind: "tap" as const, fd: tap.fd, name: tap.name, created: tap.created }, mac, offloads: probeOffloads(tap), engine: engine.name };
     res.nics.push({ tap: n.tap, mac, ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) });
     add(`virtio-net eth${i} (${tap.name})`, { kind: "virtio-net", nic });
   });

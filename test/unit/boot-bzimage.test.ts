@@ -9,8 +9,10 @@ import {
   HIGH_MEMORY_START,
   KERNEL_LOAD_ADDR,
   MiB,
+  SETUP_DATA_ADDR,
   ZERO_PAGE_ADDR,
 } from "../../src/arch/x86/layout";
+import { RNG_SEED_BYTES, SETUP_RNG_SEED } from "../../src/boot/setup-data";
 import { SELECTOR_CODE32, SELECTOR_CODE64 } from "../../src/arch/x86/boot-tables";
 import { CmdlineError, InitrdError, KernelImageError, detectKernelFormat, loadKernel } from "../../src/boot";
 import { parseBzImage, runtimeRange } from "../../src/boot/bzimage";
@@ -212,4 +214,23 @@ test("an initrd that does not fit says how much memory would do", () => {
     /does not fit between the kernel's end \(0x3000000\) and 0x7ffffff.*use a smaller initrd$/,
   );
   assert.throws(() => placeInitrd(1024 * MiB, 0, { kernelEnd: 48 * MiB, addrMax: 0x7ff_ffff }), /initrd is empty/);
+});
+
+test("a random seed for the kernel's CRNG travels as setup_data (protocol 2.09+), fresh each boot", () => {
+  const seedOf = (version: number) => {
+    const { mem } = load(makeBzImage({ version }));
+    const at = Number(mem.readU64(ZERO_PAGE_ADDR + 0x250));
+    if (at === 0) return undefined;
+    assert.equal(at, SETUP_DATA_ADDR);
+    assert.equal(mem.readU64(at), 0n, "the only node");
+    assert.equal(mem.readU32(at + 8), SETUP_RNG_SEED);
+    assert.equal(mem.readU32(at + 12), RNG_SEED_BYTES);
+    return Buffer.from(mem.slice(at + 16, RNG_SEED_BYTES)).toString("hex");
+  };
+  const a = seedOf(0x020f);
+  const b = seedOf(0x0209);
+  assert.ok(a !== undefined && b !== undefined);
+  assert.notEqual(a, b);
+  assert.notEqual(a, "00".repeat(RNG_SEED_BYTES));
+  assert.equal(seedOf(0x0208), undefined, "no setup_data before protocol 2.09");
 });

@@ -559,3 +559,43 @@ describe("16550A UART shared between threads", () => {
     );
   });
 });
+
+describe("16550A THR writes coalesced by KVM", () => {
+  it("asks for coalescing exactly while a THR write shows the guest nothing: DLAB off, no TX interrupt, no loopback", () => {
+    const calls: boolean[] = [];
+    const state = Serial.createState();
+    const rec = new Recorder();
+    const uart = new Serial(state, rec.sink, rec.irq, { set: (on) => void calls.push(on) });
+    wr(uart, UART_THR, 0x41); // the first write finds the reset state eligible
+    assert.deepEqual(calls, [true]);
+    wr(uart, UART_THR, 0x42);
+    assert.deepEqual(calls, [true], "only changes are passed on");
+    wr(uart, UART_LCR, 0x83); // DLAB: offset 0 is the divisor latch now
+    assert.deepEqual(calls, [true, false]);
+    wr(uart, UART_LCR, 0x03);
+    assert.deepEqual(calls, [true, false, true]);
+    wr(uart, UART_IER, 0x02); // THRE interrupt on: each write must raise it at once
+    assert.deepEqual(calls, [true, false, true, false]);
+    wr(uart, UART_IER, 0x00);
+    wr(uart, UART_MCR, 0x18); // loopback: THR goes to RBR
+    wr(uart, UART_MCR, 0x08);
+    assert.deepEqual(calls, [true, false, true, false, true, false, true]);
+    assert.deepEqual(rec.bytes, [0x41, 0x42]);
+  });
+
+  it("a host that refuses leaves every write exiting, and the UART working", () => {
+    const state = Serial.createState();
+    const rec = new Recorder();
+    let tries = 0;
+    const uart = new Serial(state, rec.sink, rec.irq, {
+      set: () => {
+        tries++;
+        throw new Error("ioctl KVM_REGISTER_COALESCED_MMIO failed: EINVAL");
+      },
+    });
+    wr(uart, UART_THR, 0x61);
+    wr(uart, UART_THR, 0x62);
+    assert.ok(tries >= 1);
+    assert.deepEqual(rec.bytes, [0x61, 0x62]);
+  });
+});

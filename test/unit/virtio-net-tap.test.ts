@@ -9,7 +9,8 @@
  *
  * Skipped, saying why, when not root or without /dev/net/tun.
  */
-import { after, before, describe, it } from "node:test";
+import { after, afterEach, before, beforeEach, describe, it } from "node:test";
+import { IoUring, probeIoUring } from "../../src/sys/io-uring";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { GuestMemory } from "../../src/memory/guest-memory";
@@ -198,8 +199,21 @@ describe("virtio-net over a real TAP in a network namespace", { skip: skip ?? fa
     ns?.destroy();
   });
 
-  for (const inPlace of [false, true]) {
-    const how = inPlace ? "in place (mmap'd memory, readv/writev)" : "copied (test memory)";
+  for (const mode of ["copied", "in place", "io_uring"] as const) {
+    const inPlace = mode !== "copied";
+    const how =
+      mode === "copied" ? "copied (test memory)" : mode === "in place" ? "in place (mmap'd memory, readv/writev)" : "in place, TX batches through io_uring";
+    let ring: IoUring | undefined;
+    beforeEach(() => {
+      if (mode !== "io_uring" || !probeIoUring().available) return;
+      ring = IoUring.create(64);
+      tap.useRing(ring);
+    });
+    afterEach(() => {
+      tap.useRing(undefined);
+      ring?.close();
+      ring = undefined;
+    });
     it(`the guest's ARP request and ICMP echo are answered by the namespace's kernel, back through the RX ring, ${how}`, () => {
       const g = new FakeGuest(tap, V1 | MRG, inPlace);
       const before = ns.linkStats(TAP);

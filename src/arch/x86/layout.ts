@@ -9,6 +9,7 @@
  *   0x0000_7000  Linux boot_params ("zero page")
  *   0x0000_8ff0  initial stack pointer (grows down, below the page tables)
  *   0x0000_9000  PML4, 0x0000_a000 PDPT, 0x0000_b000 four PDs: identity map of 0..4 GiB in 2 MiB pages
+ *   0x0000_f000  Linux setup_data list (the boot protocol's RNG seed)
  *   0x0002_0000  kernel command line (up to 64 KiB, and up to the kernel's cmdline_size)
  *   0x0009_fc00  EBDA: MP floating pointer (reserved in e820)
  *   0x000a_0000  VGA and BIOS ROM hole (reserved in e820)
@@ -36,6 +37,9 @@ export const PDPT_ADDR = 0xa000;
 export const PD_ADDR = 0xb000;
 /** Page directories used for the boot identity map (each covers 1 GiB). */
 export const PD_COUNT = 4;
+/** Linux setup_data nodes (boot protocol 2.09+): a random seed for the kernel's CRNG. */
+export const SETUP_DATA_ADDR = 0xf000;
+export const SETUP_DATA_END = 0x10000;
 export const CMDLINE_ADDR = 0x20000;
 export const CMDLINE_MAX = 0x10000;
 

@@ -27,7 +27,7 @@
  * in the order they happened. Neither handle may call back into this device (the lock is not
  * re-entrant).
  */
-import { type BusDevice, type ByteSink, type IrqLine } from "../device";
+import { type BusDevice, type ByteSink, type IrqLine, type WriteCoalescing } from "../device";
 import { SharedState } from "../shared-state";
 import { adoptState, type StateLike } from "./state-like";
 
@@ -126,7 +126,9 @@ const C_RBR_LAST = 13;
 /** Statistics: bytes sent to the sink, bytes lost to overrun. */
 const C_TX_BYTES = 14;
 const C_OVERRUNS = 15;
-const CELLS = 16;
+/** THR writes are coalesced by KVM right now (WriteCoalescing on), 0/1. */
+const C_COALESCED = 16;
+const CELLS = 17;
 
 /** Receive-FIFO trigger levels selected by FCR bits 6-7. */
 const TRIGGER_LEVELS = [1, 4, 8, 14] as const;
@@ -148,10 +150,18 @@ export class Serial implements BusDevice {
   private readonly s: SharedState;
   private readonly fifo: Uint8Array;
 
+  private readonly txByte = new Uint8Array(1);
+
   constructor(
     state: StateLike,
     private readonly sink: ByteSink,
     private readonly irq: IrqLine,
+    /**
+     * THR writes as KVM coalesced writes while they can be (DLAB off, no transmit interrupt,
+     * no loopback): the kernel's console then costs one exit per character (the LSR read)
+     * instead of two.
+     */
+    private readonly coalescing?: WriteCoalescing,
   ) {
     this.s = adoptState(state, CELLS, SERIAL_RX_FIFO_SIZE, "serial");
     this.fifo = this.s.bytes();
@@ -247,6 +257,7 @@ export class Serial implements BusDevice {
     try {
       this.writeLocked(reg & 7, value & 0xff);
       this.updateIrq();
+      if (this.coalescing !== undefined) this.updateCoalescing(this.coalescing);
     } finally {
       s.unlock();
     }
@@ -317,6 +328,19 @@ export class Serial implements BusDevice {
     }
   }
 
+  /** Coalesce THR writes exactly while a THR write shows the guest nothing but LSR (always empty). */
+  private updateCoalescing(c: WriteCoalescing): void {
+    const s = this.s;
+    const want = (s.get(C_LCR) & LCR_DLAB) === 0 && (s.get(C_IER) & IER_ETBEI) === 0 && (s.get(C_MCR) & MCR_LOOP) === 0;
+    if (want === (s.get(C_COALESCED) !== 0)) return;
+    try {
+      c.set(want);
+      s.set(C_COALESCED, want ? 1 : 0);
+    } catch {
+      // The host cannot: every write keeps exiting, which is only slower.
+    }
+  }
+
   private transmit(byte: number): void {
     const s = this.s;
     // The byte moves from THR to the shift register and out at once, so THR is empty again
@@ -328,7 +352,8 @@ export class Serial implements BusDevice {
       return;
     }
     s.set(C_TX_BYTES, (s.get(C_TX_BYTES) + 1) | 0);
-    this.sink.write(Uint8Array.of(byte));
+    this.txByte[0] = byte;
+    this.sink.write(this.txByte);
   }
 
   private writeIer(value: number): void {

@@ -6,6 +6,8 @@
  * refuses offloads. In-memory fakes stand in for it in tests.
  */
 
+import { IovecArray } from "../../../memory/iovec";
+
 /**
  * Offloads a back end may be asked to hand the guest (the GUEST_* features it accepted):
  * partial checksums, TCP segmentation for IPv4 and IPv6, with ECN. The values are the TUN
@@ -13,6 +15,53 @@
  */
 export const NetOffload = { CSUM: 0x01, TSO4: 0x02, TSO6: 0x04, TSO_ECN: 0x08 } as const;
 export const ALL_NET_OFFLOADS = NetOffload.CSUM | NetOffload.TSO4 | NetOffload.TSO6 | NetOffload.TSO_ECN;
+
+/**
+ * A run of frames for one crossing to the back end (a TX drain): frame k is iovecs
+ * [start[k], start[k] + count[k]) of `iov`; the back end reports each in result[k].
+ */
+export class FrameBatch {
+  readonly iov: IovecArray;
+  readonly start: Int32Array;
+  readonly count: Int32Array;
+  readonly result: Int32Array;
+  /** Frames in the batch. */
+  frames = 0;
+
+  constructor(
+    readonly maxFrames: number,
+    maxIovecs: number,
+  ) {
+    this.iov = new IovecArray(maxIovecs);
+    this.start = new Int32Array(maxFrames);
+    this.count = new Int32Array(maxFrames);
+    this.result = new Int32Array(maxFrames);
+  }
+
+  clear(): void {
+    this.frames = 0;
+    this.iov.clear();
+  }
+
+  /** Start the next frame (its iovecs are pushed to `iov` next); its index. */
+  begin(): number {
+    const k = this.frames++;
+    this.start[k] = this.iov.count;
+    this.count[k] = 0;
+    return k;
+  }
+
+  /** The frame's iovecs are all pushed. */
+  end(k: number): void {
+    this.count[k] = this.iov.count - this.start[k]!;
+  }
+
+  /** Take frame `k` (and its iovecs) back out: it was the last one begun. */
+  drop(k: number): void {
+    this.iov.truncate(this.start[k]!);
+    this.frames = k;
+  }
+}
 
 export interface NetBackend {
   /** Polled by the I/O worker: readable when a frame is waiting, writable when a write would not block. */
@@ -30,6 +79,21 @@ export interface NetBackend {
    */
   readv?(iov: Uint8Array, count: number): number;
   writev?(iov: Uint8Array, count: number): number;
+  /**
+   * Optional: write frames [from, batch.frames) in order, in as few crossings as the back
+   * end can (a TAP on io_uring: one). result[k] is the length written; 0 when frame k would
+   * block, and then it and every frame after it are not written (retry them in order when
+   * the fd is writable); -errno when the back end refused frame k (it is dropped; the
+   * frames after it still go).
+   */
+  writeFrames?(batch: FrameBatch, from: number): void;
+  /**
+   * Optional: read up to batch.frames frames, frame k into its iovecs, in as few crossings
+   * as the back end can; frames land in k order as they arrived. result[k] is the frame's
+   * whole length (more than its buffers hold when it did not fit: the rest is lost), 0 when
+   * there was no frame for it, -errno when the back end failed.
+   */
+  readFrames?(batch: FrameBatch): void;
   /** Hand the guest frames with these offloads (NetOffload bits); throws when refused. */
   setOffload(flags: number): void;
   /** Frames start with a header of this many bytes: 10 (virtio_net_hdr) or 12 (with num_buffers). */

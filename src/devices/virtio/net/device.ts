@@ -227,6 +227,7 @@ export class VirtioNet implements VirtioDevice, NetLink {
       guestCsum,
       directRx: backend.readv !== undefined && ctx.memory.hasHostAddresses,
       directTx: backend.writev !== undefined && ctx.memory.hasHostAddresses,
+      guestGso: this.offloads && guestCsum && (has(VirtioNetFeature.GUEST_TSO4) || has(VirtioNetFeature.GUEST_TSO6) || has(VirtioNetFeature.GUEST_UFO)),
     };
     try {
       backend.setVnetHeaderSize(this.hdrSize);

@@ -62,6 +62,11 @@ export interface NetLinkSettings {
   readonly directRx: boolean;
   /** Guest memory has host addresses and the back end writes from iovecs (writev): TX frames move in place. */
   readonly directTx: boolean;
+  /**
+   * The guest takes GSO frames (GUEST_TSO4/6 negotiated with the back end): a received
+   * frame may be up to NET_MAX_FRAME long, so it cannot be promised a single RX buffer.
+   */
+  readonly guestGso?: boolean;
 }
 
 /** What the paths need of the device around them. */

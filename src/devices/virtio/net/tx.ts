@@ -7,8 +7,11 @@
 import { DescriptorChain, type Virtqueue, type VirtqueueState } from "../queue";
 import { IovecArray } from "../../../memory/iovec";
 import type { GuestMemory } from "../../../memory/guest-memory";
-import type { NetBackend } from "./backend";
+import { FrameBatch, type NetBackend } from "./backend";
 import { NET_MAX_FRAME, NET_MAX_IOV, NetChainError, NetHdr, type NetLink, type NetLinkSettings } from "./header";
+
+/** Frames handed to the back end per writeFrames call. */
+export const TX_BATCH = 64;
 
 export class NetTx {
   private queue: Virtqueue | undefined;
@@ -28,6 +31,17 @@ export class NetTx {
   private pendingHead = 0;
   private pendingIovecs = 0;
 
+  /**
+   * Batches (a back end with writeFrames, guest memory with host addresses): up to
+   * TX_BATCH frames gathered from the ring and written in one call, each frame's chain
+   * head and length beside it. Frames [batchFrom, batch.frames) are not written yet (the
+   * back end would block): they go first, in order, when it is writable.
+   */
+  private readonly batch = new FrameBatch(TX_BATCH, NET_MAX_IOV * 4);
+  private readonly batchHeads = new Int32Array(TX_BATCH);
+  private readonly batchLens = new Int32Array(TX_BATCH);
+  private batchFrom = 0;
+
   constructor(
     private readonly backend: NetBackend,
     private readonly link: NetLink,
@@ -45,6 +59,9 @@ export class NetTx {
   /** Forget the queue; a frame waiting to go out is counted as dropped. */
   reset(): void {
     if (this.pendingLength > 0) this.link.stats.txDropped++;
+    this.link.stats.txDropped += this.batch.frames - this.batchFrom;
+    this.batch.clear();
+    this.batchFrom = 0;
     this.pendingLength = 0;
     this.queue = undefined;
     this.chain = undefined;
@@ -71,7 +88,7 @@ export class NetTx {
 
   /** A frame waits for the back end to become writable. */
   blocked(): boolean {
-    return this.pendingLength > 0;
+    return this.pendingLength > 0 || this.batchFrom < this.batch.frames;
   }
 
   needsNotification(): boolean {
@@ -86,6 +103,10 @@ export class NetTx {
     const q = this.queue;
     const chain = this.chain;
     if (q === undefined || chain === undefined) return;
+    if (this.settings.directTx && this.backend.writeFrames !== undefined) {
+      this.transmitBatches(q, chain);
+      return;
+    }
     const hdrSize = this.settings.hdrSize;
     if (this.pendingLength > 0) {
       if (!this.sendFrame(this.pendingHead, this.pendingLength, this.pendingIovecs, q)) return;
@@ -125,6 +146,113 @@ export class NetTx {
       }
       if (q.needsNotification()) this.signalUsed();
     } while (q.enableNotification());
+  }
+
+  /**
+   * The TX drain in batches: frames are gathered in place (their buffers as iovecs) and
+   * handed to the back end's writeFrames, a batch per call. A frame whose buffers are too
+   * many for iovecs (more than NET_MAX_IOV) ends the batch and goes alone through txBuf.
+   */
+  private transmitBatches(q: Virtqueue, chain: DescriptorChain): void {
+    if (!this.sendBatch(q)) return;
+    const hdrSize = this.settings.hdrSize;
+    const b = this.batch;
+    do {
+      q.disableNotification();
+      for (;;) {
+        b.clear();
+        this.batchFrom = 0;
+        // A frame too scattered for iovecs: copied into txBuf, sent after the batch.
+        let odd = -1;
+        let oddLen = 0;
+        try {
+          for (let c = q.pop(chain); c !== undefined; c = b.frames < TX_BATCH ? q.pop(chain) : undefined) {
+            if (c.writableBytes !== 0) throw new NetChainError(`TX chain (head ${c.head}) has device-writable buffers`);
+            const len = c.readableBytes;
+            if (len < hdrSize) {
+              throw new NetChainError(`TX chain (head ${c.head}) has ${len} readable bytes, less than the ${hdrSize}-byte header`);
+            }
+            const k = b.begin();
+            if (b.iov.capacity - b.iov.count >= NET_MAX_IOV && c.appendIovecs(b.iov, false) && b.iov.count - b.start[k]! <= NET_MAX_IOV) {
+              b.end(k);
+              this.batchHeads[k] = c.head;
+              this.batchLens[k] = len;
+              if (b.frames === TX_BATCH) break;
+              continue;
+            }
+            b.drop(k);
+            if (len > this.txBuf.length) {
+              this.link.stats.txDropped++;
+              this.link.note(`virtio-net: dropped a ${len}-byte TX frame: larger than ${this.txBuf.length} bytes`);
+              q.addUsed(c.head, 0);
+              continue;
+            }
+            odd = c.head;
+            oddLen = len;
+            c.reader.readInto(len === this.txBuf.length ? this.txBuf : this.txBuf.subarray(0, len));
+            break;
+          }
+        } catch (e) {
+          // What the guest broke breaks the device, after the frames before it went out.
+          this.sendBatch(q);
+          throw e;
+        }
+        if (b.frames === 0 && odd < 0) break;
+        if (!this.sendBatch(q)) {
+          if (odd >= 0) this.keepOdd(odd, oddLen);
+          if (q.needsNotification()) this.signalUsed();
+          return;
+        }
+        if (odd >= 0 && !this.sendFrame(odd, oddLen, 0, q)) {
+          this.keepOdd(odd, oddLen);
+          if (q.needsNotification()) this.signalUsed();
+          return;
+        }
+      }
+      if (q.needsNotification()) this.signalUsed();
+    } while (q.enableNotification());
+  }
+
+  /** A frame copied into txBuf waits behind the batch (or alone) for the back end. */
+  private keepOdd(head: number, len: number): void {
+    this.pendingLength = len;
+    this.pendingHead = head;
+    this.pendingIovecs = 0;
+    this.link.stats.txRetries++;
+  }
+
+  /**
+   * Write the batch's frames from batchFrom on, and return the written (or refused) ones'
+   * chains in order. False when the back end would block: the rest stay for later (then,
+   * a frame kept in txBuf goes after them).
+   */
+  private sendBatch(q: Virtqueue): boolean {
+    const b = this.batch;
+    if (this.batchFrom < b.frames) {
+      this.backend.writeFrames!(b, this.batchFrom);
+      for (let k = this.batchFrom; k < b.frames; k++) {
+        const r = b.result[k]!;
+        if (r === 0) {
+          this.batchFrom = k;
+          this.link.stats.txRetries++;
+          return false;
+        }
+        if (r > 0) {
+          this.link.stats.txFrames++;
+          this.link.stats.txBytes += this.batchLens[k]!;
+        } else {
+          this.link.stats.txDropped++;
+          this.link.note(`virtio-net: ${this.backend.name} refused a ${this.batchLens[k]}-byte frame: errno ${-r}`);
+        }
+        q.addUsed(this.batchHeads[k]!, 0);
+      }
+      this.batchFrom = b.frames;
+    }
+    if (this.pendingLength > 0) {
+      if (!this.sendFrame(this.pendingHead, this.pendingLength, 0, q)) return false;
+      this.pendingLength = 0;
+    }
+    return true;
   }
 
   /**
