@@ -56,7 +56,11 @@ stty -F /dev/ttyS1 raw -echo
 stty -F /dev/ttyS2 raw -echo
 [ -c /dev/kvm ] || say "no /dev/kvm (kvm_amd did not load: does the CPU model have svm?)"
 say "running the command"
-chroot $R /bin/sh /run/harness/cmd.sh </dev/null >/dev/ttyS1 2>/dev/ttyS2
+# Not a plain chroot: the kernel refuses a chrooted process user namespaces (passt and
+# virtiofsd make one), so the command gets a mount namespace whose root is $R, as
+# switch_root would make it: $R moved onto / there, then chroot to it. PID 1 keeps the
+# initramfs and writes the status below.
+unshare -m /bin/sh -c "cd $R && mount --move . / && exec chroot . /bin/sh /run/harness/cmd.sh" </dev/null >/dev/ttyS1 2>/dev/ttyS2
 status=$?
 say "the command exited with status $status"
 echo $status >/mnt/ctl/status

@@ -47,12 +47,20 @@ export function snapshotCacheEntry(options: VmOptions, cacheDir: string): Snapsh
     if (options.agent === false) throw new VmStartError("options", "a snapshot cache needs the guest agent (agent: true)");
     if (options.restore !== undefined) throw new VmStartError("options", "a snapshot cache chooses the snapshot itself: leave out restore", { option: "restore" });
     const checked = checkOptions(options);
+    // Their state lives in virtiofsd's and passt's processes, which a snapshot cannot keep.
+    if (checked.shares.length > 0 || checked.rootfsHost) {
+      throw new VmStartError("options", (n) => `a snapshot cache cannot keep a VM with shares (${n("shares")}, ${n("rootfs")}) yet: leave them out or drop the snapshot cache`, { option: "shares" });
+    }
+    if (checked.userNet !== undefined) {
+      throw new VmStartError("options", (n) => `a snapshot cache cannot keep a VM on user-mode networking (${n("net")} user) yet: use a TAP or drop the snapshot cache`, { option: "net" });
+    }
     const files = resolveBootFiles(options, checked.agent);
     const key = snapshotKey({
       tskvmVersion: TSKVM_VERSION,
       host: hostKey(options.kvmPath),
       kernel: files.kernelPath,
       initrd: files.initrdPath,
+      modules: options.modules,
       cmdline: [files.cmdline.trim(), ...checked.extraArgs].filter((a) => a !== "").join(" "),
       memoryBytes: checked.memoryBytes,
       cpus: checked.cpus,

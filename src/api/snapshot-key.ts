@@ -20,6 +20,8 @@ export interface SnapshotKeyInput {
   host: unknown;
   kernel: string;
   initrd: string | undefined;
+  /** A distribution kernel's module directory whose drivers are appended to the initrd (VmOptions.modules). */
+  modules?: string | undefined;
   cmdline: string;
   memoryBytes: number;
   cpus: number;

@@ -27,17 +27,19 @@ const harness = (args: string[], env: NodeJS.ProcessEnv = {}) =>
 /** A QEMU whose command line shares this directory (-virtfs path=DIR) is still running. */
 const qemuLeft = (shared: string) => spawnSync("pgrep", ["-f", `qemu-system-x86_64.*path=${shared},`]).status === 0;
 
-test("one VM: the exit status, stdout and stderr apart, host files read-only, --rw written through, /dev/kvm inside", { skip, timeout: VM_MS }, () => {
+test("one VM: the exit status, stdout and stderr apart, host files read-only, --rw written through, /dev/kvm inside, user namespaces for passt and virtiofsd", { skip, timeout: VM_MS }, () => {
   const shared = mkdtempSync(join(dir, "rw-"));
   const readOnly = join(dir, "host-file");
   writeFileSync(readOnly, "from the host\n");
   const script =
     `cat ${readOnly}; echo changed > ${readOnly} && cat ${readOnly}; ` +
     `echo to-stderr >&2; echo written > ${shared}/out; test -c /dev/kvm && echo kvm; ` +
+    // passt and virtiofsd need user namespaces, which a chrooted process never gets.
+    `unshare -U true && echo userns; ` +
     `echo "$HARNESS_TEST_VAR"; pwd; exit 7`;
   const r = harness(["-e", "HARNESS_TEST_VAR=passed in", "-w", shared, "-C", dir, "--", "sh", "-c", script]);
   assert.equal(r.status, 7, r.stderr);
-  assert.equal(r.stdout, `from the host\nchanged\nkvm\npassed in\n${dir}\n`);
+  assert.equal(r.stdout, `from the host\nchanged\nkvm\nuserns\npassed in\n${dir}\n`);
   assert.equal(r.stderr, "to-stderr\n");
   assert.equal(readFileSync(readOnly, "utf8"), "from the host\n", "writes to the host's files stay in the VM");
   assert.equal(readFileSync(join(shared, "out"), "utf8"), "written\n", "--rw directories are written through");
