@@ -315,6 +315,3 @@ export const KVM_VCPUEVENT_VALID_NMI_PENDING = 1;
 export const KVM_VCPUEVENT_VALID_SIPI_VECTOR = 2;
 export const KVM_VCPUEVENT_VALID_SHADOW = 4;
 export const KVM_VCPUEVENT_VALID_SMM = 8;
-export const KVM_IRQCHIP_PIC_MASTER = 0;
-export const KVM_IRQCHIP_PIC_SLAVE = 1;
-export const KVM_IRQCHIP_IOAPIC = 2;

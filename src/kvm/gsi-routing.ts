@@ -12,16 +12,13 @@
  * Pure data and encoding; Vm.setGsiRouting() makes the call.
  */
 import {
-  KVM_IRQCHIP_IOAPIC,
-  KVM_IRQCHIP_PIC_MASTER,
-  KVM_IRQCHIP_PIC_SLAVE,
+  IrqchipId,
   KVM_IRQ_ROUTING_IRQCHIP,
   KVM_IRQ_ROUTING_MSI,
   KvmIrqRouting,
   KvmIrqRoutingEntry,
 } from "./abi";
 
-export { KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE };
 
 /** IOAPIC pins: GSIs 0-23 belong to the irqchip; MSI routes get GSIs from here on. */
 export const IOAPIC_PINS = 24;
@@ -43,9 +40,9 @@ export interface MsiMessage {
 export function defaultIrqchipRoutes(): RoutingEntry[] {
   const out: RoutingEntry[] = [];
   for (let gsi = 0; gsi < IOAPIC_PINS; gsi++) {
-    out.push({ gsi, type: "irqchip", irqchip: KVM_IRQCHIP_IOAPIC, pin: gsi });
+    out.push({ gsi, type: "irqchip", irqchip: IrqchipId.IOAPIC, pin: gsi });
     if (gsi < 16) {
-      out.push({ gsi, type: "irqchip", irqchip: gsi < 8 ? KVM_IRQCHIP_PIC_MASTER : KVM_IRQCHIP_PIC_SLAVE, pin: gsi % 8 });
+      out.push({ gsi, type: "irqchip", irqchip: gsi < 8 ? IrqchipId.PIC_MASTER : IrqchipId.PIC_SLAVE, pin: gsi % 8 });
     }
   }
   return out;

@@ -1,15 +1,12 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { KvmIrqRouting, KvmIrqRoutingEntry, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI } from "../../src/kvm/abi";
+import { IrqchipId, KvmIrqRouting, KvmIrqRoutingEntry, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI } from "../../src/kvm/abi";
 import {
   FIRST_MSI_GSI,
   GsiRoutingError,
   GsiRoutingTable,
   MsiRoutes,
   defaultIrqchipRoutes,
-  KVM_IRQCHIP_IOAPIC,
-  KVM_IRQCHIP_PIC_MASTER,
-  KVM_IRQCHIP_PIC_SLAVE,
 } from "../../src/kvm/gsi-routing";
 
 describe("GSI routing table", () => {
@@ -18,11 +15,11 @@ describe("GSI routing table", () => {
     assert.equal(routes.length, 24 + 16);
     const of = (gsi: number) => routes.filter((r) => r.gsi === gsi);
     assert.deepEqual(of(0), [
-      { gsi: 0, type: "irqchip", irqchip: KVM_IRQCHIP_IOAPIC, pin: 0 },
-      { gsi: 0, type: "irqchip", irqchip: KVM_IRQCHIP_PIC_MASTER, pin: 0 },
+      { gsi: 0, type: "irqchip", irqchip: IrqchipId.IOAPIC, pin: 0 },
+      { gsi: 0, type: "irqchip", irqchip: IrqchipId.PIC_MASTER, pin: 0 },
     ]);
-    assert.deepEqual(of(10).map((r) => r.type === "irqchip" && [r.irqchip, r.pin]), [[KVM_IRQCHIP_IOAPIC, 10], [KVM_IRQCHIP_PIC_SLAVE, 2]]);
-    assert.deepEqual(of(23), [{ gsi: 23, type: "irqchip", irqchip: KVM_IRQCHIP_IOAPIC, pin: 23 }]);
+    assert.deepEqual(of(10).map((r) => r.type === "irqchip" && [r.irqchip, r.pin]), [[IrqchipId.IOAPIC, 10], [IrqchipId.PIC_SLAVE, 2]]);
+    assert.deepEqual(of(23), [{ gsi: 23, type: "irqchip", irqchip: IrqchipId.IOAPIC, pin: 23 }]);
     assert.deepEqual(new GsiRoutingTable().entries(), routes);
   });
 
@@ -58,7 +55,7 @@ describe("GSI routing table", () => {
     assert.equal(buf.byteLength, KvmIrqRouting.size + n * KvmIrqRoutingEntry.size);
     const first = KvmIrqRouting.entries;
     assert.equal(dv.getUint32(first + KvmIrqRoutingEntry.type, true), KVM_IRQ_ROUTING_IRQCHIP);
-    assert.equal(dv.getUint32(first + KvmIrqRoutingEntry.u, true), KVM_IRQCHIP_IOAPIC);
+    assert.equal(dv.getUint32(first + KvmIrqRoutingEntry.u, true), IrqchipId.IOAPIC);
     const last = KvmIrqRouting.entries + (n - 1) * KvmIrqRoutingEntry.size;
     assert.equal(dv.getUint32(last + KvmIrqRoutingEntry.gsi, true), gsi);
     assert.equal(dv.getUint32(last + KvmIrqRoutingEntry.type, true), KVM_IRQ_ROUTING_MSI);
