@@ -211,7 +211,7 @@ async function agentSession(vm: Vm): Promise<void> {
   const events: string[] = [];
   vm.on("stdout", (b: Buffer) => events.push(`out:${b.toString()}`));
   vm.on("stderr", (b: Buffer) => events.push(`err:${b.toString()}`));
-  assert.deepEqual(await vm.ready({ timeoutMs: scaled(30_000) }), { nproc: 1 });
+  assert.deepEqual(await vm.ready({ timeoutMs: scaled(30_000) }), { nproc: 1, unmounted: [] });
   await vm.waitForConsole("tiny agent on the console", { timeoutMs: 10_000 });
 
   const streamed: Buffer[] = [];
