@@ -158,6 +158,18 @@ export function chooseSandbox(caps = effectiveCapabilities()): Sandbox {
   };
 }
 
+/** Where a share of "/" is served from, inside virtiofsd's own mount namespace (virtiofsdCommand). */
+const ROOT_SOURCE = "/tmp";
+const ROOT_SCRIPT = `set -e; mount --rbind / ${ROOT_SOURCE}; exec "$@"`;
+/**
+ * Read-only: every mount in the copy made read-only, one by one (mountinfo escapes spaces
+ * and such as \\NNN, which printf %b undoes).
+ */
+const ROOT_SCRIPT_READ_ONLY =
+  `set -e; mount --rbind / ${ROOT_SOURCE}; ` +
+  `awk '$5 == "${ROOT_SOURCE}" || index($5, "${ROOT_SOURCE}/") == 1 { print $5 }' /proc/self/mountinfo | ` +
+  `while read -r m; do mount -o remount,bind,ro "$(printf '%b' "$m")"; done; exec "$@"`;
+
 /** Escape a value for virtiofsd's -o option list (comma-separated, backslash escapes). */
 export function escapeOption(value: string): string {
   return value.replace(/\\/g, "\\\\").replace(/,/g, "\\,");
@@ -165,10 +177,17 @@ export function escapeOption(value: string): string {
 
 /** The whole command line that starts virtiofsd for `share` with the listening socket as fd 3. */
 export function virtiofsdCommand(binary: string, share: Share, sandbox: Sandbox, cache: CacheMode): string[] {
+  // virtiofsd cannot serve the root itself: its sandbox bind-mounts the source onto itself
+  // and pivot_roots into it, which the kernel refuses (EBUSY) when the source is the
+  // process's own root. So "/" (--rootfs host) is bind-mounted, with what is mounted below
+  // it, onto /tmp in a mount namespace of virtiofsd's own, and served from there.
+  const whole = share.hostPath === "/";
+  const source = whole ? ROOT_SOURCE : share.hostPath;
+  const mountNs = sandbox.prefix.length > 0 ? [...sandbox.prefix, "--mount"] : ["unshare", "--mount", "--propagation", "private"];
   const daemon = [
     binary,
     "--fd=3",
-    "-o", `source=${escapeOption(share.hostPath)}`,
+    "-o", `source=${escapeOption(source)}`,
     "-o", `sandbox=${sandbox.mode}`,
     "-o", `cache=${cache}`,
     "-o", "log_level=warn",
@@ -177,11 +196,11 @@ export function virtiofsdCommand(binary: string, share: Share, sandbox: Sandbox,
     // (devices/virtio/fs/in-flight.ts). (Also its default; said here because we rely on it.)
     "--thread-pool-size=0",
   ];
+  if (whole) return [...mountNs, "/bin/sh", "-c", share.readOnly ? ROOT_SCRIPT_READ_ONLY : ROOT_SCRIPT, "sh", ...daemon];
   if (!share.readOnly) return [...sandbox.prefix, ...daemon];
   // A read-only bind mount of the share over itself in a mount namespace of virtiofsd's
   // own; virtiofsd's sandbox bind-mounts it again, which keeps it read-only. The path is an
   // argument of sh, never part of its script.
-  const mountNs = sandbox.prefix.length > 0 ? [...sandbox.prefix, "--mount"] : ["unshare", "--mount", "--propagation", "private"];
   return [...mountNs, "/bin/sh", "-c", 'mount --bind -o ro -- "$1" "$1" && shift && exec "$@"', "sh", share.hostPath, ...daemon];
 }
 

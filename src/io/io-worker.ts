@@ -149,8 +149,12 @@ function main(init: IoWorkerInit): void {
   }
 }
 
-/** Host fds one device may ask to have polled (a TAP; a passt socket). */
-const MAX_BACKEND_FDS = 2;
+/**
+ * Host fds one device may ask to have polled: a TAP or passt's socket; for virtio-fs, the
+ * vhost-user socket and a call eventfd per queue relayed to INTx (or, once virtiofsd is
+ * gone, the kick eventfds it no longer reads). virtio-fs has two queues: at most 3.
+ */
+const MAX_BACKEND_FDS = 8;
 
 try {
   main(workerData as IoWorkerInit);
