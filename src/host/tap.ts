@@ -21,6 +21,8 @@ import { constants as osConstants } from "node:os";
 
 const EAGAIN = osConstants.errno.EAGAIN;
 const ECANCELED = osConstants.errno.ECANCELED;
+/** What io_uring answers RWF_NOWAIT on a TAP whose kernel cannot do it (Debian 6.1's tun). */
+const EOPNOTSUPP = osConstants.errno.EOPNOTSUPP;
 
 const T = 0x54; // 'T'
 
@@ -171,12 +173,19 @@ export class Tap implements NetBackend {
       ring.submitAndWait(n);
       let next = from + n;
       let blocked = false;
+      let unsupported = false;
       const ready = ring.completionCount();
       for (let i = 0; i < ready; i++) {
         const k = ring.completionTag(i);
         const res = ring.completionResult(i);
         if (res >= 0) batch.result[k] = res;
-        else if (res === -EAGAIN) {
+        else if (res === -EOPNOTSUPP) {
+          // This kernel's TAP cannot do RWF_NOWAIT: the frame and those linked after it
+          // were not written; they go out by writev, and so does everything from now on.
+          batch.result[k] = 0;
+          unsupported = true;
+          if (k < next) next = k;
+        } else if (res === -EAGAIN) {
           batch.result[k] = 0;
           blocked = true;
         } else if (res === -ECANCELED) {
@@ -185,6 +194,11 @@ export class Tap implements NetBackend {
         } else batch.result[k] = res;
       }
       ring.consumeCompletions(ready);
+      if (unsupported) {
+        this.ring = undefined;
+        this.writeFramesOneByOne(batch, next);
+        return;
+      }
       if (blocked) {
         for (let k = from; k < batch.frames; k++) if (k >= next || batch.result[k] === 0) batch.result[k] = 0;
         return;
@@ -197,21 +211,7 @@ export class Tap implements NetBackend {
     const ring = this.ring;
     const iov = batch.iov.bytes;
     if (ring === undefined) {
-      for (let k = 0; k < batch.frames; k++) {
-        let n: number;
-        try {
-          n = sys.readv(this.fd, iov.subarray(IOVEC_BYTES * batch.start[k]!), batch.count[k]!);
-        } catch (e) {
-          batch.result[k] = -((e as sys.SysError).errno ?? 5);
-          for (let j = k + 1; j < batch.frames; j++) batch.result[j] = 0;
-          return;
-        }
-        batch.result[k] = n < 0 ? 0 : n;
-        if (n < 0) {
-          for (let j = k + 1; j < batch.frames; j++) batch.result[j] = 0;
-          return;
-        }
-      }
+      this.readFramesOneByOne(batch, 0);
       return;
     }
     // Independent RWF_NOWAIT reads, in order: each takes the next frame there is, or
@@ -224,18 +224,47 @@ export class Tap implements NetBackend {
       ring.submitAndWait(n);
       const ready = ring.completionCount();
       let none = false;
+      let unsupported = from + n;
       for (let i = 0; i < ready; i++) {
         const k = ring.completionTag(i);
         const res = ring.completionResult(i);
         if (res === -EAGAIN) {
           batch.result[k] = 0;
           none = true;
+        } else if (res === -EOPNOTSUPP) {
+          // No RWF_NOWAIT on this kernel's TAP (every read says so alike): readv from here on.
+          batch.result[k] = 0;
+          if (k < unsupported) unsupported = k;
         } else batch.result[k] = res;
       }
       ring.consumeCompletions(ready);
+      if (unsupported < from + n) {
+        this.ring = undefined;
+        this.readFramesOneByOne(batch, unsupported);
+        return;
+      }
       from += n;
       if (none) {
         for (let k = from; k < batch.frames; k++) batch.result[k] = 0;
+        return;
+      }
+    }
+  }
+
+  private readFramesOneByOne(batch: FrameBatch, from: number): void {
+    const iov = batch.iov.bytes;
+    for (let k = from; k < batch.frames; k++) {
+      let n: number;
+      try {
+        n = sys.readv(this.fd, iov.subarray(IOVEC_BYTES * batch.start[k]!), batch.count[k]!);
+      } catch (e) {
+        batch.result[k] = -((e as sys.SysError).errno ?? 5);
+        for (let j = k + 1; j < batch.frames; j++) batch.result[j] = 0;
+        return;
+      }
+      batch.result[k] = n < 0 ? 0 : n;
+      if (n < 0) {
+        for (let j = k + 1; j < batch.frames; j++) batch.result[j] = 0;
         return;
       }
     }
