@@ -162,12 +162,13 @@ export function chooseSandbox(caps = effectiveCapabilities()): Sandbox {
 const ROOT_SOURCE = "/tmp";
 const ROOT_SCRIPT = `set -e; mount --rbind / ${ROOT_SOURCE}; exec "$@"`;
 /**
- * Read-only: every mount in the copy made read-only, one by one (mountinfo escapes spaces
- * and such as \\NNN, which printf %b undoes).
+ * Read-only: every mount of the copy made read-only, one by one: the copy at ROOT_SOURCE
+ * (the last mount there in mountinfo) and its descendants by parent id, not what it covers
+ * (mountinfo escapes spaces and such as \\NNN, which printf %b undoes).
  */
 const ROOT_SCRIPT_READ_ONLY =
   `set -e; mount --rbind / ${ROOT_SOURCE}; ` +
-  `awk '$5 == "${ROOT_SOURCE}" || index($5, "${ROOT_SOURCE}/") == 1 { print $5 }' /proc/self/mountinfo | ` +
+  `awk -v m=${ROOT_SOURCE} 'NR == FNR { if ($5 == m) r = $1; next } $1 == r || ($2 in keep) { keep[$1] = 1; print $5 }' /proc/self/mountinfo /proc/self/mountinfo | ` +
   `while read -r m; do mount -o remount,bind,ro "$(printf '%b' "$m")"; done; exec "$@"`;
 
 /** Escape a value for virtiofsd's -o option list (comma-separated, backslash escapes). */

@@ -5,7 +5,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawn, spawnSync } from "node:child_process";
@@ -373,7 +373,8 @@ test("tskvm run: a parent that dies takes the VM with it (its parent-death signa
   writeFileSync(img, new Uint8Array(1024 * 1024));
   const locked = () => spawnSync("flock", ["-n", "-x", img, "true"]).status !== 0;
   // sh starts tskvm, says its pid and waits for it; killing sh with SIGKILL orphans tskvm.
-  const script = `"${process.execPath}" "${TSKVM_BIN}" run -m 32M -k "${agentKernel}" --no-initrd -d "${img}" -- hang >/dev/null 2>&1 & echo $!; wait`;
+  const errFile = join(dir, "orphan.err");
+  const script = `"${process.execPath}" "${TSKVM_BIN}" run -m 32M -k "${agentKernel}" --no-initrd -d "${img}" -- hang >/dev/null 2>"${errFile}" & echo $!; wait`;
   const sh = spawn("sh", ["-c", script], { stdio: ["ignore", "pipe", "ignore"] });
   const pid = await new Promise<number>((resolve) => sh.stdout!.once("data", (d: Buffer) => resolve(Number(d.toString().trim()))));
   const alive = () => {
@@ -385,7 +386,9 @@ test("tskvm run: a parent that dies takes the VM with it (its parent-death signa
     }
   };
   try {
-    await waitUntil(locked, scaled(30_000), "tskvm to start and lock its disk");
+    const stderr = () => (existsSync(errFile) ? readFileSync(errFile, "utf8") : "");
+    await waitUntil(() => locked() || !alive(), scaled(30_000), "tskvm to start and lock its disk");
+    assert.ok(alive(), `tskvm ended before its parent did: ${stderr()}`);
     sh.kill("SIGKILL");
     await waitUntil(() => !alive(), scaled(20_000), "tskvm to end after its parent died");
     assert.equal(locked(), false, "the disk is released");
