@@ -126,6 +126,11 @@ export interface DeviceEnv {
   control: VmControl;
   /** The I/O worker's control eventfd: poked when a driver sets DRIVER_OK or resets. */
   ioControlFd?: number;
+  /**
+   * A one-line warning for the machine's diagnostics: a KVM call that a guest access
+   * triggered failed, and the device carries on without it. Default: dropped.
+   */
+  warn?: (message: string) => void;
 }
 
 export interface DeviceSet {
@@ -239,45 +244,95 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
 /** What a virtio transport asks of the machine, in whichever thread took the exit. */
 function virtioHooks(f: VirtioFunctionSpec, env: DeviceEnv): VirtioTransportHooks {
   const vm = new Vm(env.vmFd);
-  const pokeIo = () => {
-    if (env.ioControlFd !== undefined) sys.signalEventfd(env.ioControlFd);
+  const warn = env.warn ?? (() => undefined);
+  // Each of these is a system call a guest register access triggers. Its failure (an MSI to
+  // an address no CPU answers, an eventfd closed while the VM stops) is the guest's or the
+  // moment's, never a reason to end the VM from a vCPU thread: say so and carry on.
+  const contained = (what: string, call: () => void): void => {
+    try {
+      call();
+    } catch (e) {
+      warn(`${f.name}: ${what} failed (${(e as Error).message}); the device carries on without it`);
+    }
+  };
+  const pokeIo = (what: string) => () => {
+    if (env.ioControlFd !== undefined) contained(what, () => sys.signalEventfd(env.ioControlFd!));
   };
   return {
     kick: (queue) => {
       const fd = f.kickFds[queue];
-      if (fd !== undefined) sys.signalEventfd(fd);
+      if (fd !== undefined) contained(`the kick of queue ${queue}`, () => sys.signalEventfd(fd));
     },
-    reset: pokeIo,
-    driverOk: pokeIo,
-    notifyAddressChanged: (now, before) => moveIoeventfds(vm, f, now, before),
-    msixUnmasked: (_vector, m) => vm.signalMsi(m.address % 0x1_0000_0000, Math.floor(m.address / 0x1_0000_0000), m.data),
+    reset: pokeIo("telling the I/O worker of a reset"),
+    driverOk: pokeIo("telling the I/O worker of DRIVER_OK"),
+    notifyAddressChanged: (now, before) => {
+      const failure = moveIoeventfds(vm, f.kickFds, now, before);
+      if (failure !== undefined) warn(`${f.name}: ${failure}`);
+    },
+    msixUnmasked: (vector, m) =>
+      contained(`MSI-X vector ${vector}`, () => vm.signalMsi(m.address % 0x1_0000_0000, Math.floor(m.address / 0x1_0000_0000), m.data)),
     // A vhost-user back end's interrupts are routed in KVM (board/vhost-irq.ts): the I/O
     // worker re-routes them when the driver changes MSI-X.
-    ...(f.device.kind === "virtio-fs" ? { msixChanged: pokeIo } : {}),
+    ...(f.device.kind === "virtio-fs" ? { msixChanged: pokeIo("telling the I/O worker of an MSI-X change") } : {}),
   };
 }
+
+/** The one KVM call moving notifications needs: a fake in tests. */
+export type IoeventfdRegistrar = Pick<Vm, "ioeventfd">;
 
 /**
  * Move the queue notification ioeventfds from where they were (`before`) to where they are
  * now, so that a kick signals the queue's eventfd inside the kernel with no exit. Runs in
  * whichever thread saw the change, under the transport's lock; the transport's registers
  * are the one record of what is registered.
+ *
+ * Returns undefined, or a one-line reason when KVM refused a registration: EEXIST when a
+ * guest moved one function's BAR onto another's notify address. Then every registration
+ * this call made is undone, and the function's notifications arrive as exits, which the transport turns into the same kicks, and nothing stays
+ * registered that the record does not cover. (A deassignment names its eventfd, so taking
+ * out what was never registered, the next time the BAR moves, touches nobody else's.)
  */
-function moveIoeventfds(vm: Vm, f: VirtioFunctionSpec, now: readonly NotifyAddress[], before: readonly NotifyAddress[]): void {
+export function moveIoeventfds(
+  vm: IoeventfdRegistrar,
+  kickFds: readonly number[],
+  now: readonly NotifyAddress[],
+  before: readonly NotifyAddress[],
+): string | undefined {
+  const opts = (q: NotifyAddress, deassign: boolean) => ({
+    pio: q.pio,
+    length: q.length,
+    ...(q.datamatch !== undefined ? { datamatch: q.datamatch } : {}),
+    ...(deassign ? { deassign } : {}),
+  });
   for (const q of before) {
-    const fd = f.kickFds[q.index];
+    const fd = kickFds[q.index];
     if (fd === undefined) continue;
     try {
-      vm.ioeventfd(fd, q.address, { pio: q.pio, length: q.length, deassign: true, ...(q.datamatch !== undefined ? { datamatch: q.datamatch } : {}) });
+      vm.ioeventfd(fd, q.address, opts(q, true));
     } catch {
-      // Already gone; nothing to undo.
+      // Never registered (an earlier move fell back to exits) or already gone.
     }
   }
+  const made: NotifyAddress[] = [];
   for (const q of now) {
-    const fd = f.kickFds[q.index];
+    const fd = kickFds[q.index];
     if (fd === undefined) continue;
-    vm.ioeventfd(fd, q.address, { pio: q.pio, length: q.length, ...(q.datamatch !== undefined ? { datamatch: q.datamatch } : {}) });
+    try {
+      vm.ioeventfd(fd, q.address, opts(q, false));
+      made.push(q);
+    } catch (e) {
+      for (const m of made) {
+        try {
+          vm.ioeventfd(kickFds[m.index]!, m.address, opts(m, true));
+        } catch {
+          // It was registered a moment ago; nothing else can have taken it out.
+        }
+      }
+      const where = q.pio ? `port 0x${q.address.toString(16)}` : `address 0x${q.address.toString(16)}`;
+      return `queue notifications at ${where} cannot be caught in the kernel (${(e as Error).message}); they take exits instead`;
+    }
   }
+  return undefined;
 }
 
 /**
@@ -311,6 +366,9 @@ export function registerRestoredIoeventfds(vm: Vm, spec: DeviceSetSpec, devices:
   if (spec.pci === undefined || devices.pci === undefined) return;
   for (const f of spec.pci.functions) {
     const transport = devices.pci.function(f.slot.device);
-    if (transport instanceof VirtioPciTransport) moveIoeventfds(vm, f, transport.notifyAddresses(), []);
+    if (!(transport instanceof VirtioPciTransport)) continue;
+    // The snapshot's VM held these registrations, so they fit together; should one not, the
+    // function takes exits as it did there after such a move.
+    moveIoeventfds(vm, f.kickFds, transport.notifyAddresses(), []);
   }
 }

@@ -25,6 +25,7 @@ function main(init: VcpuWorkerInit): void {
     consoleFd: init.consoleFd,
     memory,
     ...(init.ioControlFd !== undefined ? { ioControlFd: init.ioControlFd } : {}),
+    warn: (message) => post({ type: "warning", message }),
     control: {
       requestReset: (reason) => loop?.requestReset(reason),
     },

@@ -255,6 +255,7 @@ export class Machine {
       consoleFd,
       memory,
       control: { requestReset: (reason) => this.stop(reason) },
+      warn: (message) => this.onDiagnostic({ kind: "warning", message }),
       ...(virtio.controlFd !== undefined ? { ioControlFd: virtio.controlFd } : {}),
     });
     if (restoredQueues === undefined) this.devices.pci?.assignResources();
@@ -509,6 +510,7 @@ export class Machine {
     this.threads.forEach((t, i) => {
       t.onStop = (r) => this.onVcpuStop(r);
       t.onRegisterDump = (dump) => this.onDiagnostic({ kind: "registers", vcpu: t.vcpu.id, dump });
+      t.onWarning = (message) => this.onDiagnostic({ kind: "warning", message });
       t.start(i === 0 ? bootWorker : undefined);
     });
     this.io?.start();

@@ -120,16 +120,17 @@ export class NetTx {
         if (len < hdrSize) {
           throw new NetChainError(`TX chain (head ${c.head}) has ${len} readable bytes, less than the ${hdrSize}-byte header`);
         }
+        // One limit whichever way the frame goes out: no TAP takes more than NET_MAX_FRAME.
+        if (len > NET_MAX_FRAME) {
+          this.link.stats.txDropped++;
+          this.link.note(`virtio-net: dropped a ${len}-byte TX frame: larger than ${NET_MAX_FRAME} bytes`);
+          q.addUsed(c.head, 0);
+          continue;
+        }
         // In place (writev from guest memory) when possible, else copied into txBuf.
         this.iov.clear();
         let iovecs = this.settings.directTx && c.appendIovecs(this.iov, false) ? this.iov.count : -1;
         if (iovecs < 0) {
-          if (len > this.txBuf.length) {
-            this.link.stats.txDropped++;
-            this.link.note(`virtio-net: dropped a ${len}-byte TX frame: larger than ${this.txBuf.length} bytes`);
-            q.addUsed(c.head, 0);
-            continue;
-          }
           c.reader.readInto(len === this.txBuf.length ? this.txBuf : this.txBuf.subarray(0, len));
           iovecs = 0;
         }
