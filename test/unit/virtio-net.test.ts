@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { GuestMemory } from "../../src/memory/guest-memory";
 import { type VirtioActivation, VirtioDeviceType, VirtioFeatureBit, feature } from "../../src/devices/virtio/types";
 import { NET_QUEUE_SIZE, NetConfig, VIRTIO_NET_S_LINK_UP, VirtioNet, VirtioNetFeature, defaultMac } from "../../src/devices/virtio/net/device";
-import { NET_MAX_IOV, NetHdr, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VirtioNetGso } from "../../src/devices/virtio/net/header";
+import { NET_MAX_FRAME, NET_MAX_IOV, NetHdr, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VirtioNetGso } from "../../src/devices/virtio/net/header";
 import type { FrameBatch, NetBackend } from "../../src/devices/virtio/net/backend";
 import { MacAddressError, formatMac, parseMac } from "../../src/api/option-values";
 import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN } from "../../src/host/tap";
@@ -463,6 +463,20 @@ for (const mode of ["copied", "in place", "batches"] as const) {
       assert.equal(h.dev.stats.txDropped, 1);
       assert.deepEqual(h.resets, []);
       assert.match(h.logs[0]!, /refused a 112-byte frame: (write failed: EINVAL|errno 22)/);
+    });
+
+    it(`a TX chain over ${NET_MAX_FRAME} bytes is dropped, in place as when copied; the queue goes on`, () => {
+      const h = harness({ mode, features: V1 | MRG });
+      const big = frame(pattern(100 * 1024, 5));
+      sendTx(h, [h.tx.readable(big.subarray(0, 12)), h.tx.readable(big.subarray(12))]);
+      const atLimit = frame(pattern(NET_MAX_FRAME - 12, 6));
+      sendTx(h, [h.tx.readable(atLimit.subarray(0, 12)), h.tx.readable(atLimit.subarray(12))]);
+      assert.deepEqual(h.tap.fromGuest, [atLimit], "only the frame within the limit reached the TAP");
+      assert.equal(h.tap.vectored, mode === "in place" ? 1 : 0, "the frame within the limit went the usual way");
+      assert.equal(h.tx.used().length, 2, "both chains went back to the driver");
+      assert.equal(h.dev.stats.txDropped, 1);
+      assert.deepEqual(h.resets, []);
+      assert.match(h.logs.join("\n"), new RegExp(`dropped a ${big.length}-byte TX frame: larger than ${NET_MAX_FRAME} bytes`));
     });
   });
 
