@@ -168,11 +168,14 @@ export async function main(argv: readonly string[]): Promise<number> {
         process.stdout.write(`tskvm ${VERSION}\n`);
         return ExitCode.OK;
       case undefined:
+        // Asked for nothing: the usage, then the one line every refusal has, on stderr.
+        process.stderr.write(`${USAGE}\n`);
+        throw new UsageError("no command given: use boot, run, mkdisk or probe (tskvm --help)");
       case "--help":
       case "-h":
       case "help":
         process.stdout.write(`${USAGE}\n`);
-        return command === undefined ? ExitCode.USAGE : ExitCode.OK;
+        return ExitCode.OK;
       default:
         throw new UsageError(`unknown command '${command}': use boot, run, mkdisk or probe (tskvm --help)`);
     }

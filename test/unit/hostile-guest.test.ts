@@ -101,7 +101,7 @@ function blkFunction(name: string, device: number, kickFds: number[]): VirtioFun
   return {
     name,
     slot: { device, intxPin: 0, gsi: 16 },
-    device: { kind: "virtio-blk", disk: { fd: -1, sizeBytes: 0, readOnly: true, path: "none", serial: name } },
+    device: { kind: "virtio-blk", disk: { fd: -1, sizeBytes: 0, readOnly: true, path: "none", serial: name, engine: "sync" } },
     transport,
     kickFds,
     intxFd: -1,
