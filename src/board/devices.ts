@@ -14,6 +14,7 @@ import { SharedState } from "../devices/shared-state";
 import { Cmos, CMOS_BASE, CMOS_PORT_COUNT } from "../devices/legacy/cmos";
 import { I8042, I8042_BASE, I8042_KBD_IRQ, I8042_PORT_COUNT } from "../devices/legacy/i8042";
 import { ABSENT_PORTS, AbsentPorts } from "../devices/legacy/legacy-ports";
+import { PvPanic, PVPANIC_PORT } from "../devices/legacy/pvpanic";
 import { setIrqLine, Vm } from "../kvm/kvm";
 import * as sys from "../sys/libc";
 import { writeAll } from "../sys/libc";
@@ -178,6 +179,33 @@ export function taggedFdSink(fd: number, tag: number): ByteSink {
   };
 }
 
+/** What Linux's panic() prints first, before its report (and before panic=N resets). */
+export const KERNEL_PANIC_LINE = "Kernel panic - not syncing";
+
+/**
+ * The console's bytes pass through unchanged; when they spell KERNEL_PANIC_LINE, `onPanic`
+ * is called (each time). The match runs across writes; its state is this thread's own,
+ * which is enough: one panicking CPU prints the line.
+ */
+export function panicWatch(sink: ByteSink, onPanic: () => void): ByteSink {
+  const want = Buffer.from(KERNEL_PANIC_LINE, "latin1");
+  let matched = 0;
+  return {
+    write: (bytes) => {
+      sink.write(bytes);
+      for (let i = 0; i < bytes.byteLength; i++) {
+        const b = bytes[i]!;
+        // "K" occurs only at the line's start, so a mismatch restarts at 0, or 1 on a "K".
+        matched = b === want[matched] ? matched + 1 : b === want[0] ? 1 : 0;
+        if (matched === want.length) {
+          matched = 0;
+          onPanic();
+        }
+      }
+    },
+  };
+}
+
 const DROP: ByteSink = { write: () => undefined };
 
 function sinkFor(spec: SerialSinkSpec | undefined): ByteSink {
@@ -216,7 +244,10 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
   const lines = new SharedState(spec.isaIrqs, ISA_IRQ_LINES);
   // Every UART gets its own source bit on its (possibly shared) line.
   const uartIrq = (irq: number, source: number) => sharedIrqLine(env.vmFd, lines, irq, source);
-  const consoleSink = spec.serial.consoleTag !== undefined ? taggedFdSink(env.consoleFd, spec.serial.consoleTag) : fdSink(env.consoleFd);
+  const consoleSink = panicWatch(
+    spec.serial.consoleTag !== undefined ? taggedFdSink(env.consoleFd, spec.serial.consoleTag) : fdSink(env.consoleFd),
+    () => env.control.guestPanicked("guest kernel panicked", false),
+  );
   const base = spec.serial.base;
   const coalescing = spec.serial.coalesceTx === true ? { set: (on: boolean) => new Vm(env.vmFd).coalescePio(base, 1, on) } : undefined;
   const serial = new Serial(spec.serial.state, consoleSink, uartIrq(spec.serial.irq, 0), coalescing);
@@ -228,6 +259,7 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
   });
   pio.register(spec.cmos.base, CMOS_PORT_COUNT, new Cmos(spec.cmos.state), "CMOS/RTC");
   pio.register(spec.i8042.base, I8042_PORT_COUNT, new I8042(spec.i8042.state, env.control, kvmIrqLine(env.vmFd, I8042_KBD_IRQ)), "i8042");
+  pio.register(PVPANIC_PORT, 1, new PvPanic(env.control), "pvpanic");
   const absent = new AbsentPorts();
   for (const p of ABSENT_PORTS) pio.register(p.base, p.length, absent, p.name);
   let pci: PciRootComplex | undefined;

@@ -357,7 +357,7 @@ ${BOOT_FLAG_HELP}
 Exit status: CMD's; or 1 the guest failed (KVM could not run it), 2 bad command line,
 3 a file cannot be used, 4 the host cannot run VMs, 5 the guest did not become ready
 in time (or ended before), 6 CMD timed out, 7 the guest ended before CMD did,
-128+N a signal. tskvm's own failures print one line starting "tskvm:" on stderr.`;
+8 the guest's kernel panicked, 128+N a signal. tskvm's own failures print one line starting "tskvm:" on stderr.`;
 
 /** "30", "2.5", "90s", "10m", "1h" -> milliseconds; "0" -> undefined (no limit). */
 export function parseDuration(text: string, flag: string): number | undefined {

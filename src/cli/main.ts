@@ -147,7 +147,7 @@ async function runToEnd(vm: Vm, verbose = false): Promise<number> {
     if (exit.dump !== undefined) process.stderr.write(`${exit.dump}\n`);
     return ExitCode.GUEST_FAILED;
   }
-  return ExitCode.OK;
+  return exit.kind === "panic" ? ExitCode.GUEST_PANICKED : ExitCode.OK;
 }
 
 export async function main(argv: readonly string[]): Promise<number> {

@@ -28,6 +28,7 @@ function main(init: VcpuWorkerInit): void {
     warn: (message) => post({ type: "warning", message }),
     control: {
       requestReset: (reason) => loop?.requestReset(reason),
+      guestPanicked: (reason, now) => loop?.guestPanicked(reason, now),
     },
   });
   loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control, init.haltStatus, init.coalescing ? { coalesced: vcpu.coalescedRing() } : {});

@@ -129,7 +129,7 @@ describe("the machine's virtio hooks contain failing KVM calls", () => {
         vmFd,
         consoleFd: -1,
         memory,
-        control: { requestReset: () => assert.fail("no reset") },
+        control: { requestReset: () => assert.fail("no reset"), guestPanicked: () => assert.fail("no panic") },
         warn: (m) => warnings.push(m),
       });
       // Firmware's assignment registers ioeventfds: each function warns once and goes on.
