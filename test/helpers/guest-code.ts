@@ -210,3 +210,11 @@ export function pvpanicThenSpin(): Uint8Array {
     0xeb, 0xfe, //                               jmp $
   ]);
 }
+
+/** 64-bit: write "x" to COM1 forever, as fast as the UART takes it (a guest flooding its console). */
+export const SERIAL_FLOOD = Uint8Array.from([
+  0x66, 0xba, COM1 & 0xff, COM1 >> 8, // mov dx, 0x3f8
+  0xb0, 0x78, //                         mov al, 'x'
+  0xee, //                         loop: out dx, al
+  0xeb, 0xfd, //                         jmp loop
+]);

@@ -244,6 +244,16 @@ function negotiate(g: Guest, accept: bigint): number {
   return g.common(L.COMMON_STATUS, 1);
 }
 
+/** Reset, ACKNOWLEDGE, DRIVER, then write driver feature words as [select, value]. */
+function writeFeatureWords(g: Guest, words: [number, number][]): void {
+  g.setCommon(L.COMMON_STATUS, 1, 0);
+  g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER);
+  for (const [select, value] of words) {
+    g.setCommon(L.COMMON_GFSELECT, 4, select);
+    g.setCommon(L.COMMON_GF, 4, value);
+  }
+}
+
 /** Queue setup like vp_modern's setup_vq: select, size, addresses (lo/hi), vector, enable. */
 function setupQueue(g: Guest, q: number, size: number, base: number, vector = VIRTIO_MSI_NO_VECTOR): void {
   g.setCommon(L.COMMON_Q_SELECT, 2, q);
@@ -422,24 +432,14 @@ describe("virtio-pci: modern initialisation", () => {
     assert.equal(g.common(L.COMMON_STATUS, 1) & FEATURES_OK, 0);
     assert.equal(negotiate(g, VERSION_1 | feature(2)) & FEATURES_OK, FEATURES_OK, "after a reset, a clean negotiation works");
     // A feature word beyond 63 accepts nothing and taints the negotiation the same way.
-    g.setCommon(L.COMMON_STATUS, 1, 0);
-    g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER);
-    g.setCommon(L.COMMON_GFSELECT, 4, 2);
-    g.setCommon(L.COMMON_GF, 4, 1);
-    g.setCommon(L.COMMON_GFSELECT, 4, 1);
-    g.setCommon(L.COMMON_GF, 4, 1);
+    writeFeatureWords(g, [[2, 1], [1, 1]]);
     g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     assert.equal(g.common(L.COMMON_STATUS, 1) & FEATURES_OK, 0);
   });
 
   it("refuses DRIVER_OK without FEATURES_OK: nothing is activated", () => {
     const g = new Guest();
-    g.setCommon(L.COMMON_STATUS, 1, 0);
-    g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER);
-    g.setCommon(L.COMMON_GFSELECT, 4, 0);
-    g.setCommon(L.COMMON_GF, 4, 0xffff_ffff);
-    g.setCommon(L.COMMON_GFSELECT, 4, 1);
-    g.setCommon(L.COMMON_GF, 4, 0xffff_ffff);
+    writeFeatureWords(g, [[0, 0xffff_ffff], [1, 0xffff_ffff]]);
     setupQueue(g, 0, 128, 0x1_0000);
     g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER | DRIVER_OK);
     assert.equal(g.common(L.COMMON_STATUS, 1) & DRIVER_OK, 0, "DRIVER_OK not latched");
