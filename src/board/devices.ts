@@ -128,6 +128,11 @@ export interface DeviceEnv {
   /** The I/O worker's control eventfd: poked when a driver sets DRIVER_OK or resets. */
   ioControlFd?: number;
   /**
+   * True once the VM is stopping: a UART whose reader stopped reading (a full console pipe)
+   * then drops its output instead of holding its vCPU. Default: never.
+   */
+  stopping?: () => boolean;
+  /**
    * A one-line warning for the machine's diagnostics: a KVM call that a guest access
    * triggered failed, and the device carries on without it. Default: dropped.
    */
@@ -148,22 +153,22 @@ export function kvmIrqLine(vmFd: number, irq: number): IrqLine {
   return { set: (level) => setIrqLine(vmFd, irq, level) };
 }
 
-export function fdSink(fd: number): ByteSink {
-  return { write: (bytes) => writeAll(fd, bytes) };
+export function fdSink(fd: number, stopping?: () => boolean): ByteSink {
+  return { write: (bytes) => void writeAll(fd, bytes, stopping) };
 }
 
 /** Largest write that stays atomic on a pipe (PIPE_BUF), in whole [tag, byte] pairs. */
 const TAGGED_CHUNK = 4096 / 2;
 
 /** Each byte as a [tag, byte] pair (see SerialSinkSpec). */
-export function taggedFdSink(fd: number, tag: number): ByteSink {
+export function taggedFdSink(fd: number, tag: number, stopping?: () => boolean): ByteSink {
   if (!Number.isInteger(tag) || tag < 0 || tag > 255) throw new RangeError(`a sink tag is one byte, not ${tag}`);
   const one = Uint8Array.of(tag, 0);
   return {
     write: (bytes) => {
       if (bytes.byteLength === 1) {
         one[1] = bytes[0]!;
-        writeAll(fd, one);
+        writeAll(fd, one, stopping);
         return;
       }
       for (let at = 0; at < bytes.byteLength; at += TAGGED_CHUNK) {
@@ -173,7 +178,7 @@ export function taggedFdSink(fd: number, tag: number): ByteSink {
           out[2 * i] = tag;
           out[2 * i + 1] = part[i]!;
         }
-        writeAll(fd, out);
+        if (!writeAll(fd, out, stopping)) return;
       }
     },
   };
@@ -208,9 +213,9 @@ export function panicWatch(sink: ByteSink, onPanic: () => void): ByteSink {
 
 const DROP: ByteSink = { write: () => undefined };
 
-function sinkFor(spec: SerialSinkSpec | undefined): ByteSink {
+function sinkFor(spec: SerialSinkSpec | undefined, stopping?: () => boolean): ByteSink {
   if (spec === undefined) return DROP;
-  return spec.tag === undefined ? fdSink(spec.fd) : taggedFdSink(spec.fd, spec.tag);
+  return spec.tag === undefined ? fdSink(spec.fd, stopping) : taggedFdSink(spec.fd, spec.tag, stopping);
 }
 
 /**
@@ -245,7 +250,7 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
   // Every UART gets its own source bit on its (possibly shared) line.
   const uartIrq = (irq: number, source: number) => sharedIrqLine(env.vmFd, lines, irq, source);
   const consoleSink = panicWatch(
-    spec.serial.consoleTag !== undefined ? taggedFdSink(env.consoleFd, spec.serial.consoleTag) : fdSink(env.consoleFd),
+    spec.serial.consoleTag !== undefined ? taggedFdSink(env.consoleFd, spec.serial.consoleTag, env.stopping) : fdSink(env.consoleFd, env.stopping),
     () => env.control.guestPanicked("guest kernel panicked", false),
   );
   const base = spec.serial.base;
@@ -253,7 +258,7 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
   const serial = new Serial(spec.serial.state, consoleSink, uartIrq(spec.serial.irq, 0), coalescing);
   pio.register(spec.serial.base, SERIAL_PORT_COUNT, serial, "COM1 (16550A)");
   const auxSerials = spec.auxSerials.map((p, i) => {
-    const uart = new Serial(p.state, sinkFor(p.sink), uartIrq(p.irq, 1 + i));
+    const uart = new Serial(p.state, sinkFor(p.sink, env.stopping), uartIrq(p.irq, 1 + i));
     pio.register(p.base, SERIAL_PORT_COUNT, uart, p.name);
     return uart;
   });

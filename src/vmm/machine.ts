@@ -264,6 +264,7 @@ export class Machine {
         },
       },
       warn: (message) => this.onDiagnostic({ kind: "warning", message }),
+      stopping: () => Atomics.load(this.control, RunControlCell.STOP) !== 0,
       ...(virtio.controlFd !== undefined ? { ioControlFd: virtio.controlFd } : {}),
     });
     if (restoredQueues === undefined) this.devices.pci?.assignResources();

@@ -6,7 +6,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { writeFileSync } from "node:fs";
+import { readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { SERIAL_FLOOD } from "../helpers/guest-code";
 import { makeElf } from "../helpers/images";
@@ -20,6 +20,17 @@ const KERNEL_AT = 0x100_0000;
 const flood = join(scratch.dir, "flood.elf");
 writeFileSync(flood, makeElf({ segments: [{ paddr: KERNEL_AT, data: SERIAL_FLOOD }], entry: KERNEL_AT }));
 
+/** Some thread of `pid` sleeps in a write to a full pipe or socket, or in poll(2) for room in one (not epoll: the event loop). */
+function threadWaitsToWrite(pid: number): boolean {
+  return readdirSync(`/proc/${pid}/task`).some((tid) => {
+    try {
+      return /^(poll_schedule_timeout|do_sys_poll|pipe_write|sock_alloc_send|unix_stream_sendmsg|wait_woken)/.test(readFileSync(`/proc/${pid}/task/${tid}/wchan`, "utf8"));
+    } catch {
+      return false; // the thread ended meanwhile
+    }
+  });
+}
+
 for (const reading of [true, false]) {
   test(`SIGTERM stops a guest flooding its console ${reading ? "into a reader" : "into a pipe nobody reads"}: status 143, promptly`, { skip: noKvm, timeout: scaled(90_000) }, async () => {
     const child = spawn(process.execPath, [TSKVM_BIN, "boot", "-k", flood, "-m", "32M"], { stdio: ["ignore", "pipe", "pipe"] });
@@ -32,7 +43,7 @@ for (const reading of [true, false]) {
     try {
       await waitUntil(() => /tskvm: booting /.test(stderr), scaled(30_000), "the boot banner");
       if (reading) await waitUntil(() => out >= 1024 * 1024, scaled(60_000), "a MiB of console output");
-      else await new Promise((r) => setTimeout(r, 1000)); // let the pipe fill: nothing to wait for, the point is that nobody reads
+      else await waitUntil(() => threadWaitsToWrite(child.pid!), scaled(60_000), "a vCPU thread waiting for the full console pipe");
       const asked = Date.now();
       child.kill("SIGTERM");
       const timer = setTimeout(() => child.kill("SIGKILL"), scaled(20_000));
