@@ -32,7 +32,7 @@ import { TSKVM_VERSION } from "./version";
 import type { ConsoleMode, ReadyInfo, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions, VmStartupTimeline } from "./types";
 import { ShareServers } from "./share-servers";
 import { checkShareDirectory, requireVirtiofsd } from "../host/virtiofsd";
-import { GUEST_SSH_PORT, Passt, formatForward } from "../host/passt";
+import { GUEST_SSH_PORT, Passt, checkHostPort, formatForward } from "../host/passt";
 import { describeExit } from "../host/helper-process";
 import { describeIoEngine } from "../host/io-engine";
 
@@ -100,6 +100,8 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     if (checked.shares.length > 0 || checked.rootfsHost) requireVirtiofsd();
     const checkedFiles = checkBeforeStart(options, checked);
     host = openHostIo(options, checked.agent);
+    // A forward to a port this user may not bind is a bad option: said before "no KVM".
+    for (const f of checked.userNet?.forwards ?? []) await checkHostPort(f);
     checkKvmBeforeStart(options, checked);
     // Building the default guest takes minutes: never synchronously, so a signal can stop it.
     let guest: GuestManifest | undefined;
