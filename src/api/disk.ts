@@ -11,6 +11,7 @@ import { randomBytes } from "node:crypto";
 import { existsSync, lstatSync, openSync, closeSync, ftruncateSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
 import { basename, delimiter, dirname, join, relative, resolve, isAbsolute } from "node:path";
 import { VmError, type VmStartFailure } from "./errors";
+import { formatBytes } from "../vmm/machine";
 
 export interface MakeDiskOptions {
   /** Image size in bytes. Default: the content plus room to spare (at least 64 MiB free). */
@@ -112,7 +113,8 @@ export async function makeDiskImage(sourceDir: string, outPath: string, options:
     throw new DiskBuildError("options", `label '${options.label}' is longer than ext4's 16 bytes`);
   }
   if (options.sizeBytes !== undefined && (!Number.isSafeInteger(options.sizeBytes) || options.sizeBytes < MIN_IMAGE_BYTES || options.sizeBytes % 4096 !== 0)) {
-    throw new DiskBuildError("options", `bad image size ${options.sizeBytes}: give at least 16 MiB, a multiple of 4 KiB (--size)`);
+    const given = Number.isSafeInteger(options.sizeBytes) && options.sizeBytes > 0 ? formatBytes(options.sizeBytes) : String(options.sizeBytes);
+    throw new DiskBuildError("options", `bad image size ${given}: an image is at least ${formatBytes(MIN_IMAGE_BYTES)} and a multiple of 4 KiB (--size)`);
   }
   const outDir = dirname(out);
   if (!existsSync(outDir) || !statSync(outDir).isDirectory()) throw new DiskBuildError("input", `cannot write '${outPath}': directory '${outDir}' does not exist`);
@@ -139,7 +141,7 @@ export async function makeDiskImage(sourceDir: string, outPath: string, options:
   try {
     let size = options.sizeBytes ?? defaultImageSize(tree);
     for (let attempt = 0; ; attempt++) {
-      const fd = openSync(tmp, "w", 0o644);
+      const fd = openTemporary(tmp, outPath);
       try {
         ftruncateSync(fd, size);
       } finally {
@@ -162,6 +164,21 @@ export async function makeDiskImage(sourceDir: string, outPath: string, options:
   } catch (e) {
     cleanup();
     throw e;
+  }
+}
+
+/** The image's temporary file beside OUT; a directory that takes no files (/proc, read-only, no permission) is the user's to fix. */
+function openTemporary(tmp: string, outPath: string): number {
+  try {
+    return openSync(tmp, "w", 0o644);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why =
+      code === "EACCES" || code === "EPERM" ? "permission denied"
+      : code === "EROFS" ? "a read-only file system"
+      : code === "ENOSPC" || code === "EDQUOT" ? "no space left"
+      : `${code ?? (e as Error).message}: no files can be made there`;
+    throw new DiskBuildError("input", `cannot write '${outPath}' (${why})`);
   }
 }
 

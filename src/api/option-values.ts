@@ -25,6 +25,7 @@ const UNITS: Record<string, number> = {
 /** A memory or image size: "512M", "2G", "1536" (a bare number is MiB); a positive multiple of 4 KiB. */
 export function parseSize(text: string, what = "memory size"): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtT]?)(?:i?[bB])?\s*$/.exec(text);
+  if (m === null && /^\s*-\s*\d/.test(text)) throw new SizeError(`bad ${what} '${text}': it must be more than zero`);
   if (m === null) {
     throw new SizeError(
       `bad ${what} '${text}': use a number with an optional K, M or G suffix (a bare number means MiB), e.g. 512M or 2G`,

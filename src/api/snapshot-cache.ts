@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { Kvm } from "../kvm/kvm";
 import { collectHostFacts, cpuFeatureWords } from "../vmm/snapshot/host-facts";
 import { STATE_FILE } from "../vmm/snapshot/format";
-import { checkOptions, resolveBootFiles, toStartError } from "./start";
+import { checkBeforeStart, checkKvmBeforeStart, checkOptions, resolveBootFiles, toStartError } from "./start";
 import { snapshotKey } from "./snapshot-key";
 import { formatMac } from "./option-values";
 import { TSKVM_VERSION } from "./version";
@@ -54,6 +54,9 @@ export function snapshotCacheEntry(options: VmOptions, cacheDir: string): Snapsh
     if (checked.userNet !== undefined) {
       throw new VmStartError("options", (n) => `a snapshot cache cannot keep a VM on user-mode networking (${n("net")} user) yet: use a TAP or drop the snapshot cache`, { option: "net" });
     }
+    // resolveBootFiles may build the default guest (minutes): what can fail fast does first.
+    checkBeforeStart(options, checked);
+    checkKvmBeforeStart(options, checked);
     const files = resolveBootFiles(options, checked.agent);
     const key = snapshotKey({
       tskvmVersion: TSKVM_VERSION,

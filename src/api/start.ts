@@ -9,15 +9,19 @@ import { IoEngineError } from "../host/io-engine";
 import { ConfigError } from "../vmm/errors";
 import { SnapshotError } from "../vmm/snapshot/format";
 import { formatBytes, type DiskConfig, type TapNicConfig } from "../vmm/machine";
-import { KvmUnavailableError } from "../kvm/kvm";
-import { CpuidError } from "../kvm/cpuid";
+import { Kvm, KvmUnavailableError } from "../kvm/kvm";
+import { CPU_TEMPLATES, CpuidError, resolveHiddenFeatures } from "../kvm/cpuid";
+import { maxMpTableCpus } from "../arch/x86/mptable";
+import { KernelImageError, detectKernelFormat } from "../boot";
+import { parseBzImage } from "../boot/bzimage";
+import { parseElf } from "../boot/elf";
 import { detectHostKvm } from "../kvm/host";
 import { BootError } from "../boot/errors";
 import { GuestBuildError, bootFilesFor, buildDefaultGuest, findDefaultGuest, type GuestManifest } from "./default-guest";
 import { GUEST_DRIVER_MODULES, kernelRelease, moduleArchive } from "../boot/kernel-modules";
 import { appendInitramfs } from "../boot/initramfs";
-import { DiskImageError } from "../host/disk-image";
-import { TapError, parseCidr } from "../host/tap";
+import { DiskImageError, openDiskImage } from "../host/disk-image";
+import { TapError, parseCidr, validateTapName } from "../host/tap";
 import { PasstError, checkForwards, parseForward, type PortForward } from "../host/passt";
 import { MacAddressError, SizeError, parseDiskOption, parseMac, parseSize } from "./option-values";
 import { VmStartError, VmError, type OptionMessage, type OptionName } from "./errors";
@@ -213,6 +217,70 @@ export function checkUserNet(o: Pick<VmOptions, "net" | "forwards" | "sshForward
     throw optionsError((n) => `${(e as Error).message} (${n("forwards")})`, "forwards");
   }
   return { forwards, sshForward: o.sshForward ?? true };
+}
+
+/** What checkBeforeStart read, for the start to use instead of reading it again. */
+export interface PreflightFiles {
+  kernel?: { path: string; bytes: Uint8Array };
+  initrd?: { path: string; bytes: Uint8Array };
+}
+
+/**
+ * Everything about a start that can be checked before any long work (building the default
+ * guest takes minutes) and before the machine is built, in the order of the exit classes:
+ * the options themselves, then the files they name; checkKvmBeforeStart then checks this
+ * host's KVM. So each bad input is reported as what it is, at once, on a host with KVM or
+ * without. Throws what toStartError classifies.
+ */
+export function checkBeforeStart(o: VmOptions, checked: CheckedOptions): PreflightFiles {
+  // Options.
+  if (o.cpuTemplate !== undefined && CPU_TEMPLATES[o.cpuTemplate] === undefined) {
+    throw optionsError((n) => `unknown CPU template '${o.cpuTemplate}': use ${Object.keys(CPU_TEMPLATES).join(" or ")} (${n("cpuTemplate")})`, "cpuTemplate");
+  }
+  resolveHiddenFeatures(o.hideCpuFeatures ?? []);
+  // One PCI function per disk, NIC (passt's too), share and the host root file system.
+  const functions = checked.disks.length + checked.nics.length + (checked.userNet !== undefined ? 1 : 0) + checked.shares.length + (checked.rootfsHost ? 1 : 0);
+  const mpMax = maxMpTableCpus(functions);
+  if (checked.cpus > mpMax) {
+    throw optionsError((n) => `cannot give the guest ${checked.cpus} vCPUs: tskvm's MP table holds 1 to ${mpMax} (${n("cpus")})`, "cpus");
+  }
+  for (const nic of checked.nics) validateTapName(nic.tap);
+  // Files.
+  const files: PreflightFiles = {};
+  if (typeof o.kernel === "string") {
+    const bytes = readInputFile(o.kernel, "kernel image");
+    try {
+      if (detectKernelFormat(bytes) === "elf") parseElf(bytes);
+      else parseBzImage(bytes);
+    } catch (e) {
+      throw e instanceof KernelImageError ? e.withPath(o.kernel) : e;
+    }
+    files.kernel = { path: o.kernel, bytes };
+  }
+  if (typeof o.initrd === "string") files.initrd = { path: o.initrd, bytes: readInputFile(o.initrd, "initrd") };
+  if (o.modules !== undefined) {
+    // Without -i and without the agent, a kernel of one's own boots with no initrd at all.
+    const noInitrd = o.initrd === null || (o.kernel !== undefined && o.initrd === undefined && !checked.agent);
+    if (noInitrd) withDriverModules(undefined, new Uint8Array(0), o.modules);
+    moduleArchive(o.modules, GUEST_DRIVER_MODULES, files.kernel !== undefined ? kernelRelease(files.kernel.bytes) : undefined);
+  }
+  // Opened and closed again: exists, a whole number of sectors, not locked by another VM.
+  for (const d of checked.disks) openDiskImage(d.path, { readOnly: d.readOnly }).close();
+  return files;
+}
+
+/** The last check before any long work: this host's KVM opens, has what tskvm needs, takes the vCPUs. */
+export function checkKvmBeforeStart(o: VmOptions, checked: CheckedOptions): void {
+  const kvm = Kvm.open(o.kvmPath);
+  try {
+    kvm.requireCapabilities();
+    const { max } = kvm.vcpuLimits();
+    if (checked.cpus > max) {
+      throw optionsError((n) => `cannot give the guest ${checked.cpus} vCPUs: this host's KVM allows 1 to ${max} (${n("cpus")})`, "cpus");
+    }
+  } finally {
+    kvm.close();
+  }
 }
 
 /**

@@ -171,9 +171,11 @@ export interface VmExit {
   /**
    * "halted": every vCPU halted with interrupts off (how Linux without ACPI powers off);
    * "poweroff"/"reset": the guest asked for it; "stopped": this process stopped the VM
-   * (stop(), a timeout, a signal); "error": KVM could not run the guest.
+   * (stop(), a timeout, a signal); "error": KVM could not run the guest; "panic": the
+   * guest's kernel panicked (it said so through pvpanic or KVM's crash event, or its
+   * console printed "Kernel panic" before it reset, halted or powered off).
    */
-  kind: "halted" | "poweroff" | "reset" | "stopped" | "error";
+  kind: "halted" | "poweroff" | "reset" | "stopped" | "error" | "panic";
   /** One line. */
   reason: string;
   /** For "stopped": who asked (the reason given to stop()). */

@@ -24,7 +24,7 @@ import {
   runRequest,
   shellQuote,
 } from "./protocol";
-import { checkOptions, needsDefaultGuest, readInputFile, resolveBootFiles, toStartError, withDriverModules } from "./start";
+import { checkBeforeStart, checkKvmBeforeStart, checkOptions, needsDefaultGuest, readInputFile, resolveBootFiles, toStartError, withDriverModules } from "./start";
 import { buildDefaultGuestAsync, findDefaultGuest, type GuestManifest } from "./default-guest";
 import { SnapshotError, readSnapshotDir, type Json } from "../vmm/snapshot/format";
 import { parseDiskOption } from "./option-values";
@@ -32,7 +32,7 @@ import { TSKVM_VERSION } from "./version";
 import type { ConsoleMode, ReadyInfo, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions, VmStartupTimeline } from "./types";
 import { ShareServers } from "./share-servers";
 import { checkShareDirectory, requireVirtiofsd } from "../host/virtiofsd";
-import { GUEST_SSH_PORT, Passt, formatForward } from "../host/passt";
+import { GUEST_SSH_PORT, Passt, checkHostPort, formatForward } from "../host/passt";
 import { describeExit } from "../host/helper-process";
 import { describeIoEngine } from "../host/io-engine";
 
@@ -98,6 +98,11 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     // A missing share or virtiofsd is the user's to fix before anything is built or started.
     for (const share of checked.shares) checkShareDirectory(share.hostPath);
     if (checked.shares.length > 0 || checked.rootfsHost) requireVirtiofsd();
+    const checkedFiles = checkBeforeStart(options, checked);
+    host = openHostIo(options, checked.agent);
+    // A forward to a port this user may not bind is a bad option: said before "no KVM".
+    for (const f of checked.userNet?.forwards ?? []) await checkHostPort(f);
+    checkKvmBeforeStart(options, checked);
     // Building the default guest takes minutes: never synchronously, so a signal can stop it.
     let guest: GuestManifest | undefined;
     if (needsDefaultGuest(options, checked.agent) && options.buildGuest !== false) {
@@ -112,10 +117,11 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     if (checked.rootfsHost && (options.initrd !== undefined || files.initrdPath === undefined)) {
       throw new VmStartError("options", (n) => `${n("rootfs")} host needs the default guest's initrd (its /init mounts the host's root file system): give no ${n("initrd")}`, { option: "rootfs" });
     }
-    const kernel = readInputFile(files.kernelPath, "kernel image");
-    let initrd = files.initrdPath === undefined ? undefined : readInputFile(files.initrdPath, "initrd");
+    const read = (path: string, what: string, already: { path: string; bytes: Uint8Array } | undefined) =>
+      already?.path === path ? already.bytes : readInputFile(path, what);
+    const kernel = read(files.kernelPath, "kernel image", checkedFiles.kernel);
+    let initrd = files.initrdPath === undefined ? undefined : read(files.initrdPath, "initrd", checkedFiles.initrd);
     if (options.modules !== undefined) initrd = withDriverModules(initrd, kernel, options.modules);
-    host = openHostIo(options, checked.agent);
     const { capture, mux, logFd } = host;
     if (checked.userNet !== undefined) {
       // Last of the checks that need no KVM, first of what must be undone on failure.

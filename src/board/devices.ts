@@ -14,6 +14,7 @@ import { SharedState } from "../devices/shared-state";
 import { Cmos, CMOS_BASE, CMOS_PORT_COUNT } from "../devices/legacy/cmos";
 import { I8042, I8042_BASE, I8042_KBD_IRQ, I8042_PORT_COUNT } from "../devices/legacy/i8042";
 import { ABSENT_PORTS, AbsentPorts } from "../devices/legacy/legacy-ports";
+import { PvPanic, PVPANIC_PORT } from "../devices/legacy/pvpanic";
 import { setIrqLine, Vm } from "../kvm/kvm";
 import * as sys from "../sys/libc";
 import { writeAll } from "../sys/libc";
@@ -126,6 +127,16 @@ export interface DeviceEnv {
   control: VmControl;
   /** The I/O worker's control eventfd: poked when a driver sets DRIVER_OK or resets. */
   ioControlFd?: number;
+  /**
+   * True once the VM is stopping: a UART whose reader stopped reading (a full console pipe)
+   * then drops its output instead of holding its vCPU. Default: never.
+   */
+  stopping?: () => boolean;
+  /**
+   * A one-line warning for the machine's diagnostics: a KVM call that a guest access
+   * triggered failed, and the device carries on without it. Default: dropped.
+   */
+  warn?: (message: string) => void;
 }
 
 export interface DeviceSet {
@@ -142,22 +153,22 @@ export function kvmIrqLine(vmFd: number, irq: number): IrqLine {
   return { set: (level) => setIrqLine(vmFd, irq, level) };
 }
 
-export function fdSink(fd: number): ByteSink {
-  return { write: (bytes) => writeAll(fd, bytes) };
+export function fdSink(fd: number, stopping?: () => boolean): ByteSink {
+  return { write: (bytes) => void writeAll(fd, bytes, stopping) };
 }
 
 /** Largest write that stays atomic on a pipe (PIPE_BUF), in whole [tag, byte] pairs. */
 const TAGGED_CHUNK = 4096 / 2;
 
 /** Each byte as a [tag, byte] pair (see SerialSinkSpec). */
-export function taggedFdSink(fd: number, tag: number): ByteSink {
+export function taggedFdSink(fd: number, tag: number, stopping?: () => boolean): ByteSink {
   if (!Number.isInteger(tag) || tag < 0 || tag > 255) throw new RangeError(`a sink tag is one byte, not ${tag}`);
   const one = Uint8Array.of(tag, 0);
   return {
     write: (bytes) => {
       if (bytes.byteLength === 1) {
         one[1] = bytes[0]!;
-        writeAll(fd, one);
+        writeAll(fd, one, stopping);
         return;
       }
       for (let at = 0; at < bytes.byteLength; at += TAGGED_CHUNK) {
@@ -167,7 +178,34 @@ export function taggedFdSink(fd: number, tag: number): ByteSink {
           out[2 * i] = tag;
           out[2 * i + 1] = part[i]!;
         }
-        writeAll(fd, out);
+        if (!writeAll(fd, out, stopping)) return;
+      }
+    },
+  };
+}
+
+/** What Linux's panic() prints first, before its report (and before panic=N resets). */
+export const KERNEL_PANIC_LINE = "Kernel panic - not syncing";
+
+/**
+ * The console's bytes pass through unchanged; when they spell KERNEL_PANIC_LINE, `onPanic`
+ * is called (each time). The match runs across writes; its state is this thread's own,
+ * which is enough: one panicking CPU prints the line.
+ */
+export function panicWatch(sink: ByteSink, onPanic: () => void): ByteSink {
+  const want = Buffer.from(KERNEL_PANIC_LINE, "latin1");
+  let matched = 0;
+  return {
+    write: (bytes) => {
+      sink.write(bytes);
+      for (let i = 0; i < bytes.byteLength; i++) {
+        const b = bytes[i]!;
+        // "K" occurs only at the line's start, so a mismatch restarts at 0, or 1 on a "K".
+        matched = b === want[matched] ? matched + 1 : b === want[0] ? 1 : 0;
+        if (matched === want.length) {
+          matched = 0;
+          onPanic();
+        }
       }
     },
   };
@@ -175,9 +213,9 @@ export function taggedFdSink(fd: number, tag: number): ByteSink {
 
 const DROP: ByteSink = { write: () => undefined };
 
-function sinkFor(spec: SerialSinkSpec | undefined): ByteSink {
+function sinkFor(spec: SerialSinkSpec | undefined, stopping?: () => boolean): ByteSink {
   if (spec === undefined) return DROP;
-  return spec.tag === undefined ? fdSink(spec.fd) : taggedFdSink(spec.fd, spec.tag);
+  return spec.tag === undefined ? fdSink(spec.fd, stopping) : taggedFdSink(spec.fd, spec.tag, stopping);
 }
 
 /**
@@ -211,18 +249,22 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
   const lines = new SharedState(spec.isaIrqs, ISA_IRQ_LINES);
   // Every UART gets its own source bit on its (possibly shared) line.
   const uartIrq = (irq: number, source: number) => sharedIrqLine(env.vmFd, lines, irq, source);
-  const consoleSink = spec.serial.consoleTag !== undefined ? taggedFdSink(env.consoleFd, spec.serial.consoleTag) : fdSink(env.consoleFd);
+  const consoleSink = panicWatch(
+    spec.serial.consoleTag !== undefined ? taggedFdSink(env.consoleFd, spec.serial.consoleTag, env.stopping) : fdSink(env.consoleFd, env.stopping),
+    () => env.control.guestPanicked("guest kernel panicked", false),
+  );
   const base = spec.serial.base;
   const coalescing = spec.serial.coalesceTx === true ? { set: (on: boolean) => new Vm(env.vmFd).coalescePio(base, 1, on) } : undefined;
   const serial = new Serial(spec.serial.state, consoleSink, uartIrq(spec.serial.irq, 0), coalescing);
   pio.register(spec.serial.base, SERIAL_PORT_COUNT, serial, "COM1 (16550A)");
   const auxSerials = spec.auxSerials.map((p, i) => {
-    const uart = new Serial(p.state, sinkFor(p.sink), uartIrq(p.irq, 1 + i));
+    const uart = new Serial(p.state, sinkFor(p.sink, env.stopping), uartIrq(p.irq, 1 + i));
     pio.register(p.base, SERIAL_PORT_COUNT, uart, p.name);
     return uart;
   });
   pio.register(spec.cmos.base, CMOS_PORT_COUNT, new Cmos(spec.cmos.state), "CMOS/RTC");
   pio.register(spec.i8042.base, I8042_PORT_COUNT, new I8042(spec.i8042.state, env.control, kvmIrqLine(env.vmFd, I8042_KBD_IRQ)), "i8042");
+  pio.register(PVPANIC_PORT, 1, new PvPanic(env.control), "pvpanic");
   const absent = new AbsentPorts();
   for (const p of ABSENT_PORTS) pio.register(p.base, p.length, absent, p.name);
   let pci: PciRootComplex | undefined;
@@ -239,45 +281,95 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
 /** What a virtio transport asks of the machine, in whichever thread took the exit. */
 function virtioHooks(f: VirtioFunctionSpec, env: DeviceEnv): VirtioTransportHooks {
   const vm = new Vm(env.vmFd);
-  const pokeIo = () => {
-    if (env.ioControlFd !== undefined) sys.signalEventfd(env.ioControlFd);
+  const warn = env.warn ?? (() => undefined);
+  // Each of these is a system call a guest register access triggers. Its failure (an MSI to
+  // an address no CPU answers, an eventfd closed while the VM stops) is the guest's or the
+  // moment's, never a reason to end the VM from a vCPU thread: say so and carry on.
+  const contained = (what: string, call: () => void): void => {
+    try {
+      call();
+    } catch (e) {
+      warn(`${f.name}: ${what} failed (${(e as Error).message}); the device carries on without it`);
+    }
+  };
+  const pokeIo = (what: string) => () => {
+    if (env.ioControlFd !== undefined) contained(what, () => sys.signalEventfd(env.ioControlFd!));
   };
   return {
     kick: (queue) => {
       const fd = f.kickFds[queue];
-      if (fd !== undefined) sys.signalEventfd(fd);
+      if (fd !== undefined) contained(`the kick of queue ${queue}`, () => sys.signalEventfd(fd));
     },
-    reset: pokeIo,
-    driverOk: pokeIo,
-    notifyAddressChanged: (now, before) => moveIoeventfds(vm, f, now, before),
-    msixUnmasked: (_vector, m) => vm.signalMsi(m.address % 0x1_0000_0000, Math.floor(m.address / 0x1_0000_0000), m.data),
+    reset: pokeIo("telling the I/O worker of a reset"),
+    driverOk: pokeIo("telling the I/O worker of DRIVER_OK"),
+    notifyAddressChanged: (now, before) => {
+      const failure = moveIoeventfds(vm, f.kickFds, now, before);
+      if (failure !== undefined) warn(`${f.name}: ${failure}`);
+    },
+    msixUnmasked: (vector, m) =>
+      contained(`MSI-X vector ${vector}`, () => vm.signalMsi(m.address % 0x1_0000_0000, Math.floor(m.address / 0x1_0000_0000), m.data)),
     // A vhost-user back end's interrupts are routed in KVM (board/vhost-irq.ts): the I/O
     // worker re-routes them when the driver changes MSI-X.
-    ...(f.device.kind === "virtio-fs" ? { msixChanged: pokeIo } : {}),
+    ...(f.device.kind === "virtio-fs" ? { msixChanged: pokeIo("telling the I/O worker of an MSI-X change") } : {}),
   };
 }
+
+/** The one KVM call moving notifications needs: a fake in tests. */
+export type IoeventfdRegistrar = Pick<Vm, "ioeventfd">;
 
 /**
  * Move the queue notification ioeventfds from where they were (`before`) to where they are
  * now, so that a kick signals the queue's eventfd inside the kernel with no exit. Runs in
  * whichever thread saw the change, under the transport's lock; the transport's registers
  * are the one record of what is registered.
+ *
+ * Returns undefined, or a one-line reason when KVM refused a registration: EEXIST when a
+ * guest moved one function's BAR onto another's notify address. Then every registration
+ * this call made is undone, and the function's notifications arrive as exits, which the transport turns into the same kicks, and nothing stays
+ * registered that the record does not cover. (A deassignment names its eventfd, so taking
+ * out what was never registered, the next time the BAR moves, touches nobody else's.)
  */
-function moveIoeventfds(vm: Vm, f: VirtioFunctionSpec, now: readonly NotifyAddress[], before: readonly NotifyAddress[]): void {
+export function moveIoeventfds(
+  vm: IoeventfdRegistrar,
+  kickFds: readonly number[],
+  now: readonly NotifyAddress[],
+  before: readonly NotifyAddress[],
+): string | undefined {
+  const opts = (q: NotifyAddress, deassign: boolean) => ({
+    pio: q.pio,
+    length: q.length,
+    ...(q.datamatch !== undefined ? { datamatch: q.datamatch } : {}),
+    ...(deassign ? { deassign } : {}),
+  });
   for (const q of before) {
-    const fd = f.kickFds[q.index];
+    const fd = kickFds[q.index];
     if (fd === undefined) continue;
     try {
-      vm.ioeventfd(fd, q.address, { pio: q.pio, length: q.length, deassign: true, ...(q.datamatch !== undefined ? { datamatch: q.datamatch } : {}) });
+      vm.ioeventfd(fd, q.address, opts(q, true));
     } catch {
-      // Already gone; nothing to undo.
+      // Never registered (an earlier move fell back to exits) or already gone.
     }
   }
+  const made: NotifyAddress[] = [];
   for (const q of now) {
-    const fd = f.kickFds[q.index];
+    const fd = kickFds[q.index];
     if (fd === undefined) continue;
-    vm.ioeventfd(fd, q.address, { pio: q.pio, length: q.length, ...(q.datamatch !== undefined ? { datamatch: q.datamatch } : {}) });
+    try {
+      vm.ioeventfd(fd, q.address, opts(q, false));
+      made.push(q);
+    } catch (e) {
+      for (const m of made) {
+        try {
+          vm.ioeventfd(kickFds[m.index]!, m.address, opts(m, true));
+        } catch {
+          // It was registered a moment ago; nothing else can have taken it out.
+        }
+      }
+      const where = q.pio ? `port 0x${q.address.toString(16)}` : `address 0x${q.address.toString(16)}`;
+      return `queue notifications at ${where} cannot be caught in the kernel (${(e as Error).message}); they take exits instead`;
+    }
   }
+  return undefined;
 }
 
 /**
@@ -311,6 +403,9 @@ export function registerRestoredIoeventfds(vm: Vm, spec: DeviceSetSpec, devices:
   if (spec.pci === undefined || devices.pci === undefined) return;
   for (const f of spec.pci.functions) {
     const transport = devices.pci.function(f.slot.device);
-    if (transport instanceof VirtioPciTransport) moveIoeventfds(vm, f, transport.notifyAddresses(), []);
+    if (!(transport instanceof VirtioPciTransport)) continue;
+    // The snapshot's VM held these registrations, so they fit together; should one not, the
+    // function takes exits as it did there after such a move.
+    moveIoeventfds(vm, f.kickFds, transport.notifyAddresses(), []);
   }
 }

@@ -176,6 +176,7 @@ Console: the guest's serial port is on stdin/stdout. Ctrl-A x quits, Ctrl-A p pa
 resumes, Ctrl-A h helps.`;
 
 function parsePositiveInt(text: string, what: string, flag: string): number {
+  if (/^\s*-\s*\d+\s*$/.test(text)) throw new UsageError(`bad ${what} '${text}': give a whole number, at least 1 (${flag})`);
   if (!/^\s*\d+\s*$/.test(text)) throw new UsageError(`bad ${what} '${text}': give a whole number (${flag})`);
   return Number(text);
 }
@@ -191,14 +192,44 @@ export function parseBootArgs(argv: readonly string[]): BootOptions {
   return { ...bootOptionsFrom(values), restore };
 }
 
-function parseFlags(
-  argv: readonly string[],
-  flags: Record<string, { type: "string" | "boolean"; short?: string; multiple?: boolean }>,
-  command: string,
-  onPositional?: (arg: string) => never,
-): Record<string, unknown> {
+type FlagTable = Record<string, { type: "string" | "boolean"; short?: string; multiple?: boolean }>;
+
+/**
+ * A flag that takes a value followed by a negative number (`-m -5`, `--timeout -1`):
+ * parseArgs takes "-5" for a flag and calls the value ambiguous. Given as `--memory=-5`
+ * instead, the value reaches the option's own check, whose message says what is wrong
+ * with it. Any other value starting with '-' is refused in one line.
+ */
+function joinNegativeValues(argv: readonly string[], flags: FlagTable): string[] {
+  const takesValue = new Map<string, string>();
+  for (const [name, f] of Object.entries(flags)) {
+    if (f.type !== "string") continue;
+    takesValue.set(`--${name}`, name);
+    if (f.short !== undefined) takesValue.set(`-${f.short}`, name);
+  }
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    const name = takesValue.get(arg);
+    const next = argv[i + 1];
+    if (arg === "--") return [...out, ...argv.slice(i)];
+    if (name !== undefined && next !== undefined && /^-\d/.test(next)) {
+      out.push(`--${name}=${next}`);
+      i++;
+    } else if (name !== undefined && next !== undefined && next.startsWith("-")) {
+      // parseArgs' own message for this ("argument is ambiguous") runs over three lines.
+      throw new UsageError(`${arg} needs a value, and '${next}' looks like a flag: write --${name}=${next} if that is the value`);
+    } else {
+      out.push(arg);
+    }
+  }
+  return out;
+}
+
+function parseFlags(argv: readonly string[], flags: FlagTable, command: string, onPositional?: (arg: string) => never): Record<string, unknown> {
   try {
-    const { values, positionals } = parseArgs({ args: [...argv], options: flags, allowPositionals: onPositional !== undefined, strict: true });
+    const args = joinNegativeValues(argv, flags);
+    const { values, positionals } = parseArgs({ args, options: flags, allowPositionals: onPositional !== undefined, strict: true });
     if (positionals.length > 0) onPositional!(positionals[0]!);
     return values;
   } catch (e) {
@@ -326,11 +357,12 @@ ${BOOT_FLAG_HELP}
 Exit status: CMD's; or 1 the guest failed (KVM could not run it), 2 bad command line,
 3 a file cannot be used, 4 the host cannot run VMs, 5 the guest did not become ready
 in time (or ended before), 6 CMD timed out, 7 the guest ended before CMD did,
-128+N a signal. tskvm's own failures print one line starting "tskvm:" on stderr.`;
+8 the guest's kernel panicked, 128+N a signal. tskvm's own failures print one line starting "tskvm:" on stderr.`;
 
 /** "30", "2.5", "90s", "10m", "1h" -> milliseconds; "0" -> undefined (no limit). */
 export function parseDuration(text: string, flag: string): number | undefined {
   const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/.exec(text);
+  if (m === null && /^\s*-\s*\d/.test(text)) throw new UsageError(`bad ${flag} '${text}': a time limit cannot be negative (0: no limit)`);
   if (m === null) throw new UsageError(`bad ${flag} '${text}': give seconds, e.g. 300, or 90s, 10m, 1h`);
   const ms = Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? "s") as "s"];
   if (!Number.isFinite(ms) || ms > 2 ** 31 - 1) throw new UsageError(`bad ${flag} '${text}': at most 24 days`);
@@ -405,7 +437,7 @@ const MKDISK_FLAGS = {
 export function parseMkdiskArgs(argv: readonly string[]): MkdiskCliOptions {
   let parsed: { values: Record<string, unknown>; positionals: string[] };
   try {
-    parsed = parseArgs({ args: [...argv], options: MKDISK_FLAGS, allowPositionals: true, strict: true });
+    parsed = parseArgs({ args: joinNegativeValues(argv, MKDISK_FLAGS), options: MKDISK_FLAGS, allowPositionals: true, strict: true });
   } catch (e) {
     throw new UsageError(`${(e as Error).message.replace(/\.$/, "")}; see tskvm mkdisk --help`);
   }

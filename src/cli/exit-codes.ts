@@ -16,6 +16,8 @@ export const ExitCode = {
   COMMAND_TIMEOUT: 6,
   /** tskvm run: the guest ended (reset, power-off, halt) before the command reported its status. */
   GUEST_ENDED: 7,
+  /** The guest's kernel panicked (pvpanic, KVM's crash event, or "Kernel panic" on its console). */
+  GUEST_PANICKED: 8,
   /** A bug in tskvm. */
   INTERNAL: 70,
   /** 128 + signal number, as shells report it: SIGINT 130, SIGTERM 143. */

@@ -147,7 +147,7 @@ async function runToEnd(vm: Vm, verbose = false): Promise<number> {
     if (exit.dump !== undefined) process.stderr.write(`${exit.dump}\n`);
     return ExitCode.GUEST_FAILED;
   }
-  return ExitCode.OK;
+  return exit.kind === "panic" ? ExitCode.GUEST_PANICKED : ExitCode.OK;
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
@@ -168,11 +168,14 @@ export async function main(argv: readonly string[]): Promise<number> {
         process.stdout.write(`tskvm ${VERSION}\n`);
         return ExitCode.OK;
       case undefined:
+        // Asked for nothing: the usage, then the one line every refusal has, on stderr.
+        process.stderr.write(`${USAGE}\n`);
+        throw new UsageError("no command given: use boot, run, mkdisk or probe (tskvm --help)");
       case "--help":
       case "-h":
       case "help":
         process.stdout.write(`${USAGE}\n`);
-        return command === undefined ? ExitCode.USAGE : ExitCode.OK;
+        return ExitCode.OK;
       default:
         throw new UsageError(`unknown command '${command}': use boot, run, mkdisk or probe (tskvm --help)`);
     }

@@ -169,6 +169,7 @@ async function drive(
     }
     if (e instanceof VmExitedError) {
       if (e.exit.kind === "error") return guestFailed(e.exit);
+      if (e.exit.kind === "panic") return guestPanicked(vm, e.exit);
       say(`the guest ended before it became ready: ${e.exit.reason}${hint(vm)}`);
       showConsoleTail(vm);
       return ExitCode.NOT_READY;
@@ -199,6 +200,7 @@ async function drive(
     }
     if (e instanceof VmExitedError) {
       if (e.exit.kind === "error") return guestFailed(e.exit);
+      if (e.exit.kind === "panic") return guestPanicked(vm, e.exit);
       say(`the guest ended before the command did: ${e.exit.reason}`);
       return ExitCode.GUEST_ENDED;
     }
@@ -261,6 +263,13 @@ function guestFailed(exit: VmExit): number {
   say(exit.reason);
   if (exit.dump !== undefined) process.stderr.write(`${exit.dump}\n`);
   return ExitCode.GUEST_FAILED;
+}
+
+/** The guest's kernel panicked: what the console said last is what the user needs. */
+function guestPanicked(vm: Vm, exit: VmExit): number {
+  say(exit.reason);
+  showConsoleTail(vm);
+  return ExitCode.GUEST_PANICKED;
 }
 
 function hint(vm: Vm): string {

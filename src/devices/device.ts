@@ -39,6 +39,12 @@ export interface VmControl {
    * with this reason. (A triple fault is a KVM exit, handled by the exit loop itself.)
    */
   requestReset(reason: string): void;
+  /**
+   * The guest's kernel panicked. `now`: end the VM at once (pvpanic: its report is out).
+   * Otherwise (its console's "Kernel panic" line, with the report still to come) the VM
+   * runs on, and however it ends (the reset panic=N asks for, say), it ends as a panic.
+   */
+  guestPanicked(reason: string, now: boolean): void;
 }
 
 /** Little-endian helpers for the `data` window of an access. */

@@ -90,7 +90,15 @@ export class Kvm {
       throw new KvmUnavailableError(`cannot open ${path}: ${(e as Error).message}`);
     }
     const kvm = new Kvm(fd, path);
-    const version = kvm.apiVersion();
+    let version: number;
+    try {
+      version = kvm.apiVersion();
+    } catch (e) {
+      kvm.close();
+      // ENOTTY, EINVAL: a file or another device (TSKVM_KVM_DEVICE=/dev/null, a regular file).
+      if (e instanceof sys.SysError) throw new KvmUnavailableError(`${path} is not a KVM device (KVM_GET_API_VERSION: ${e.code})`);
+      throw e;
+    }
     if (version !== KVM_API_VERSION) {
       kvm.close();
       throw new KvmUnavailableError(`${path} speaks KVM API ${version}; tskvm needs API ${KVM_API_VERSION}`);

@@ -265,19 +265,27 @@ export function write(fd: number, buf: Bytes, length = buf.byteLength): number {
 
 /**
  * Write all of buf, waiting in poll(2) when the fd is non-blocking and full. Used for the
- * console from vCPU threads: Node may have made a shared stdout pipe O_NONBLOCK.
+ * console from vCPU threads: Node may have made a shared stdout pipe O_NONBLOCK. With
+ * `giveUp`, a wait asks it every so often and, when it says so, drops the rest and
+ * returns false.
  */
-export function writeAll(fd: number, buf: Bytes): void {
+export function writeAll(fd: number, buf: Bytes, giveUp?: () => boolean): boolean {
   let done = 0;
   while (done < buf.byteLength) {
     const n = write(fd, done === 0 ? buf : buf.subarray(done), buf.byteLength - done);
     if (n === -Errno.EAGAIN) {
-      pollOne(fd, POLLOUT, -1);
+      // A reader that stopped reading must not keep the writer past `giveUp` (a VM stopping).
+      if (giveUp === undefined) pollOne(fd, POLLOUT, -1);
+      else if (pollOne(fd, POLLOUT, WRITE_GIVE_UP_CHECK_MS) === 0 && giveUp()) return false;
       continue;
     }
     done += n;
   }
+  return true;
 }
+
+/** How often writeAll, waiting for a full non-blocking fd, asks whether to give up. */
+const WRITE_GIVE_UP_CHECK_MS = 100;
 
 export function pread(fd: number, buf: Bytes, offset: number, length = buf.byteLength): number {
   return Number(check("pread", Number(libc().pread(fd, buf, length, offset))));

@@ -19,6 +19,7 @@ export type VcpuStop =
   | { kind: "reset"; reason: string }
   | { kind: "poweroff"; reason: string }
   | { kind: "halted"; reason: string }
+  | { kind: "panic"; reason: string }
   | { kind: "error"; reason: string; dump?: string };
 
 /**
@@ -32,8 +33,10 @@ export type VcpuStop =
  *       Atomics.notify on the cell, to let them go on.
  * PARKED: how many vCPUs are parked now (each notifies the cell as it comes and goes).
  * COALESCED_LOCK: held by the vCPU replaying KVM's coalesced-write ring (kvm/coalesced.ts).
+ * PANIC: set when the guest's console said its kernel panicked; the VM, however it then
+ *       ends, ends as a panic (VmControl.guestPanicked).
  */
-export const RunControlCell = { STOP: 0, DUMP: 1, HALT_PROBE: 2, PAUSE: 3, PARKED: 4, COALESCED_LOCK: 5, COUNT: 6 } as const;
+export const RunControlCell = { STOP: 0, DUMP: 1, HALT_PROBE: 2, PAUSE: 3, PARKED: 4, COALESCED_LOCK: 5, PANIC: 6, COUNT: 7 } as const;
 
 export function createRunControl(): Int32Array {
   return new Int32Array(new SharedArrayBuffer(4 * RunControlCell.COUNT));
@@ -93,6 +96,12 @@ export class ExitLoop implements VmControl {
   /** VmControl: a device (the i8042's reset line) asks to end the VM; the loop stops after this exit. */
   requestReset(reason: string): void {
     this.pending ??= { kind: "reset", reason };
+  }
+
+  /** VmControl: the guest's kernel panicked (see VmControl.guestPanicked). */
+  guestPanicked(reason: string, now: boolean): void {
+    Atomics.store(this.control, RunControlCell.PANIC, 1);
+    if (now) this.pending ??= { kind: "panic", reason };
   }
 
   private stopRequested(): boolean {
@@ -248,7 +257,7 @@ export class ExitLoop implements VmControl {
       case SystemEvent.RESET:
         return { kind: "reset", reason: "guest reset" };
       case SystemEvent.CRASH:
-        return this.failure("guest reported a crash (KVM_SYSTEM_EVENT_CRASH)");
+        return { kind: "panic", reason: "guest kernel panicked (it reported a crash: KVM_SYSTEM_EVENT_CRASH)" };
       default:
         return this.failure(`unhandled KVM system event ${type}`);
     }

@@ -42,6 +42,7 @@ export const VCPU_WORKER_LIMITS = { maxOldGenerationSizeMb: 32, maxYoungGenerati
 export type VcpuWorkerMessage =
   | { type: "started"; id: number; thread: bigint; at: number }
   | { type: "registers"; id: number; dump: string }
+  | { type: "warning"; message: string }
   | { type: "stopped"; id: number; stop: VcpuStop; counters: ExitCounters; exits: ExitStatsData };
 
 /** The signal that kicks a vCPU thread out of KVM_RUN; the VMM installs a no-op handler. */
@@ -103,6 +104,8 @@ export class VcpuThread {
   onStop: ((r: VcpuThreadResult) => void) | undefined;
   /** Called with the vCPU's register dump, when asked for one (RunControlCell.DUMP). */
   onRegisterDump: ((dump: string) => void) | undefined;
+  /** Called with a device's one-line warning (a KVM call a guest access triggered failed). */
+  onWarning: ((message: string) => void) | undefined;
 
   constructor(readonly vcpu: Vcpu, private readonly init: VcpuWorkerInit) {
     this.done = new Promise((resolve) => {
@@ -138,6 +141,8 @@ export class VcpuThread {
         if (Atomics.load(c, RunControlCell.STOP) !== 0 || Atomics.load(c, RunControlCell.PAUSE) !== 0) this.kick();
       } else if (msg.type === "registers") {
         this.onRegisterDump?.(msg.dump);
+      } else if (msg.type === "warning") {
+        this.onWarning?.(msg.message);
       } else {
         result = { id: msg.id, stop: msg.stop, counters: msg.counters, exits: msg.exits };
         this.onStop?.(result);

@@ -8,7 +8,7 @@ import { performance } from "node:perf_hooks";
 import { pthreadSelf } from "../sys/libc";
 import { Vcpu } from "../kvm/vcpu";
 import { GuestMemory } from "../memory/guest-memory";
-import { ExitLoop, VcpuStop } from "./exit-loop";
+import { ExitLoop, RunControlCell, VcpuStop } from "./exit-loop";
 import { instantiateDevices } from "../board/devices";
 import type { VcpuWorkerInit, VcpuWorkerMessage } from "./vcpu-thread";
 
@@ -25,8 +25,11 @@ function main(init: VcpuWorkerInit): void {
     consoleFd: init.consoleFd,
     memory,
     ...(init.ioControlFd !== undefined ? { ioControlFd: init.ioControlFd } : {}),
+    warn: (message) => post({ type: "warning", message }),
+    stopping: () => Atomics.load(init.control, RunControlCell.STOP) !== 0,
     control: {
       requestReset: (reason) => loop?.requestReset(reason),
+      guestPanicked: (reason, now) => loop?.guestPanicked(reason, now),
     },
   });
   loop = new ExitLoop(vcpu, devices.pio, devices.mmio, init.control, init.haltStatus, init.coalescing ? { coalesced: vcpu.coalescedRing() } : {});

@@ -254,7 +254,17 @@ export class Machine {
       vmFd: vm.fd,
       consoleFd,
       memory,
-      control: { requestReset: (reason) => this.stop(reason) },
+      control: {
+        requestReset: (reason) => this.stop(reason),
+        guestPanicked: (reason, now) => {
+          Atomics.store(this.control, RunControlCell.PANIC, 1);
+          if (!now) return;
+          this.firstStop ??= { kind: "panic", reason };
+          this.stopAll();
+        },
+      },
+      warn: (message) => this.onDiagnostic({ kind: "warning", message }),
+      stopping: () => Atomics.load(this.control, RunControlCell.STOP) !== 0,
       ...(virtio.controlFd !== undefined ? { ioControlFd: virtio.controlFd } : {}),
     });
     if (restoredQueues === undefined) this.devices.pci?.assignResources();
@@ -509,6 +519,7 @@ export class Machine {
     this.threads.forEach((t, i) => {
       t.onStop = (r) => this.onVcpuStop(r);
       t.onRegisterDump = (dump) => this.onDiagnostic({ kind: "registers", vcpu: t.vcpu.id, dump });
+      t.onWarning = (message) => this.onDiagnostic({ kind: "warning", message });
       t.start(i === 0 ? bootWorker : undefined);
     });
     this.io?.start();
@@ -524,7 +535,7 @@ export class Machine {
         if (r.counters === undefined) continue;
         for (const k of Object.keys(counters) as (keyof ExitCounters)[]) counters[k] += r.counters[k];
       }
-      const stop = this.firstStop ?? results[0]?.stop ?? { kind: "stopped" as const };
+      const stop = panicked(this.firstStop ?? results[0]?.stop ?? { kind: "stopped" as const }, this.control);
       const exits = mergeExitStats(results.flatMap((r) => (r.exits === undefined ? [] : [r.exits])));
       return { stop, requestedBy: this.requestedBy, vcpus: results, counters, exits };
     });
@@ -993,6 +1004,17 @@ export function applyBootState(vcpu: Vcpu, cpu: BootCpuState): void {
     rbx: cpu.regs.rbx,
     rflags: cpu.regs.rflags,
   });
+}
+
+/**
+ * How the run ended, once a panic the guest's console reported is counted: the reset that
+ * panic=N asks for, or the halt or power-off after it, is the panic's end, not the guest's
+ * choice. (A stop from this side, or a failure, stays what it was.)
+ */
+function panicked(stop: VcpuStop, control: Int32Array): VcpuStop {
+  if (Atomics.load(control, RunControlCell.PANIC) === 0) return stop;
+  if (stop.kind !== "reset" && stop.kind !== "halted" && stop.kind !== "poweroff") return stop;
+  return { kind: "panic", reason: `guest kernel panicked ("Kernel panic" on its console; then ${stop.reason})` };
 }
 
 export function formatBytes(n: number): string {

@@ -189,3 +189,32 @@ export function counterWithDevice(): Uint8Array {
     0xeb, 0xe9, //                                 21: jmp 0
   ]);
 }
+
+/** The pvpanic port (QEMU's ISA pvpanic, tskvm's src/devices/legacy/pvpanic.ts). */
+export const PVPANIC = 0x505;
+
+/**
+ * 64-bit: read the pvpanic port and print what it offers as a digit on COM1 ("3": PANICKED
+ * and CRASH_LOADED), write PANICKED to it, then spin: only the panic can end the VM.
+ */
+export function pvpanicThenSpin(): Uint8Array {
+  return Uint8Array.from([
+    0x66, 0xba, PVPANIC & 0xff, PVPANIC >> 8, // mov dx, 0x505
+    0xec, //                                     in al, dx
+    0x04, 0x30, //                               add al, '0'
+    0x66, 0xba, COM1 & 0xff, COM1 >> 8, //       mov dx, 0x3f8
+    0xee, //                                     out dx, al
+    0xb0, 0x01, //                               mov al, 1        (PVPANIC_PANICKED)
+    0x66, 0xba, PVPANIC & 0xff, PVPANIC >> 8, // mov dx, 0x505
+    0xee, //                                     out dx, al
+    0xeb, 0xfe, //                               jmp $
+  ]);
+}
+
+/** 64-bit: write "x" to COM1 forever, as fast as the UART takes it (a guest flooding its console). */
+export const SERIAL_FLOOD = Uint8Array.from([
+  0x66, 0xba, COM1 & 0xff, COM1 >> 8, // mov dx, 0x3f8
+  0xb0, 0x78, //                         mov al, 'x'
+  0xee, //                         loop: out dx, al
+  0xeb, 0xfd, //                         jmp loop
+]);

@@ -11,7 +11,7 @@ function legacyBus(): Bus {
   const bus = new Bus("port I/O");
   bus.register(COM1_BASE, SERIAL_PORT_COUNT, new Serial(Serial.createState(), { write: () => {} }, { set: () => {} }), "COM1");
   bus.register(CMOS_BASE, CMOS_PORT_COUNT, new Cmos(Cmos.createState({ lowRamBytes: 64 << 20, highRamBytes: 0 })), "CMOS");
-  bus.register(I8042_BASE, I8042_PORT_COUNT, new I8042(I8042.createState(), { requestReset: () => {} }), "i8042");
+  bus.register(I8042_BASE, I8042_PORT_COUNT, new I8042(I8042.createState(), { requestReset: () => {}, guestPanicked: () => {} }), "i8042");
   const absent = new AbsentPorts();
   for (const p of ABSENT_PORTS) bus.register(p.base, p.length, absent, p.name);
   return bus;

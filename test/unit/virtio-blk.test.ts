@@ -384,6 +384,43 @@ describe("virtio-blk requests", () => {
     h.close();
   });
 
+  it("the image's file system full (ENOSPC, from /dev/full) or failing (EIO): that write is IOERR, what was acknowledged stays, the device goes on", () => {
+    const full = fs.openSync("/dev/full", "w");
+    let failing: "ENOSPC" | "EIO" | undefined;
+    const h = harness({
+      io: {
+        pwrite: (fd, buf, off) => {
+          if (failing === "ENOSPC") return fileIo.pwrite(full, buf, off); // the kernel's own ENOSPC
+          if (failing === "EIO") throw new Error("pwrite failed: EIO (input/output error)");
+          return fileIo.pwrite(fd, buf, off);
+        },
+      },
+    });
+    try {
+      const acked = pattern(4096, 1);
+      assert.equal(request(h, VirtioBlkRequest.OUT, 8, { out: [acked] }).status, VirtioBlkStatus.OK);
+      assert.equal(request(h, VirtioBlkRequest.FLUSH, 0).status, VirtioBlkStatus.OK);
+      const before16 = fileBytes(h.image.path, 16 * 512, 4096);
+      for (const kind of ["ENOSPC", "EIO"] as const) {
+        failing = kind;
+        assert.equal(request(h, VirtioBlkRequest.OUT, 16, { out: [pattern(4096, 2)] }).status, VirtioBlkStatus.IOERR, kind);
+        assert.equal(request(h, VirtioBlkRequest.FLUSH, 0).status, VirtioBlkStatus.OK, "a flush after a failed write: what was acknowledged is on disk");
+      }
+      failing = undefined;
+      const later = pattern(512, 3);
+      assert.equal(request(h, VirtioBlkRequest.OUT, 32, { out: [later] }).status, VirtioBlkStatus.OK, "the device goes on once the host recovers");
+      assert.deepEqual(h.resets, [], "an I/O error is the guest's to see, not a broken device");
+      assert.deepEqual(fileBytes(h.image.path, 8 * 512, 4096), acked);
+      assert.deepEqual(fileBytes(h.image.path, 16 * 512, 4096), before16, "the failed writes changed nothing");
+      assert.deepEqual(fileBytes(h.image.path, 32 * 512, 512), later);
+      assert.match(h.logs.join("\n"), /write at sector 16 failed: .*ENOSPC/);
+      assert.match(h.logs.join("\n"), /write at sector 16 failed: .*EIO/);
+    } finally {
+      fs.closeSync(full);
+      h.close();
+    }
+  });
+
   it("a file that shrank under the device: short read is IOERR", () => {
     const h = harness();
     fs.truncateSync(h.image.path, 4096);

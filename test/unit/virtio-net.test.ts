@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { GuestMemory } from "../../src/memory/guest-memory";
 import { type VirtioActivation, VirtioDeviceType, VirtioFeatureBit, feature } from "../../src/devices/virtio/types";
 import { NET_QUEUE_SIZE, NetConfig, VIRTIO_NET_S_LINK_UP, VirtioNet, VirtioNetFeature, defaultMac } from "../../src/devices/virtio/net/device";
-import { NET_MAX_IOV, NetHdr, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VirtioNetGso } from "../../src/devices/virtio/net/header";
+import { NET_MAX_FRAME, NET_MAX_IOV, NetHdr, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VirtioNetGso } from "../../src/devices/virtio/net/header";
 import type { FrameBatch, NetBackend } from "../../src/devices/virtio/net/backend";
 import { MacAddressError, formatMac, parseMac } from "../../src/api/option-values";
 import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN } from "../../src/host/tap";
@@ -464,6 +464,20 @@ for (const mode of ["copied", "in place", "batches"] as const) {
       assert.deepEqual(h.resets, []);
       assert.match(h.logs[0]!, /refused a 112-byte frame: (write failed: EINVAL|errno 22)/);
     });
+
+    it(`a TX chain over ${NET_MAX_FRAME} bytes is dropped, in place or batched as when copied; the queue goes on`, () => {
+      const h = harness({ mode, features: V1 | MRG });
+      const big = frame(pattern(100 * 1024, 5));
+      sendTx(h, [h.tx.readable(big.subarray(0, 12)), h.tx.readable(big.subarray(12))]);
+      const atLimit = frame(pattern(NET_MAX_FRAME - 12, 6));
+      sendTx(h, [h.tx.readable(atLimit.subarray(0, 12)), h.tx.readable(atLimit.subarray(12))]);
+      assert.deepEqual(h.tap.fromGuest, [atLimit], "only the frame within the limit reached the TAP");
+      assert.equal(h.tap.vectored, mode === "copied" ? 0 : 1, "the frame within the limit went the usual way");
+      assert.equal(h.tx.used().length, 2, "both chains went back to the driver");
+      assert.equal(h.dev.stats.txDropped, 1);
+      assert.deepEqual(h.resets, []);
+      assert.match(h.logs.join("\n"), new RegExp(`dropped a ${big.length}-byte TX frame: larger than ${NET_MAX_FRAME} bytes`));
+    });
   });
 
   describe(`virtio-net RX: TAP -> guest (${mode})`, () => {
@@ -812,6 +826,20 @@ for (const mode of ["copied", "in place", "batches"] as const) {
 }
 
 describe("virtio-net TX in batches (a back end with writeFrames)", () => {
+  it("a back end that is gone (a deleted TAP) takes no batch: the frames are dropped quietly, one line in all", () => {
+    const h = harness({ mode: "batches" });
+    const tap = h.tap as BatchingTap;
+    postRx(h, 1);
+    h.dev.pollReady(h.tap.fd, sys.POLLERR);
+    tap.writeError = new Error("gone");
+    for (let i = 0; i < 5; i++) h.tx.add([h.tx.readable(frame(pattern(100, i)))]);
+    h.dev.queueNotified(1);
+    assert.equal(tap.calls, 0, "nothing handed to the back end");
+    assert.equal(h.tx.used().length, 5, "every chain goes back to the driver");
+    assert.equal(h.dev.stats.txDropped, 5);
+    assert.equal(h.logs.length, 1, h.logs.join("\n"));
+  });
+
   it("a whole drain is one writeFrames call; a frame that would block stops the batch there, the rest follow in order", () => {
     const h = harness({ mode: "batches" });
     const tap = h.tap as BatchingTap;

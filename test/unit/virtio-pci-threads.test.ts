@@ -126,6 +126,9 @@ describe("virtio-pci shared between threads", () => {
       write(dev, L.MODERN_BAR, L.COMMON_Q_SELECT, 2, q);
       write(dev, L.MODERN_BAR, L.COMMON_Q_MSIX, 2, q);
     }
+    // A modern driver accepts VERSION_1 before FEATURES_OK, without which DRIVER_OK is refused.
+    write(dev, L.MODERN_BAR, L.COMMON_GFSELECT, 4, 1);
+    write(dev, L.MODERN_BAR, L.COMMON_GF, 4, 1);
     write(dev, L.MODERN_BAR, L.COMMON_STATUS, 1, 0x0f);
 
     const control = new Int32Array(new SharedArrayBuffer(16)); // go, ready, done

@@ -244,6 +244,16 @@ function negotiate(g: Guest, accept: bigint): number {
   return g.common(L.COMMON_STATUS, 1);
 }
 
+/** Reset, ACKNOWLEDGE, DRIVER, then write driver feature words as [select, value]. */
+function writeFeatureWords(g: Guest, words: [number, number][]): void {
+  g.setCommon(L.COMMON_STATUS, 1, 0);
+  g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER);
+  for (const [select, value] of words) {
+    g.setCommon(L.COMMON_GFSELECT, 4, select);
+    g.setCommon(L.COMMON_GF, 4, value);
+  }
+}
+
 /** Queue setup like vp_modern's setup_vq: select, size, addresses (lo/hi), vector, enable. */
 function setupQueue(g: Guest, q: number, size: number, base: number, vector = VIRTIO_MSI_NO_VECTOR): void {
   g.setCommon(L.COMMON_Q_SELECT, 2, q);
@@ -404,6 +414,45 @@ describe("virtio-pci: modern initialisation", () => {
     g.setCommon(L.COMMON_GFSELECT, 4, 0);
     g.setCommon(L.COMMON_GF, 4, 0x4);
     assert.equal(g.io.negotiatedFeatures(), VERSION_1);
+  });
+
+  it("keeps only offered bits in the guest-features register; one unoffered bit refuses FEATURES_OK", () => {
+    const g = new Guest();
+    const all = (1n << 64n) - 1n;
+    assert.equal(negotiate(g, all) & FEATURES_OK, 0, "a driver accepting every bit is refused");
+    g.setCommon(L.COMMON_GFSELECT, 4, 0);
+    assert.equal(g.common(L.COMMON_GF, 4), OFFERED_LOW, "bits 0-31: the offered ones only");
+    g.setCommon(L.COMMON_GFSELECT, 4, 1);
+    assert.equal(g.common(L.COMMON_GF, 4), 1, "bits 32-63: VERSION_1 only");
+    assert.equal((g.io.negotiatedFeatures() & ~(BigInt(OFFERED_LOW) | VERSION_1)), 0n);
+    // Rewriting the offered subset does not clear the refusal: only a reset does.
+    g.setCommon(L.COMMON_GFSELECT, 4, 0);
+    g.setCommon(L.COMMON_GF, 4, OFFERED_LOW);
+    g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert.equal(g.common(L.COMMON_STATUS, 1) & FEATURES_OK, 0);
+    assert.equal(negotiate(g, VERSION_1 | feature(2)) & FEATURES_OK, FEATURES_OK, "after a reset, a clean negotiation works");
+    // A feature word beyond 63 accepts nothing and taints the negotiation the same way.
+    writeFeatureWords(g, [[2, 1], [1, 1]]);
+    g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert.equal(g.common(L.COMMON_STATUS, 1) & FEATURES_OK, 0);
+  });
+
+  it("refuses DRIVER_OK without FEATURES_OK: nothing is activated", () => {
+    const g = new Guest();
+    writeFeatureWords(g, [[0, 0xffff_ffff], [1, 0xffff_ffff]]);
+    setupQueue(g, 0, 128, 0x1_0000);
+    g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER | DRIVER_OK);
+    assert.equal(g.common(L.COMMON_STATUS, 1) & DRIVER_OK, 0, "DRIVER_OK not latched");
+    assert.equal(g.hooks.driverOks, 0);
+    assert.equal(g.io.driverOk(), false);
+    // A refused FEATURES_OK in the same write leaves DRIVER_OK refused too.
+    g.setCommon(L.COMMON_STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert.equal(g.common(L.COMMON_STATUS, 1) & (FEATURES_OK | DRIVER_OK), 0);
+    assert.equal(g.hooks.driverOks, 0);
+    // The legacy interface has no FEATURES_OK step: DRIVER_OK alone starts the device.
+    const legacy = new Guest();
+    legacy.setLegacy(L.LEGACY_STATUS, 1, ACKNOWLEDGE | DRIVER | DRIVER_OK);
+    assert.equal(legacy.hooks.driverOks, 1);
   });
 
   it("accepts only valid queue sizes, and only before the queue is enabled", () => {

@@ -4,3 +4,4 @@ export * from "./cmos";
 export * from "./i8042";
 export * from "./legacy-ports";
 export { adoptState, type StateLike } from "./state-like";
+export * from "./pvpanic";

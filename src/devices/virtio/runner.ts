@@ -25,6 +25,9 @@ export interface DeviceLog {
 export class VirtioDeviceRunner {
   private active = false;
   private generation = -1;
+  /** The device model threw: it is set aside until the driver resets the device. */
+  private broken = false;
+  private interruptFailed = false;
 
   /**
    * `restored`: the device's queue positions when the VM is restored from a snapshot (the
@@ -48,12 +51,18 @@ export class VirtioDeviceRunner {
    * each kick is handled.
    */
   sync(): void {
+    this.contained(() => this.syncNow());
+  }
+
+  private syncNow(): void {
     const gen = this.transport.resetGeneration();
-    if (this.active && gen !== this.generation) {
-      this.device.reset();
+    if ((this.active || this.broken) && gen !== this.generation) {
+      this.broken = false;
+      if (this.active) this.device.reset();
       this.active = false;
     }
     this.generation = gen;
+    if (this.broken) return;
     const restored = this.restored;
     this.restored = undefined;
     if (this.active) {
@@ -108,13 +117,15 @@ export class VirtioDeviceRunner {
   }
 
   kicked(queue: number): void {
-    this.sync();
-    if (this.active) this.device.queueNotified(queue);
+    this.contained(() => {
+      this.syncNow();
+      if (this.active) this.device.queueNotified(queue);
+    });
   }
 
   /** The guest EOI'd our level-triggered INTx: assert again if an interrupt is still pending. */
   resampled(): void {
-    if (this.transport.isrPending()) this.irq.intx();
+    if (this.transport.isrPending()) this.deliver({ kind: "intx" });
   }
 
   /** Host fds the device model wants polled now (only while active). */
@@ -123,7 +134,7 @@ export class VirtioDeviceRunner {
   }
 
   pollReady(fd: number, revents: number): void {
-    if (this.active) this.device.pollReady?.(fd, revents);
+    if (this.active) this.contained(() => this.device.pollReady?.(fd, revents));
   }
 
   /** VM stop: let the device model finish and its back end flush. */
@@ -132,8 +143,42 @@ export class VirtioDeviceRunner {
     this.active = false;
   }
 
+  /**
+   * Run device-model work so that whatever it throws breaks this device only: it is reset,
+   * marked DEVICE_NEEDS_RESET for its driver and left alone until the driver resets it;
+   * the I/O worker goes on serving every other device.
+   */
+  private contained(work: () => void): void {
+    try {
+      work();
+    } catch (e) {
+      this.log.warn(`${this.name}: ${(e as Error).message}; the device needs a reset by its driver`);
+      this.broken = true;
+      if (this.active) {
+        this.active = false;
+        try {
+          this.device.reset();
+        } catch {
+          // Already failing; the driver's reset starts it afresh.
+        }
+      }
+      this.deliver(this.transport.setNeedsReset());
+    }
+  }
+
+  /**
+   * KVM_SIGNAL_MSI fails for a message no CPU answers (an address the guest made up), an
+   * eventfd write for a counter at its limit: the interrupt is lost, which is the guest's
+   * doing, and the device goes on. Said once per device.
+   */
   private deliver(d: InterruptDelivery): void {
-    if (d.kind === "msix") this.irq.msi(d.address, d.data);
-    else if (d.kind === "intx") this.irq.intx();
+    try {
+      if (d.kind === "msix") this.irq.msi(d.address, d.data);
+      else if (d.kind === "intx") this.irq.intx();
+    } catch (e) {
+      if (this.interruptFailed) return;
+      this.interruptFailed = true;
+      this.log.warn(`${this.name}: an interrupt could not be delivered (${(e as Error).message}); the device carries on`);
+    }
   }
 }

@@ -150,9 +150,7 @@ export function commonConfigFields(ctx: RegisterContext): Field[] {
       write: (v) => {
         // Features are fixed once FEATURES_OK is latched (spec 2.2.2).
         if ((regs.get(R_STATUS) & VirtioStatus.FEATURES_OK) !== 0) return;
-        const select = u32(regs.get(R_DRIVER_FEATURE_SELECT));
-        if (select === 0) regs.set(R_DRIVER_FEATURES_LO, v | 0);
-        if (select === 1) regs.set(R_DRIVER_FEATURES_HI, v | 0);
+        regs.writeDriverFeaturesLocked(u32(regs.get(R_DRIVER_FEATURE_SELECT)), v | 0);
       },
     },
     {

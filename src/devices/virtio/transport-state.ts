@@ -131,6 +131,8 @@ const R_NOTIFY_MODERN_VALID = 18;
 const R_NOTIFY_MODERN_LO = 19;
 const R_NOTIFY_MODERN_HI = 20;
 const R_NOTIFY_LEGACY_PORT = 21; // -1: none
+/** 1 when the driver wrote a feature bit the device does not offer since the last reset. */
+const R_UNOFFERED_FEATURES = 22;
 const HEADER_CELLS = 24;
 // Per queue, Q_CELLS cells from queueBase(q).
 export const Q_SIZE = 0;
@@ -364,9 +366,24 @@ export class VirtioPciRegs {
 
   // ---- Status and reset ----
 
+  /**
+   * The driver writes 32 bits of the features it accepts (`select` 0: bits 0-31, 1: 32-63).
+   * Only offered bits are kept, so no back end is ever activated with a feature it never
+   * offered; a driver that accepted others has FEATURES_OK refused (spec 2.2.2).
+   */
+  writeDriverFeaturesLocked(select: number, value: number): void {
+    if (select !== 0 && select !== 1) {
+      if (value !== 0) this.s.set(R_UNOFFERED_FEATURES, 1);
+      return;
+    }
+    const offered = Number((this.deviceFeatures >> BigInt(32 * select)) & 0xffff_ffffn);
+    if ((value & ~offered) !== 0) this.s.set(R_UNOFFERED_FEATURES, 1);
+    this.s.set(select === 0 ? R_DRIVER_FEATURES_LO : R_DRIVER_FEATURES_HI, value & offered);
+  }
+
   /** Device reset (status 0): what the driver configured is gone; the I/O side sees a new generation. */
   resetLocked(): void {
-    for (const cell of [R_STATUS, R_DEVICE_FEATURE_SELECT, R_DRIVER_FEATURE_SELECT, R_DRIVER_FEATURES_LO, R_DRIVER_FEATURES_HI, R_QUEUE_SELECT, R_ISR]) {
+    for (const cell of [R_STATUS, R_DEVICE_FEATURE_SELECT, R_DRIVER_FEATURE_SELECT, R_DRIVER_FEATURES_LO, R_DRIVER_FEATURES_HI, R_QUEUE_SELECT, R_ISR, R_UNOFFERED_FEATURES]) {
       this.s.set(cell, 0);
     }
     this.s.set(R_MSIX_CONFIG_VECTOR, VIRTIO_MSI_NO_VECTOR);
@@ -396,6 +413,12 @@ export class VirtioPciRegs {
       // Not latched: the driver reads status back and gives up ("device refuses features").
       value &= ~VirtioStatus.FEATURES_OK;
     }
+    if (modern && (value & VirtioStatus.DRIVER_OK) !== 0 && (old & VirtioStatus.DRIVER_OK) === 0 && (value & VirtioStatus.FEATURES_OK) === 0) {
+      // A modern driver starts the device only after the device took its features (spec
+      // 3.1.1); without that there is nothing agreed to run the device with. (A legacy
+      // driver has no FEATURES_OK step.)
+      value &= ~VirtioStatus.DRIVER_OK;
+    }
     // DEVICE_NEEDS_RESET is the device's bit; a driver write does not clear it.
     this.s.set(R_STATUS, value | (old & VirtioStatus.DEVICE_NEEDS_RESET));
     return (value & VirtioStatus.DRIVER_OK) !== 0 && (old & VirtioStatus.DRIVER_OK) === 0 ? "driverOk" : undefined;
@@ -403,7 +426,7 @@ export class VirtioPciRegs {
 
   private featuresAcceptable(modern: boolean): boolean {
     const accepted = this.driverFeatures();
-    if ((accepted & ~this.deviceFeatures) !== 0n) return false;
+    if (this.s.get(R_UNOFFERED_FEATURES) !== 0 || (accepted & ~this.deviceFeatures) !== 0n) return false;
     return !modern || (accepted & feature(VirtioFeatureBit.VERSION_1)) !== 0n;
   }
 

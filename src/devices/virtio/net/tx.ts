@@ -120,16 +120,11 @@ export class NetTx {
         if (len < hdrSize) {
           throw new NetChainError(`TX chain (head ${c.head}) has ${len} readable bytes, less than the ${hdrSize}-byte header`);
         }
+        if (this.droppedOversized(c.head, len, q)) continue;
         // In place (writev from guest memory) when possible, else copied into txBuf.
         this.iov.clear();
         let iovecs = this.settings.directTx && c.appendIovecs(this.iov, false) ? this.iov.count : -1;
         if (iovecs < 0) {
-          if (len > this.txBuf.length) {
-            this.link.stats.txDropped++;
-            this.link.note(`virtio-net: dropped a ${len}-byte TX frame: larger than ${this.txBuf.length} bytes`);
-            q.addUsed(c.head, 0);
-            continue;
-          }
           c.reader.readInto(len === this.txBuf.length ? this.txBuf : this.txBuf.subarray(0, len));
           iovecs = 0;
         }
@@ -172,6 +167,7 @@ export class NetTx {
             if (len < hdrSize) {
               throw new NetChainError(`TX chain (head ${c.head}) has ${len} readable bytes, less than the ${hdrSize}-byte header`);
             }
+            if (this.droppedOversized(c.head, len, q)) continue;
             const k = b.begin();
             if (b.iov.capacity - b.iov.count >= NET_MAX_IOV && c.appendIovecs(b.iov, false) && b.iov.count - b.start[k]! <= NET_MAX_IOV) {
               b.end(k);
@@ -181,12 +177,6 @@ export class NetTx {
               continue;
             }
             b.drop(k);
-            if (len > this.txBuf.length) {
-              this.link.stats.txDropped++;
-              this.link.note(`virtio-net: dropped a ${len}-byte TX frame: larger than ${this.txBuf.length} bytes`);
-              q.addUsed(c.head, 0);
-              continue;
-            }
             odd = c.head;
             oddLen = len;
             c.reader.readInto(len === this.txBuf.length ? this.txBuf : this.txBuf.subarray(0, len));
@@ -228,6 +218,12 @@ export class NetTx {
    */
   private sendBatch(q: Virtqueue): boolean {
     const b = this.batch;
+    if (this.batchFrom < b.frames && this.link.gone) {
+      // The link is down: the frames go nowhere, as in sendFrame.
+      for (let k = this.batchFrom; k < b.frames; k++) q.addUsed(this.batchHeads[k]!, 0);
+      this.link.stats.txDropped += b.frames - this.batchFrom;
+      this.batchFrom = b.frames;
+    }
     if (this.batchFrom < b.frames) {
       this.backend.writeFrames!(b, this.batchFrom);
       for (let k = this.batchFrom; k < b.frames; k++) {
@@ -252,6 +248,19 @@ export class NetTx {
       if (!this.sendFrame(this.pendingHead, this.pendingLength, 0, q)) return false;
       this.pendingLength = 0;
     }
+    return true;
+  }
+
+  /**
+   * One limit whichever way a frame goes out (copied, in place, in a batch): none larger
+   * than NET_MAX_FRAME, which is all a TAP takes. True when this chain was such a frame,
+   * dropped and returned.
+   */
+  private droppedOversized(head: number, len: number, q: Virtqueue): boolean {
+    if (len <= NET_MAX_FRAME) return false;
+    this.link.stats.txDropped++;
+    this.link.note(`virtio-net: dropped a ${len}-byte TX frame: larger than ${NET_MAX_FRAME} bytes`);
+    q.addUsed(head, 0);
     return true;
   }
 
