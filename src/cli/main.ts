@@ -70,7 +70,13 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     return ExitCode.OK;
   }
   if (opts.restore !== undefined) {
-    const vm = await startVm({ restore: opts.restore, ...(opts.disks.length > 0 ? { disks: opts.disks } : {}), console: { fd: 1 }, onWarning: say });
+    const vm = await startVm({
+      restore: opts.restore,
+      ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
+      ...(opts.kvmDevice !== undefined ? { kvmPath: opts.kvmDevice } : {}),
+      console: { fd: 1 },
+      onWarning: say,
+    });
     say(`${bootBanner(vm)}; Ctrl-A x quits`);
     return runToEnd(vm, opts.verbose);
   }
