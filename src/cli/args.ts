@@ -448,3 +448,52 @@ export function parseMkdiskArgs(argv: readonly string[]): MkdiskCliOptions {
     help,
   };
 }
+
+export interface ProbeCliOptions {
+  json: boolean;
+  kvmDevice: string | undefined;
+  help: boolean;
+}
+
+export const PROBE_USAGE = `usage: tskvm probe [options]
+
+Describe this host's KVM: API version, capabilities, CPUID, the kind of KVM (hardware,
+nested under which hypervisor, or kvm-pvm's emulation) and what that means for tskvm.
+Exits 4 when tskvm cannot run VMs here.
+
+      --json               the same as JSON
+  -D, --kvm-device PATH    the KVM device node (default: $TSKVM_KVM_DEVICE, else /dev/kvm)
+  -h, --help               this help`;
+
+const PROBE_FLAGS = {
+  json: { type: "boolean" },
+  "kvm-device": { type: "string", short: "D" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+export function parseProbeArgs(argv: readonly string[]): ProbeCliOptions {
+  const values = parseFlags(argv, PROBE_FLAGS, "probe", (arg) => {
+    throw new UsageError(`tskvm probe takes no arguments, only options (found '${arg}'); see tskvm probe --help`);
+  });
+  return {
+    json: values.json === true,
+    kvmDevice: nonEmpty(values["kvm-device"] as string | undefined, "--kvm-device needs a device path"),
+    help: values.help === true,
+  };
+}
+
+/** Each command's flags as its parser takes them, for the test that holds --help to them. */
+export const COMMAND_FLAGS = {
+  boot: { ...BOOT_FLAGS, ...BOOT_ONLY_FLAGS },
+  run: RUN_FLAGS,
+  mkdisk: MKDISK_FLAGS,
+  probe: PROBE_FLAGS,
+} as const;
+
+/** Each command's --help. */
+export const COMMAND_USAGE: Record<keyof typeof COMMAND_FLAGS, string> = {
+  boot: BOOT_USAGE,
+  run: RUN_USAGE,
+  mkdisk: MKDISK_USAGE,
+  probe: PROBE_USAGE,
+};
