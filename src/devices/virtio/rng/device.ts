@@ -9,7 +9,8 @@
  * work one kick can cause to a queue's worth of that.
  */
 import { type VirtioActivation, type VirtioDevice, type VirtioDeviceDescription, VirtioDeviceType } from "../types";
-import { DescriptorChain, Virtqueue, VirtqueueError, type VirtqueueState } from "../queue";
+import { DescriptorChain, Virtqueue, type VirtqueueState } from "../queue";
+import { failureReason, serveQueue } from "../serve";
 import type { EntropySource } from "./backend";
 
 export const RNG_QUEUE_SIZE = 256;
@@ -73,8 +74,7 @@ export class VirtioRng implements VirtioDevice {
     const chain = this.chain;
     if (index !== 0 || q === undefined || ctx === undefined || chain === undefined || this.broken) return;
     try {
-      do {
-        q.disableNotification();
+      serveQueue(q, () => ctx.signalUsed(0), () => {
         while (q.pop(chain) !== undefined) {
           this.stats.requests++;
           if (chain.readableBytes > 0 || chain.writableBytes === 0) {
@@ -84,11 +84,9 @@ export class VirtioRng implements VirtioDevice {
           this.stats.bytes += written;
           q.addUsed(chain.head, written);
         }
-        if (q.needsNotification()) ctx.signalUsed(0);
-      } while (q.enableNotification());
+      });
     } catch (e) {
-      // What was served still gets its interrupt; the device then waits for a reset.
-      if (q.needsNotification()) ctx.signalUsed(0);
+      // What was served got its interrupt; the device waits for a reset.
       this.fail(e);
     }
   }
@@ -120,7 +118,7 @@ export class VirtioRng implements VirtioDevice {
 
   private fail(e: unknown): void {
     this.broken = true;
-    const reason = e instanceof VirtqueueError ? `virtio-rng: ${e.message}` : `virtio-rng: ${(e as Error)?.message ?? String(e)}`;
+    const reason = failureReason("virtio-rng", e);
     this.log(reason);
     this.ctx?.needsReset(reason);
   }
