@@ -71,6 +71,7 @@ export function snapshotCacheEntry(options: VmOptions, cacheDir: string): Snapsh
       hideCpuFeatures: options.hideCpuFeatures ?? [],
       entry: options.entry,
       agent: checked.agent,
+      rng: checked.rng,
       disks: checked.disks.map((d) => ({ readOnly: d.readOnly, ...(d.serial !== undefined ? { serial: d.serial } : {}) })),
       nics: checked.nics.map((n) => ({ kind: "tap", tap: n.tap, ...(n.mac !== undefined ? { mac: formatMac(n.mac) } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
     });

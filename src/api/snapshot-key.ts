@@ -29,6 +29,8 @@ export interface SnapshotKeyInput {
   hideCpuFeatures: readonly string[];
   entry: string | undefined;
   agent: boolean;
+  /** A virtio-rng device. */
+  rng: boolean;
   /** Per disk, in order: what the guest sees of it besides its contents. */
   disks: readonly { readOnly: boolean; serial?: string }[];
   /** Per network interface, in order: its kind and guest-visible options. */

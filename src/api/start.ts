@@ -122,6 +122,7 @@ export interface CheckedOptions {
   agent: boolean;
   shares: Share[];
   rootfsHost: boolean;
+  rng: boolean;
 }
 
 /** Validate everything that needs no file and no KVM. Throws VmStartError("options"/"input"). */
@@ -185,7 +186,7 @@ export function checkOptions(o: VmOptions): CheckedOptions {
   if (o.consoleLog !== undefined && o.console !== undefined && o.console !== "capture") {
     throw optionsError("consoleLog needs console: \"capture\"");
   }
-  return { memoryBytes, cpus, disks, nics, userNet, extraArgs, agent, shares, rootfsHost };
+  return { memoryBytes, cpus, disks, nics, userNet, extraArgs, agent, shares, rootfsHost, rng: o.rng ?? true };
 }
 
 /** User-mode networking, checked: the forwards parsed, whether to add the SSH one. */

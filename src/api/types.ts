@@ -71,6 +71,8 @@ export interface VmOptions {
    * TCP forward already targets it (Vm.sshPort says which). Default true.
    */
   sshForward?: boolean;
+  /** A virtio-rng entropy device fed from the host's getrandom (/dev/hwrng in the guest). Default true. */
+  rng?: boolean;
   /** The guest's eth0 address: adds ip=ADDR::GW:MASK::eth0:off (gateway and mask from the first NIC's hostCidr). */
   guestIp?: string;
   /** "host" or "emulated"; default chosen from the host's KVM. */

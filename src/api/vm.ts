@@ -147,6 +147,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
         disks: checked.disks,
         nics: passt === undefined ? checked.nics : [...checked.nics, { stream: { fd: passt.fd, name: "passt", reportsOwnLoss: true } }],
         shares: shareServers.configs,
+        rng: checked.rng,
         ...(options.kvmPath !== undefined ? { kvmPath: options.kvmPath } : {}),
       });
     } catch (e) {
@@ -260,7 +261,7 @@ function openHostIo(options: VmOptions, agent: boolean): HostIo {
 }
 
 /** Options that shape the machine, which a snapshot fixes. */
-const MACHINE_OPTIONS = ["kernel", "initrd", "cmdline", "appendCmdline", "memory", "cpus", "nics", "guestIp", "cpuTemplate", "hideCpuFeatures", "entry", "agent"] as const;
+const MACHINE_OPTIONS = ["kernel", "initrd", "cmdline", "appendCmdline", "memory", "cpus", "nics", "rng", "guestIp", "cpuTemplate", "hideCpuFeatures", "entry", "agent"] as const;
 
 /** What the API keeps with a snapshot (SnapshotBody.annotations). */
 interface SnapshotAnnotations {

@@ -10,7 +10,7 @@
  *   (instantiateIoSide: VirtioDeviceRunner, VirtioBlock over a FileBlockEngine,
  *   VirtioNet over a Tap or a StreamNetBackend (passt), VirtioFs over a vhost-user
  *   connection to virtiofsd, whose queues virtiofsd serves itself: the worker polls none
- *   of its kicks).
+ *   of its kicks; VirtioRng over the host's getrandom).
  * A device's identity (type, queues, features, config space) comes from its spec alone
  * (describeVirtioDevice), so no thread builds a back end just to learn it.
  */
@@ -26,6 +26,8 @@ import type { VirtqueueState } from "../devices/virtio/queue";
 import { VirtioBlock, blkDescription } from "../devices/virtio/blk/device";
 import { VirtioNet, netDescription } from "../devices/virtio/net/device";
 import { VirtioFs, fsDescription } from "../devices/virtio/fs/device";
+import { VirtioRng, rngDescription } from "../devices/virtio/rng/device";
+import { hostEntropy } from "../host/entropy";
 import { FileBlockEngine } from "../host/block-file-engine";
 import { BLOCK_RING_ENTRIES, UringBlockEngine } from "../host/block-uring-engine";
 import type { IoEngineName } from "../host/io-engine";
@@ -82,7 +84,8 @@ export interface FsSpec extends VhostUserFsSpec {
 export type VirtioDeviceSpec =
   | { kind: "virtio-blk"; disk: DiskSpec }
   | { kind: "virtio-net"; nic: NicSpec }
-  | { kind: "virtio-fs"; fs: FsSpec };
+  | { kind: "virtio-fs"; fs: FsSpec }
+  | { kind: "virtio-rng" };
 
 /** One virtio-pci function, as every thread needs it. Plain data, safe for postMessage. */
 export interface VirtioFunctionSpec {
@@ -111,6 +114,8 @@ export function describeVirtioDevice(spec: VirtioDeviceSpec): VirtioDeviceDescri
       return netDescription({ mac: spec.nic.mac, offloads: spec.nic.offloads, validChecksums: validChecksums(spec.nic) });
     case "virtio-fs":
       return fsDescription({ tag: spec.fs.tag, backendFeatures: spec.fs.backend.features });
+    case "virtio-rng":
+      return rngDescription();
   }
 }
 
@@ -164,6 +169,8 @@ export function createVirtioDevice(spec: VirtioFunctionSpec, env: IoSideEnv, tra
       const backend = new VhostUserFsBackend(device.fs, spec.kickFds, env.memory, router);
       return { device: new VirtioFs(backend, { tag: device.fs.tag, backendFeatures: device.fs.backend.features, log }), close: () => undefined };
     }
+    case "virtio-rng":
+      return { device: new VirtioRng(hostEntropy, { log }), close: () => undefined };
   }
 }
 

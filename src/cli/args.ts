@@ -81,6 +81,10 @@ export interface BootOptions {
   ioEngine: "auto" | "io_uring" | "sync" | undefined;
   /** Say on stderr what happens: the boot, start-up times, the exits at the end. */
   verbose: boolean;
+  /** The virtio-rng device (--no-rng leaves it out). */
+  rng: boolean;
+  /** -D: the KVM device node (undefined: $TSKVM_KVM_DEVICE, else /dev/kvm). */
+  kvmDevice: string | undefined;
   help: boolean;
 }
 
@@ -105,6 +109,8 @@ const BOOT_FLAGS = {
   rootfs: { type: "string" },
   "io-engine": { type: "string" },
   verbose: { type: "boolean", short: "v" },
+  "no-rng": { type: "boolean" },
+  "kvm-device": { type: "string", short: "D" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -117,7 +123,7 @@ const BOOT_ONLY_FLAGS = {
 const MACHINE_FLAGS: readonly [string, string][] = [
   ["kernel", "-k"], ["initrd", "-i"], ["params", "-p"], ["memory", "-m"], ["cpus", "-c"], ["tap", "-t"],
   ["tap-ip", "--tap-ip"], ["mac", "--mac"], ["guest-ip", "--guest-ip"], ["cpu-template", "--cpu-template"],
-  ["hide-cpu-feature", "--hide-cpu-feature"], ["entry", "--entry"],
+  ["hide-cpu-feature", "--hide-cpu-feature"], ["entry", "--entry"], ["no-rng", "--no-rng"],
 ];
 
 /** The boot flags, as `tskvm boot --help` and `tskvm run --help` list them. */
@@ -159,7 +165,10 @@ const BOOT_FLAG_HELP = `  -k, --kernel PATH        bzImage or uncompressed ELF v
                            tmpfs overlay: run the host's own binaries (default guest only)
       --io-engine E        how disks and TAPs do host I/O: io_uring (a queue drain per
                            system call), sync (a system call per request), or auto
-                           (default: io_uring where the host allows it)`;
+                           (default: io_uring where the host allows it)
+      --no-rng             leave out the virtio-rng entropy device (default: there, the
+                           guest's /dev/hwrng, fed from the host's getrandom)
+  -D, --kvm-device PATH    the KVM device node (default: $TSKVM_KVM_DEVICE, else /dev/kvm)`;
 
 export const BOOT_USAGE = `usage: tskvm boot [options]
 
@@ -283,8 +292,15 @@ function bootOptionsFrom(values: Record<string, unknown>): BootOptions {
     rootfs: parseRootfs(str("rootfs")),
     ioEngine,
     verbose: values.verbose === true,
+    rng: values["no-rng"] !== true,
+    kvmDevice: nonEmpty(str("kvm-device"), "--kvm-device needs a device path"),
     help: values.help === true,
   };
+}
+
+function nonEmpty(value: string | undefined, message: string): string | undefined {
+  if (value !== undefined && value.trim() === "") throw new UsageError(message);
+  return value;
 }
 
 function parseRootfs(text: string | undefined): "host" | undefined {
@@ -464,3 +480,52 @@ export function parseMkdiskArgs(argv: readonly string[]): MkdiskCliOptions {
     help,
   };
 }
+
+export interface ProbeCliOptions {
+  json: boolean;
+  kvmDevice: string | undefined;
+  help: boolean;
+}
+
+export const PROBE_USAGE = `usage: tskvm probe [options]
+
+Describe this host's KVM: API version, capabilities, CPUID, the kind of KVM (hardware,
+nested under which hypervisor, or kvm-pvm's emulation) and what that means for tskvm.
+Exits 4 when tskvm cannot run VMs here.
+
+      --json               the same as JSON
+  -D, --kvm-device PATH    the KVM device node (default: $TSKVM_KVM_DEVICE, else /dev/kvm)
+  -h, --help               this help`;
+
+const PROBE_FLAGS = {
+  json: { type: "boolean" },
+  "kvm-device": { type: "string", short: "D" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+export function parseProbeArgs(argv: readonly string[]): ProbeCliOptions {
+  const values = parseFlags(argv, PROBE_FLAGS, "probe", (arg) => {
+    throw new UsageError(`tskvm probe takes no arguments, only options (found '${arg}'); see tskvm probe --help`);
+  });
+  return {
+    json: values.json === true,
+    kvmDevice: nonEmpty(values["kvm-device"] as string | undefined, "--kvm-device needs a device path"),
+    help: values.help === true,
+  };
+}
+
+/** Each command's flags as its parser takes them, for the test that holds --help to them. */
+export const COMMAND_FLAGS = {
+  boot: { ...BOOT_FLAGS, ...BOOT_ONLY_FLAGS },
+  run: RUN_FLAGS,
+  mkdisk: MKDISK_FLAGS,
+  probe: PROBE_FLAGS,
+} as const;
+
+/** Each command's --help. */
+export const COMMAND_USAGE: Record<keyof typeof COMMAND_FLAGS, string> = {
+  boot: BOOT_USAGE,
+  run: RUN_USAGE,
+  mkdisk: MKDISK_USAGE,
+  probe: PROBE_USAGE,
+};

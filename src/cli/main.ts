@@ -4,7 +4,7 @@
  */
 import { ExitCode, exitCodeForFailure, signalExitCode, type StopSignal } from "./exit-codes";
 import { onStopSignal, stopSignal } from "./stop-signals";
-import { BOOT_USAGE, CLI_OPTION_NAMES, UsageError, parseBootArgs } from "./args";
+import { BOOT_USAGE, CLI_OPTION_NAMES, COMMAND_USAGE, UsageError, parseBootArgs } from "./args";
 import { attachConsole, ESCAPE_HELP } from "./console";
 import { SizeError } from "../api/option-values";
 import { runProbe } from "./probe";
@@ -22,16 +22,32 @@ export { InputFileError, readInputFile, guestIpArgument } from "../api/start";
 
 const VERSION = TSKVM_VERSION;
 
-const USAGE = `usage: tskvm <command> [options]
+export const USAGE = `usage: tskvm <command> [options]
 
 Commands:
   boot     boot a Linux kernel with its console on this terminal (tskvm boot --help)
   run      boot a guest, run a command in it, exit with its status (tskvm run --help)
   mkdisk   make an ext4 disk image of a directory (tskvm mkdisk --help)
   probe    describe this host's KVM: API, capabilities, CPUID, hardware or emulated
+  help     tskvm help COMMAND: that command's options (the same as tskvm COMMAND --help)
 
   --version, -V   print the version
   --help, -h      this help`;
+
+/** tskvm help [COMMAND] */
+function helpCommand(argv: readonly string[]): number {
+  const [topic, ...extra] = argv;
+  if (topic === undefined) {
+    process.stdout.write(`${USAGE}\n`);
+    return ExitCode.OK;
+  }
+  const usage = (COMMAND_USAGE as Record<string, string>)[topic];
+  if (usage === undefined || extra.length > 0) {
+    throw new UsageError(`${usage === undefined ? `no help for '${topic}'` : "tskvm help takes one command"}: use tskvm help ${Object.keys(COMMAND_USAGE).join("|")}`);
+  }
+  process.stdout.write(`${usage}\n`);
+  return ExitCode.OK;
+}
 
 /** The exit status and one-line message for an error, by the layer it came from. */
 export function classifyError(e: unknown): { code: number; message: string } {
@@ -70,7 +86,13 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     return ExitCode.OK;
   }
   if (opts.restore !== undefined) {
-    const vm = await startVm({ restore: opts.restore, ...(opts.disks.length > 0 ? { disks: opts.disks } : {}), console: { fd: 1 }, onWarning: say });
+    const vm = await startVm({
+      restore: opts.restore,
+      ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
+      ...(opts.kvmDevice !== undefined ? { kvmPath: opts.kvmDevice } : {}),
+      console: { fd: 1 },
+      onWarning: say,
+    });
     say(`${bootBanner(vm)}; Ctrl-A x quits`);
     return runToEnd(vm, opts.verbose);
   }
@@ -167,17 +189,18 @@ export async function main(argv: readonly string[]): Promise<number> {
       case "version":
         process.stdout.write(`tskvm ${VERSION}\n`);
         return ExitCode.OK;
+      case "help":
+        return helpCommand(rest);
       case undefined:
         // Asked for nothing: the usage, then the one line every refusal has, on stderr.
         process.stderr.write(`${USAGE}\n`);
         throw new UsageError("no command given: use boot, run, mkdisk or probe (tskvm --help)");
       case "--help":
       case "-h":
-      case "help":
         process.stdout.write(`${USAGE}\n`);
         return ExitCode.OK;
       default:
-        throw new UsageError(`unknown command '${command}': use boot, run, mkdisk or probe (tskvm --help)`);
+        throw new UsageError(`unknown command '${command}': use boot, run, mkdisk, probe or help (tskvm --help)`);
     }
   } catch (e) {
     return fail(e);

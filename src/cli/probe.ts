@@ -7,13 +7,16 @@ import { CPU_FEATURES, CPU_TEMPLATES, hasFeature, vendorString } from "../kvm/cp
 import { detectHostKvm, defaultCpuTemplate } from "../kvm/host";
 import { chooseIoEngine, describeIoEngine } from "../host/io-engine";
 import { ExitCode } from "./exit-codes";
-import { UsageError } from "./args";
+import { PROBE_USAGE, parseProbeArgs } from "./args";
 
 export function runProbe(argv: readonly string[]): number {
-  const json = argv.includes("--json");
-  const unknown = argv.filter((a) => a !== "--json");
-  if (unknown.length > 0) throw new UsageError(`tskvm probe takes only --json, not '${unknown[0]}'`);
-  const kvm = Kvm.open();
+  const opts = parseProbeArgs(argv);
+  if (opts.help) {
+    process.stdout.write(`${PROBE_USAGE}\n`);
+    return ExitCode.OK;
+  }
+  const json = opts.json;
+  const kvm = Kvm.open(opts.kvmDevice);
   try {
     const host = detectHostKvm();
     const caps = Object.fromEntries((Object.keys(Cap) as CapName[]).map((c) => [c, kvm.checkExtension(c)]));

@@ -50,6 +50,8 @@ export function vmOptionsFrom(opts: BootOptions): VmOptions {
     ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
     ...(opts.shares.length > 0 ? { shares: opts.shares } : {}),
     ...(opts.rootfs !== undefined ? { rootfs: opts.rootfs } : {}),
+    ...(opts.rng ? {} : { rng: false }),
+    ...(opts.kvmDevice !== undefined ? { kvmPath: opts.kvmDevice } : {}),
   };
 }
 
@@ -113,6 +115,7 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
       vm = await startVm({
         restore: cached.dir,
         ...(options.disks !== undefined && options.disks.length > 0 ? { disks: options.disks } : {}),
+        ...(options.kvmPath !== undefined ? { kvmPath: options.kvmPath } : {}),
         console: "capture",
         onWarning: say,
         ...(opts.consoleLog !== undefined ? { consoleLog: opts.consoleLog } : {}),

@@ -47,6 +47,7 @@ interface Bindings {
   lseek: Fn;
   setsockopt: Fn;
   getsockopt: Fn;
+  getrandom: Fn;
 }
 
 let bound: Bindings | undefined;
@@ -97,6 +98,7 @@ function libc(): Bindings {
     lseek: lib.func("lseek64", "int64_t", ["int", "int64_t", "int"]),
     setsockopt: lib.func("setsockopt", "int", ["int", "int", "int", "void *", "unsigned int"]),
     getsockopt: lib.func("getsockopt", "int", ["int", "int", "int", "void *", "void *"]),
+    getrandom: lib.func("getrandom", "long", ["void *", "size_t", "unsigned int"]),
   };
   return bound;
 }
@@ -586,4 +588,19 @@ export function socketOutputQueue(fd: number): number {
   const v = new Int32Array(1);
   check("ioctl", libc().ioctlPtr(fd, SIOCOUTQ, v), "SIOCOUTQ");
   return v[0]!;
+}
+
+/**
+ * getrandom(2) from the kernel's pool (flags 0: blocks only before the pool is first
+ * initialised, early in the host's boot). Returns how many bytes were filled: at most
+ * 256 bytes per call are guaranteed whole, larger requests may come back short. EINTR is
+ * retried.
+ */
+export function getrandom(buf: Bytes, length = buf.byteLength): number {
+  for (;;) {
+    const n = libc().getrandom(buf, length, 0) as number;
+    if (n >= 0) return n;
+    const errno = koffi.errno();
+    if (errno !== Errno.EINTR) throw new SysError("getrandom", errno);
+  }
 }

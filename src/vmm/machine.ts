@@ -104,6 +104,8 @@ export interface MachineConfig {
    * (host/virtiofsd.ts). With any, guest RAM is a memfd mapped shared, which they map.
    */
   shares?: readonly ShareConfig[];
+  /** A virtio-rng entropy device fed from the host's getrandom (default false). */
+  rng?: boolean;
 }
 
 export interface ShareConfig {
@@ -316,6 +318,7 @@ export class Machine {
       cpuTemplate: machine.cpuTemplate,
       hideFeatures: machine.hideFeatures,
       irqchip: machine.irqchip,
+      rng: machine.rng,
       ...(config.kvmPath !== undefined ? { kvmPath: config.kvmPath } : {}),
       disks: machine.disks.map((d, i) => ({ path: paths[i] ?? d.path, readOnly: d.readOnly, serial: d.serial })),
       nics: machine.nics.map((n) => ({ tap: n.tap, mac: macBytes(n.mac), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
@@ -362,7 +365,7 @@ export class Machine {
       if (snap.body.vcpus.length !== config.cpus) throw new SnapshotError("corrupted", `snapshot ${snap.dir} is corrupted: it has ${snap.body.vcpus.length} vCPU states for ${config.cpus} vCPUs`);
     }
     const limits = kvm.vcpuLimits();
-    const functionCount = (config.disks ?? []).length + (config.nics ?? []).length + (config.shares ?? []).length;
+    const functionCount = (config.disks ?? []).length + (config.nics ?? []).length + (config.shares ?? []).length + (config.rng === true ? 1 : 0);
     const maxCpus = Math.min(limits.max, maxMpTableCpus(functionCount));
     if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > maxCpus) {
       const why = maxCpus === limits.max ? "this host's KVM allows" : "tskvm's MP table holds";
@@ -392,7 +395,7 @@ export class Machine {
     cleanups.push(() => memory.free());
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
-    const virtio = openVirtioDevices(vm, memory, { disks: config.disks ?? [], nics: config.nics ?? [], shares }, irqchip, cleanups, config.ioEngine);
+    const virtio = openVirtioDevices(vm, memory, { disks: config.disks ?? [], nics: config.nics ?? [], shares, rng: config.rng ?? false }, irqchip, cleanups, config.ioEngine);
     if (source.kind === "restore") {
       checkDisks(source.snapshot.dir, source.machine, virtio);
       if (source.devices.queues.length !== virtio.functions.length) {
@@ -447,6 +450,7 @@ export class Machine {
       cpuTemplate: templateName,
       hideFeatures: [...(config.hideFeatures ?? [])],
       irqchip,
+      rng: config.rng ?? false,
       bootDescription: source.kind === "boot" ? bootSummary!.description : source.machine.bootDescription,
       ...((source.kind === "boot" ? bootSummary!.cmdline : source.machine.cmdline) !== undefined
         ? { cmdline: (source.kind === "boot" ? bootSummary!.cmdline : source.machine.cmdline)! }
@@ -846,19 +850,19 @@ class SerialInput {
  * resample fd, since the line is level-triggered), and what the I/O worker needs to run its
  * back end. Disks come first (vda, vdb, ...), then network interfaces (eth0, ...), then
  * shares (their virtiofsd is already running; each queue also gets a "call" eventfd that
- * virtiofsd signals).
+ * virtiofsd signals), then the entropy device.
  */
 function openVirtioDevices(
   vm: Vm,
   memory: GuestMemory,
-  devices: { disks: readonly DiskConfig[]; nics: readonly NicConfig[]; shares: readonly ShareConfig[] },
+  devices: { disks: readonly DiskConfig[]; nics: readonly NicConfig[]; shares: readonly ShareConfig[]; rng: boolean },
   irqchip: boolean,
   cleanups: (() => void)[],
   ioEngine: IoEngineChoice | undefined,
 ): VirtioResources {
-  const { disks, nics, shares } = devices;
+  const { disks, nics, shares, rng } = devices;
   const res: VirtioResources = { ioEngine: undefined, functions: [], fds: [], images: [], taps: [], controlFd: undefined, disks: [], nics: [] };
-  if (disks.length + nics.length + shares.length === 0) return res;
+  if (disks.length + nics.length + shares.length === 0 && !rng) return res;
   const engine = chooseIoEngine(ioEngine);
   res.ioEngine = engine;
   if (!irqchip) throw new ConfigError("virtio devices need the in-kernel irqchip");
@@ -911,6 +915,7 @@ function openVirtioDevices(
     const fs: FsSpec = { tag: share.tag, name: share.name, connFd: share.connFd, backend: share.backend, memory: memory.shared!, callFds };
     add(`virtio-fs ${share.tag} (${share.name})`, { kind: "virtio-fs", fs });
   }
+  if (rng) add("virtio-rng", { kind: "virtio-rng" });
   return res;
 }
 

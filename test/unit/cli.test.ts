@@ -12,6 +12,7 @@ import { makeBzImage } from "../helpers/images";
 import { parseBootArgs, UsageError } from "../../src/cli/args";
 import { parseSize, SizeError } from "../../src/api/option-values";
 import { EscapeParser } from "../../src/cli/console";
+import { vmOptionsFrom } from "../../src/cli/run";
 import { ExitCode } from "../../src/cli/exit-codes";
 
 const { dir, file } = scratchDir("tskvm-cli-");
@@ -102,4 +103,24 @@ test("a failed start leaves no files behind in the working directory", () => {
   mkdirSync(cwd);
   spawnSync(process.execPath, [join(__dirname, "..", "..", "..", "bin", "tskvm"), "boot", "-k", "nothing-here"], { cwd });
   assert.deepEqual(readdirSync(cwd), []);
+});
+
+test("--no-rng and -D/--kvm-device: parsed, passed to the API, and -D is the device tskvm opens", () => {
+  const d = parseBootArgs([]);
+  assert.equal(d.rng, true, "virtio-rng by default");
+  assert.equal(d.kvmDevice, undefined);
+  assert.equal(vmOptionsFrom(d).rng, undefined, "the API's default (on)");
+  assert.equal(vmOptionsFrom(d).kvmPath, undefined);
+  const o = parseBootArgs(["--no-rng", "-D", "/dev/other-kvm"]);
+  assert.equal(o.rng, false);
+  assert.equal(o.kvmDevice, "/dev/other-kvm");
+  assert.equal(vmOptionsFrom(o).rng, false);
+  assert.equal(vmOptionsFrom(o).kvmPath, "/dev/other-kvm");
+  assert.equal(parseBootArgs(["--kvm-device=/dev/k"]).kvmDevice, "/dev/k");
+  assert.throws(() => parseBootArgs(["-D", " "]), /--kvm-device needs a device path/);
+  assert.throws(() => parseBootArgs(["--restore", "snap", "--no-rng"]), /leave out --no-rng/);
+  assert.equal(parseBootArgs(["--restore", "snap", "-D", "/dev/k"]).kvmDevice, "/dev/k", "-D goes with --restore");
+  expectOneLine(runCli(["boot", "-k", goodKernel, "-D", join(dir, "no-kvm-D")]), ExitCode.HOST, /no-kvm-D does not exist/);
+  expectOneLine(runCli(["probe", "--kvm-device", join(dir, "no-kvm-D")]), ExitCode.HOST, /no-kvm-D does not exist/);
+  expectOneLine(runCli(["probe", "extra"]), ExitCode.USAGE, /takes no arguments/);
 });

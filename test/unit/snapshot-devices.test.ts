@@ -111,6 +111,7 @@ const machine: SavedMachine = {
   cpuTemplate: "emulated",
   hideFeatures: ["avx2"],
   irqchip: true,
+  rng: true,
   bootDescription: "ELF vmlinux, PVH entry at 0x1000000",
   cmdline: "console=ttyS0",
   disks: [{ path: "/t.img", readOnly: false, serial: "tskvm-123", detached: true, identity: { path: "/t.img", size: 1 << 20, mtimeNs: "1700000000000000000", ino: "12", dev: "2049" } }],
@@ -127,6 +128,9 @@ test("the machine's configuration and device state survive their JSON", () => {
   assert.deepEqual(decodeDevices(r, JSON.parse(JSON.stringify(encodeDevices(devices)))), devices);
   assert.throws(() => decodeMachine(r, { ...(encodeMachine(machine) as object), cpus: 0 }), /machine.cpus is not an integer/);
   assert.throws(() => decodeMachine(r, { ...(encodeMachine(machine) as object), nics: [{ tap: "t", mac: "zz" }] }), /is not a MAC address/);
+  // A snapshot from before virtio-rng had none.
+  const { rng: _, ...older } = encodeMachine(machine) as { rng: boolean };
+  assert.equal(decodeMachine(r, older).rng, false);
 });
 
 test("device buffers go back only into a machine with the same devices, the same sizes", () => {

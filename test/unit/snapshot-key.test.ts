@@ -33,6 +33,7 @@ function input(kernel: string, initrd: string): SnapshotKeyInput {
     hideCpuFeatures: [],
     entry: undefined,
     agent: true,
+    rng: true,
     disks: [{ readOnly: false }],
     nics: [],
   };
@@ -60,6 +61,7 @@ test("each option that shapes the machine changes the key", () => {
       ["hidden features", { hideCpuFeatures: ["avx2"] }],
       ["entry", { entry: "linux64" }],
       ["agent", { agent: false }],
+      ["rng", { rng: false }],
       ["disk count", { disks: [{ readOnly: false }, { readOnly: false }] }],
       ["disk read-only", { disks: [{ readOnly: true }] }],
       ["disk serial", { disks: [{ readOnly: false, serial: "x" }] }],

@@ -96,7 +96,7 @@ export interface VirtioTransportHooks {
   deviceConfigWrite?(offset: number, data: Uint8Array): boolean;
 }
 
-const TYPE_NAMES: Record<number, string> = { 1: "net", 2: "blk", 26: "fs" };
+const TYPE_NAMES: Record<number, string> = { 1: "net", 2: "blk", 4: "rng", 26: "fs" };
 
 export class VirtioPciTransport implements PciFunction {
   /** Build the shared state for a device (main thread, once); post it to every thread. */

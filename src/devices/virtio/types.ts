@@ -6,7 +6,7 @@
 import type { GuestMemory } from "../../memory/guest-memory";
 import type { VirtqueueState } from "./queue";
 
-export const VirtioDeviceType = { NET: 1, BLOCK: 2, FS: 26 } as const;
+export const VirtioDeviceType = { NET: 1, BLOCK: 2, ENTROPY: 4, FS: 26 } as const;
 
 /** Device status bits (spec 2.1). */
 export const VirtioStatus = {

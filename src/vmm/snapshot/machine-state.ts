@@ -36,6 +36,8 @@ export interface SavedMachine {
   cpuTemplate: string;
   hideFeatures: string[];
   irqchip: boolean;
+  /** A virtio-rng device after the disks and NICs. */
+  rng: boolean;
   /** What was booted, for messages ("ELF vmlinux, PVH entry at ..."). */
   bootDescription: string;
   cmdline?: string;
@@ -57,6 +59,7 @@ export function encodeMachine(m: SavedMachine): Json {
     cpuTemplate: m.cpuTemplate,
     hideFeatures: m.hideFeatures,
     irqchip: m.irqchip,
+    rng: m.rng,
     bootDescription: m.bootDescription,
     ...(m.cmdline !== undefined ? { cmdline: m.cmdline } : {}),
     disks: m.disks.map((d) => ({ path: d.path, readOnly: d.readOnly, serial: d.serial, detached: d.detached, identity: { ...d.identity } })),
@@ -102,6 +105,8 @@ export function decodeMachine(r: Reader, v: unknown): SavedMachine {
     cpuTemplate: r.string(o["cpuTemplate"], "machine.cpuTemplate"),
     hideFeatures: r.array(o["hideFeatures"], "machine.hideFeatures").map((x, i) => r.string(x, `machine.hideFeatures[${i}]`)),
     irqchip: bool(o["irqchip"], "machine.irqchip"),
+    // Snapshots from before virtio-rng have no field: they had no such device.
+    rng: o["rng"] === undefined ? false : bool(o["rng"], "machine.rng"),
     bootDescription: r.string(o["bootDescription"], "machine.bootDescription"),
     ...(o["cmdline"] !== undefined ? { cmdline: r.string(o["cmdline"], "machine.cmdline") } : {}),
     disks,

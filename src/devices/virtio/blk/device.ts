@@ -8,7 +8,8 @@
 import { createHash } from "node:crypto";
 import { resolve } from "node:path";
 import { type VirtioActivation, type VirtioDevice, type VirtioDeviceDescription, VirtioDeviceType, feature } from "../types";
-import { DescriptorChain, Virtqueue, VirtqueueError, type VirtqueueState } from "../queue";
+import { DescriptorChain, Virtqueue, type VirtqueueState } from "../queue";
+import { failureReason, serveQueue } from "../serve";
 import { BlockOp, BlockRequest, type BlockBackend } from "./backend";
 import {
   BLK_DISCARD_SECTOR_ALIGNMENT,
@@ -201,16 +202,13 @@ export class VirtioBlock implements VirtioDevice {
     const ctx = this.ctx;
     if (index !== 0 || q === undefined || ctx === undefined || this.broken) return;
     try {
-      do {
-        q.disableNotification();
+      serveQueue(q, () => ctx.signalUsed(0), () => {
         while (this.drain(q, ctx)) {
           // a full batch: go on with the rest of the ring
         }
-        if (q.needsNotification()) ctx.signalUsed(0);
-      } while (!this.broken && q.enableNotification());
+      });
     } catch (e) {
-      // Completed requests still get their interrupt; the device then waits for a reset.
-      if (q.needsNotification()) ctx.signalUsed(0);
+      // Completed requests got their interrupt; the device waits for a reset.
       this.fail(e);
     }
   }
@@ -346,7 +344,7 @@ export class VirtioBlock implements VirtioDevice {
 
   private fail(e: unknown): void {
     this.broken = true;
-    const reason = e instanceof VirtqueueError ? `virtio-blk: ${e.message}` : `virtio-blk: ${(e as Error)?.message ?? String(e)}`;
+    const reason = failureReason("virtio-blk", e);
     this.log(reason);
     this.ctx?.needsReset(reason);
   }
