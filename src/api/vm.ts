@@ -32,7 +32,7 @@ import { TSKVM_VERSION } from "./version";
 import type { ConsoleMode, ReadyInfo, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions, VmStartupTimeline } from "./types";
 import { ShareServers } from "./share-servers";
 import { checkShareDirectory, requireVirtiofsd } from "../host/virtiofsd";
-import { GUEST_SSH_PORT, Passt, checkHostPort, formatForward } from "../host/passt";
+import { GUEST_SSH_PORT, Passt, checkHostPort, checkPasstHost, formatForward } from "../host/passt";
 import { describeExit } from "../host/helper-process";
 import { describeIoEngine } from "../host/io-engine";
 
@@ -102,6 +102,8 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
     host = openHostIo(options, checked.agent);
     // A forward to a port this user may not bind is a bad option: said before "no KVM".
     for (const f of checked.userNet?.forwards ?? []) await checkHostPort(f);
+    // passt missing, or no default route for it: this host's state, said whether or not it has KVM.
+    if (checked.userNet !== undefined) checkPasstHost();
     checkKvmBeforeStart(options, checked);
     // Building the default guest takes minutes: never synchronously, so a signal can stop it.
     let guest: GuestManifest | undefined;

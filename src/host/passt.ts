@@ -208,13 +208,7 @@ export class Passt {
   /** Start passt; throws PasstError. */
   static async start(options: PasstOptions = {}): Promise<Passt> {
     const command = options.command ?? "passt";
-    const path = findExecutable(command);
-    if (path === undefined) {
-      throw new PasstError(
-        "NotInstalled",
-        `user-mode networking needs passt, which is not installed: install the package "${PASST_PACKAGE}" (e.g. apt-get install ${PASST_PACKAGE})`,
-      );
-    }
+    const path = requirePasst(command);
     const forwards = [...(options.forwards ?? [])];
     checkForwards(forwards);
     for (const f of forwards) await checkHostPort(f);
@@ -326,15 +320,65 @@ function passtStartError(e: HelperError, forwards: readonly PortForward[]): Pass
       "passt cannot sandbox itself: creating a user namespace is not permitted here (a chroot, or user namespaces turned off: kernel.unprivileged_userns_clone, user.max_user_namespaces)",
     );
   }
-  if (/External interface not usable/.test(out)) {
-    return new PasstError(
-      "NoRoute",
-      "passt found no host network interface with a default route (it takes the guest's address and gateway from it): add a default route, e.g. on a dummy interface",
-    );
-  }
+  if (/External interface not usable/.test(out)) return noRouteError();
   const line = lastMeaningfulLine(out);
   const how = e.exit !== undefined ? `${describeExit(e.exit)} at start-up` : `was not ready in time`;
   return new PasstError("Failed", `passt ${how}${line === "" ? "" : `: ${line}`}`);
+}
+
+/** passt's path; throws PasstError "NotInstalled" with the package to install. */
+export function requirePasst(command = "passt"): string {
+  const path = findExecutable(command);
+  if (path === undefined) {
+    throw new PasstError(
+      "NotInstalled",
+      `user-mode networking needs passt, which is not installed: install the package "${PASST_PACKAGE}" (e.g. apt-get install ${PASST_PACKAGE})`,
+    );
+  }
+  return path;
+}
+
+/**
+ * What passt needs of this host that can be seen without starting it, checked before any
+ * long work: passt installed, and a default route (IPv4 or IPv6) to copy the guest's
+ * addressing from. Throws PasstError; passt's own start still reports what this misses.
+ */
+export function checkPasstHost(command = "passt"): void {
+  requirePasst(command);
+  if (!hasDefaultRoute()) throw noRouteError();
+}
+
+function noRouteError(): PasstError {
+  return new PasstError(
+    "NoRoute",
+    "passt found no host network interface with a default route (it takes the guest's address and gateway from it): add a default route, e.g. on a dummy interface",
+  );
+}
+
+/** A default route in this network namespace: /proc/net/route (IPv4) or /proc/net/ipv6_route. */
+function hasDefaultRoute(): boolean {
+  const read = (path: string): string | undefined => {
+    try {
+      return fs.readFileSync(path, "latin1");
+    } catch {
+      return undefined;
+    }
+  };
+  const v4 = read("/proc/net/route");
+  const v6 = read("/proc/net/ipv6_route");
+  // Cannot tell (no /proc): let passt decide.
+  if (v4 === undefined && v6 === undefined) return true;
+  // Iface Destination Gateway Flags ... Mask: destination and mask 0, flag RTF_UP (1).
+  const v4Default = (v4 ?? "").split("\n").slice(1).some((l) => {
+    const f = l.trim().split(/\s+/);
+    return f.length >= 8 && f[1] === "00000000" && f[7] === "00000000" && (parseInt(f[3]!, 16) & 1) === 1;
+  });
+  // dest prefix-length ... : ::/0, not the unreachable route the kernel lists on lo.
+  const v6Default = (v6 ?? "").split("\n").some((l) => {
+    const f = l.trim().split(/\s+/);
+    return f.length >= 10 && /^0{32}$/.test(f[0]!) && f[1] === "00" && f[9] !== "lo";
+  });
+  return v4Default || v6Default;
 }
 
 /** passt's last line that is not a syslog complaint or a timestamp-only prefix. */
