@@ -374,7 +374,7 @@ test("tskvm run: a parent that dies takes the VM with it (its parent-death signa
   const locked = () => spawnSync("flock", ["-n", "-x", img, "true"]).status !== 0;
   // sh starts tskvm, says its pid and waits for it; killing sh with SIGKILL orphans tskvm.
   const errFile = join(dir, "orphan.err");
-  const script = `"${process.execPath}" "${TSKVM_BIN}" run -m 32M -k "${agentKernel}" --no-initrd -d "${img}" -- hang >/dev/null 2>"${errFile}" & echo $!; wait`;
+  const script = `"${process.execPath}" "${TSKVM_BIN}" run -v -m 32M -k "${agentKernel}" --no-initrd -d "${img}" -- hang >/dev/null 2>"${errFile}" & echo $!; wait`;
   const sh = spawn("sh", ["-c", script], { stdio: ["ignore", "pipe", "ignore"] });
   const pid = await new Promise<number>((resolve) => sh.stdout!.once("data", (d: Buffer) => resolve(Number(d.toString().trim()))));
   const alive = () => {
@@ -387,8 +387,11 @@ test("tskvm run: a parent that dies takes the VM with it (its parent-death signa
   };
   try {
     const stderr = () => (existsSync(errFile) ? readFileSync(errFile, "utf8") : "");
-    await waitUntil(() => locked() || !alive(), scaled(30_000), "tskvm to start and lock its disk");
+    // Its -v line says the machine (and the disk's lock) is there; probing the lock before
+    // that could take it just when tskvm tries to.
+    await waitUntil(() => /tskvm: booting /.test(stderr()) || !alive(), scaled(30_000), "tskvm to start");
     assert.ok(alive(), `tskvm ended before its parent did: ${stderr()}`);
+    assert.ok(locked(), "tskvm holds its disk's lock");
     sh.kill("SIGKILL");
     await waitUntil(() => !alive(), scaled(20_000), "tskvm to end after its parent died");
     assert.equal(locked(), false, "the disk is released");
