@@ -210,7 +210,7 @@ export async function runInHarnessVm(o: HarnessOptions): Promise<HarnessResult> 
       "-machine", "pc", "-accel", "tcg,thread=multi,tb-size=512", "-cpu", "max",
       "-smp", String(o.cpus ?? 2), "-m", o.memory ?? "4G",
       "-kernel", kernel.vmlinuz, "-initrd", initrd,
-      "-append", "console=ttyS0 panic=-1 oops=panic mitigations=off tsc=reliable loglevel=5 rdinit=/init",
+      "-append", "console=ttyS0 panic=-1 oops=panic softlockup_panic=1 watchdog_thresh=60 mitigations=off tsc=reliable loglevel=5 rdinit=/init",
       "-serial", `file:${consoleLog}`,
       "-chardev", `socket,id=out,path=${join(ctl, "stdout.sock")}`, "-serial", "chardev:out",
       "-chardev", `socket,id=err,path=${join(ctl, "stderr.sock")}`, "-serial", "chardev:err",
