@@ -143,14 +143,16 @@ async function timeBoot(argv: string[], guestRamBytes: number, timeoutMs: number
   child.stderr!.setEncoding("latin1").on("data", (d: string) => (err += d));
   const times: Record<string, number> = {};
   let memory: VmmMemory | undefined;
-  const exited = new Promise<void>((resolve) => child.on("exit", () => resolve()));
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  let onEarlyExit: (() => void) | undefined;
   try {
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`${argv[0]} boot timed out; last output: ${out.slice(-500)}`)), timeoutMs);
-      child.on("exit", () => {
+      onEarlyExit = () => {
         clearTimeout(timer);
         reject(new Error(`${argv[0]} exited during the boot: ${out.slice(-500)} ${err.slice(-500)}`));
-      });
+      };
+      child.once("exit", onEarlyExit);
       child.stdout!.setEncoding("latin1").on("data", (d: string) => {
         out += d;
         for (const [name, re] of MILESTONES) if (times[name] === undefined && re.test(out)) times[name] = Date.now() - started;
@@ -162,7 +164,8 @@ async function timeBoot(argv: string[], guestRamBytes: number, timeoutMs: number
       });
     });
   } finally {
-    child.removeAllListeners("exit");
+    // Only the early-exit listener: `exited` must still hear the exit it waits for.
+    if (onEarlyExit !== undefined) child.off("exit", onEarlyExit);
     child.kill("SIGTERM");
     const killer = setTimeout(() => child.kill("SIGKILL"), 5000);
     await exited;
