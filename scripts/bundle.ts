@@ -17,6 +17,7 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
+import { spawnSync } from "node:child_process";
 
 /** Modules the bundle starts from: the CLI and each worker thread's entry. */
 export const BUNDLE_ENTRIES = ["src/cli/main.js", "src/vcpu/worker.js", "src/io/io-worker.js"];
@@ -99,7 +100,9 @@ function open() {
     cachedData = fs.readFileSync(cacheFile);
   } catch {}
   script = new vm.Script(Module.wrap(src), { filename: file, cachedData });
-  stale = cachedData === undefined || script.cachedDataRejected === true;
+  // A cache the build made holds only what loading compiled: the first start that runs
+  // longer writes a fuller one in its place (when it may write there).
+  stale = cachedData === undefined || script.cachedDataRejected === true || fs.existsSync(cacheFile + ".partial");
   const m = { exports: {} };
   script.runInThisContext().call(m.exports, m.exports, Module.createRequire(file), m, file, __dirname);
   bundle = m.exports;
@@ -113,12 +116,28 @@ function saveCache() {
   try {
     fs.writeFileSync(tmp, script.createCachedData());
     fs.renameSync(tmp, cacheFile);
+    fs.rmSync(cacheFile + ".partial", { force: true });
   } catch {
     try { fs.rmSync(tmp, { force: true }); } catch {}
   }
 }
 module.exports = { load: (key) => open().load(key), saveCache };
 `;
+
+/**
+ * A first code cache, made at build time by loading the CLI and the machine's modules:
+ * a tskvm installed where it cannot write (a read-only tree, the harness VM's 9p root, a
+ * global npm install run by another user) then still starts from compiled code. Marked
+ * partial, so that a start that can write replaces it with a fuller one.
+ */
+export function writeStartupCache(dist: string): boolean {
+  const loader = path.join(dist, "tskvm-loader.js");
+  const script = `const l = require(${JSON.stringify(loader)}); l.load("src/cli/main.js"); l.load("src/vmm/machine.js"); l.saveCache();`;
+  const r = spawnSync(process.execPath, ["-e", script], { stdio: "ignore", timeout: 60_000 });
+  const made = r.status === 0 && fs.existsSync(path.join(dist, "tskvm.js.v8cache"));
+  if (made) fs.writeFileSync(path.join(dist, "tskvm.js.v8cache.partial"), "");
+  return made;
+}
 
 if (require.main === module) {
   const dist = path.resolve(__dirname, "..");
@@ -128,5 +147,6 @@ if (require.main === module) {
   fs.renameSync(`${out}.tmp`, out);
   fs.writeFileSync(path.join(dist, "tskvm-loader.js"), LOADER);
   fs.rmSync(`${out}.v8cache`, { force: true });
-  console.log(`bundle: ${modules} modules, ${(code.length / 1024).toFixed(0)} KiB -> ${out}`);
+  const cached = writeStartupCache(dist);
+  console.log(`bundle: ${modules} modules, ${(code.length / 1024).toFixed(0)} KiB -> ${out}${cached ? " (and its V8 code cache)" : ""}`);
 }
