@@ -106,8 +106,9 @@ class Watched {
 /** netbench's three figures, run in the guest over SSH. */
 function measure(ns: NetNs, key: string, sshTarget: string[], server: string, seconds: number): UsernetRates {
   const ssh = (cmd: string) => {
-    const r = ns.exec(["timeout", String(120 + seconds * 2), "dbclient", "-y", "-y", "-i", key, ...sshTarget, cmd], { allowFail: true });
-    if (r.status !== 0) throw new Error(`ssh ${cmd}: status ${r.status}: ${r.stderr.trim()}`);
+    const limit = 120 + seconds * 2;
+    const r = ns.exec(["timeout", String(limit), "dbclient", "-y", "-y", "-i", key, ...sshTarget, cmd], { allowFail: true, timeoutMs: (limit + 10) * 1000 });
+    if (r.status !== 0) throw new Error(`ssh ${cmd}: status ${r.status ?? r.signal}: ${r.stderr.trim()}`);
     return r.stdout;
   };
   ssh("mkdir -p /mnt && (mountpoint -q /mnt || mount -o ro /dev/vda /mnt)");
@@ -201,7 +202,6 @@ export async function benchUsernet(options: UsernetBenchOptions = {}): Promise<U
       }
       // tskvm on a TAP
       {
-        const srv = server(tapNs, TAP_HOST);
         const vm = new Watched(
           spawn(
             "ip",
@@ -211,7 +211,8 @@ export async function benchUsernet(options: UsernetBenchOptions = {}): Promise<U
         );
         procs.push(vm);
         await vm.waitFor(/TSKVM-GUEST-READY/, bootTimeout, "tskvm's guest on a TAP");
-        await srv;
+        // Only now: the host address is tskvm's to put on its TAP (--tap-ip).
+        await server(tapNs, TAP_HOST);
         samples.tap.push(measure(tapNs, key, [`root@${TAP_GUEST}`], TAP_HOST, seconds));
         await vm.kill();
       }

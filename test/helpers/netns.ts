@@ -79,8 +79,8 @@ export class NetNs {
   }
 
   /** Run argv inside the namespace (`ip netns exec`); throws unless it exits 0. */
-  exec(argv: string[], opts: { input?: string; allowFail?: boolean } = {}): SpawnSyncReturns<string> {
-    const r = spawnSync("ip", ["netns", "exec", this.name, ...argv], { encoding: "utf8", input: opts.input, timeout: 20_000 });
+  exec(argv: string[], opts: { input?: string; allowFail?: boolean; timeoutMs?: number } = {}): SpawnSyncReturns<string> {
+    const r = spawnSync("ip", ["netns", "exec", this.name, ...argv], { encoding: "utf8", input: opts.input, timeout: opts.timeoutMs ?? 20_000 });
     if (!opts.allowFail && (r.error !== undefined || r.status !== 0)) {
       throw new Error(`ip netns exec ${this.name} ${argv.join(" ")}: ${r.error?.message ?? (r.stderr.trim() || `status ${r.status}`)}`);
     }
