@@ -125,6 +125,23 @@ function measure(ns: NetNs, key: string, sshTarget: string[], server: string, se
   };
 }
 
+/**
+ * One VMM's figures for a round, tried a second time when the first try fails (an SSH
+ * session dropped under emulation); says which VMM and round failed, and why.
+ */
+function measureOnce(who: string, round: number, fn: () => UsernetRates): UsernetRates {
+  try {
+    return fn();
+  } catch (e) {
+    console.error(`usernet: ${who}, round ${round + 1}: ${(e as Error).message.trim()}; measuring again`);
+  }
+  try {
+    return fn();
+  } catch (e) {
+    throw new Error(`${who}, round ${round + 1}: ${(e as Error).message}`);
+  }
+}
+
 export async function benchUsernet(options: UsernetBenchOptions = {}): Promise<UsernetBenchResult> {
   const why = usernetBenchSkipReason();
   if (why !== undefined) throw new Error(`bench-usernet: ${why}`);
@@ -171,7 +188,7 @@ export async function benchUsernet(options: UsernetBenchOptions = {}): Promise<U
         procs.push(vm);
         const port = Number((await vm.waitFor(/^ssh -p (\d+) /m, 60_000, "tskvm's ssh line"))[1]);
         await vm.waitFor(/TSKVM-GUEST-READY/, bootTimeout, "tskvm's guest");
-        samples.tskvm.push(measure(ns, key, ["-p", String(port), "root@127.0.0.1"], GATEWAY, seconds));
+        samples.tskvm.push(measureOnce("tskvm on passt", round, () => measure(ns, key, ["-p", String(port), "root@127.0.0.1"], GATEWAY, seconds)));
         await vm.kill();
       }
       // QEMU on the same passt
@@ -194,7 +211,7 @@ export async function benchUsernet(options: UsernetBenchOptions = {}): Promise<U
           );
           procs.push(q);
           await q.waitFor(/TSKVM-GUEST-READY/, bootTimeout, "QEMU's guest");
-          samples.qemu.push(measure(ns, key, ["-p", String(passt.sshPort), "root@127.0.0.1"], GATEWAY, seconds));
+          samples.qemu.push(measureOnce("QEMU on passt", round, () => measure(ns, key, ["-p", String(passt.sshPort), "root@127.0.0.1"], GATEWAY, seconds)));
           await q.kill();
         } finally {
           await passt.stop();
@@ -213,7 +230,7 @@ export async function benchUsernet(options: UsernetBenchOptions = {}): Promise<U
         await vm.waitFor(/TSKVM-GUEST-READY/, bootTimeout, "tskvm's guest on a TAP");
         // Only now: the host address is tskvm's to put on its TAP (--tap-ip).
         await server(tapNs, TAP_HOST);
-        samples.tap.push(measure(tapNs, key, [`root@${TAP_GUEST}`], TAP_HOST, seconds));
+        samples.tap.push(measureOnce("tskvm on a TAP", round, () => measure(tapNs, key, [`root@${TAP_GUEST}`], TAP_HOST, seconds)));
         await vm.kill();
       }
     }
