@@ -22,6 +22,7 @@ import { existsSync, mkdtempSync, rmSync, copyFileSync, chmodSync } from "node:f
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { buildNative, repoRoot } from "./lib/native";
+import { QEMU_EMULATED_CPU } from "./lib/qemu-cpu";
 import { runStandalone } from "./lib/standalone";
 import { bootFilesFor, findDefaultGuest } from "../src/api/default-guest";
 import { detectHostKvm } from "../src/kvm/host";
@@ -60,10 +61,6 @@ const PORT = 5999;
 const GATEWAY = "10.0.2.2";
 const TAP_HOST = "192.168.100.1";
 const TAP_GUEST = "192.168.100.2";
-/** QEMU's -cpu for the guest-visible CPU of tskvm's emulated template (kvm-pvm also needs -arch-capabilities). */
-const QEMU_EMULATED_CPU =
-  "host,-cx16,-xsave,-popcnt,-smap,-pcid,-rdrand,-fsgsbase,-smep,-invpcid,-rdseed,-clflushopt,-clwb,-erms,-fsrm," +
-  "kvm-pv-ipi=off,kvm-pv-sched-yield=off,kvm-pv-unhalt=off,-arch-capabilities";
 
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 

@@ -42,6 +42,7 @@ import { join } from "node:path";
 import { cpus, tmpdir } from "node:os";
 import { runInHarnessVm } from "./harness-vm";
 import { buildNative, repoRoot } from "./lib/native";
+import { QEMU_EMULATED_CPU } from "./lib/qemu-cpu";
 import { Machine } from "../src/vmm/machine";
 import { pioLoop } from "../test/helpers/guest-code";
 import { bootFilesFor, findDefaultGuest } from "../src/api/default-guest";
@@ -112,15 +113,6 @@ const MILESTONES: [string, RegExp][] = [
   ["Run /init", /Run \/init as init process/],
   ["ready marker", /TSKVM-GUEST-READY/],
 ];
-
-/**
- * QEMU's -cpu for the same guest-visible CPU as tskvm's emulated template (docs/guest.md).
- * Without -arch-capabilities QEMU 7.2 aborts on a kvm-pvm host that refuses to set MSR 0x10a
- * ("failed to set MSR 0x10a"); tskvm never sets that MSR either.
- */
-const QEMU_EMULATED_CPU =
-  "host,-cx16,-xsave,-popcnt,-smap,-pcid,-rdrand,-fsgsbase,-smep,-invpcid,-rdseed,-clflushopt,-clwb,-erms,-fsrm," +
-  "kvm-pv-ipi=off,kvm-pv-sched-yield=off,kvm-pv-unhalt=off,-arch-capabilities";
 
 interface BootRun {
   /** ms from process start to each milestone. */
