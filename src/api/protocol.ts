@@ -189,17 +189,42 @@ export function mountedDisks(stdout: string): Set<number> {
 const RESIZE_POLLS = 500;
 
 /**
- * After a restore: set the guest's wall clock to the host's (its monotonic clocks went on
- * from the snapshot), and for each per-run disk wait until the guest has read its capacity
- * (a resized image raises a configuration interrupt) and read its partition table again.
+ * A restored guest on a fresh passt: connections of before are gone, and passt learns the
+ * guest's MAC from the first frame the guest sends (until then it could only broadcast, and
+ * the guest's TCP would drop what arrives). One ping to the gateway, not waited for, sends
+ * such a frame at once (what QEMU's announce after a migration does with ARP).
  */
-export function restorePrepareCommand(epochSeconds: number, disks: readonly { index: number; sectors: number }[]): string {
+export const NETWORK_NUDGE_COMMAND =
+  'gw=$(ip route show default 2>/dev/null | awk \'{print $3; exit}\'); [ -z "$gw" ] || (ping -c 1 -W 1 "$gw" >/dev/null 2>&1 &)';
+
+/** The line the restore's command prints for a share it could not mount. */
+const UNMOUNTED_MARK = "tskvm-unmounted";
+
+/**
+ * After a restore: set the guest's wall clock to the host's (its monotonic clocks went on
+ * from the snapshot); for each per-run disk wait until the guest has read its capacity
+ * (a resized image raises a configuration interrupt) and read its partition table again;
+ * mount each share (`mounts`: its tag and the command that mounts it), printing
+ * "tskvm-unmounted TAG" for one that fails (unmountedShares reads them); nudge the network.
+ */
+export function restorePrepareCommand(
+  epochSeconds: number,
+  disks: readonly { index: number; sectors: number }[],
+  extra: { mounts?: readonly { tag: string; command: string }[]; nudgeNetwork?: boolean } = {},
+): string {
   const parts = [`date -u -s @${Math.round(epochSeconds)} >/dev/null`];
   for (const d of disks) {
     const n = diskName(d.index);
     parts.push(`i=0; while [ "$(cat /sys/block/${n}/size)" != ${d.sectors} ] && [ $i -lt ${RESIZE_POLLS} ]; do usleep 10000; i=$((i+1)); done`);
     parts.push(`blockdev --rereadpt /dev/${n} 2>/dev/null`);
   }
+  for (const m of extra.mounts ?? []) parts.push(`{ ${m.command}; } >/dev/null 2>&1 || echo ${UNMOUNTED_MARK} ${m.tag}`);
+  if (extra.nudgeNetwork === true) parts.push(NETWORK_NUDGE_COMMAND);
   parts.push("true");
   return parts.join("; ");
+}
+
+/** The tags restorePrepareCommand's output says it could not mount. */
+export function unmountedShares(stdout: string): string[] {
+  return [...stdout.matchAll(new RegExp(`^${UNMOUNTED_MARK} (\\S+)$`, "gm"))].map((m) => m[1]!);
 }

@@ -11,6 +11,7 @@ import { STATE_FILE } from "../vmm/snapshot/format";
 import { checkBeforeStart, checkKvmBeforeStart, checkOptions, resolveBootFiles, toStartError } from "./start";
 import { snapshotKey } from "./snapshot-key";
 import { formatMac } from "./option-values";
+import { formatForward } from "../host/passt";
 import { TSKVM_VERSION } from "./version";
 import { VmStartError } from "./errors";
 import type { VmOptions } from "./types";
@@ -39,21 +40,20 @@ function hostKey(kvmPath: string | undefined): unknown {
 
 /**
  * Where the snapshot for `options` lives in `cacheDir`, and whether it is there. The options
- * must have the agent on (the default): the snapshot is taken once it is ready. Throws
- * VmStartError like startVm for bad options or files.
+ * must have the agent on (the default): the snapshot is taken once it is ready. A VM with
+ * shares must boot with them unmounted (mountShares: false; the key assumes it): a snapshot
+ * holds shares only while the guest has not used them, and the run mounts them afterwards.
+ * Throws VmStartError like startVm for bad options or files.
  */
 export function snapshotCacheEntry(options: VmOptions, cacheDir: string): SnapshotCacheEntry {
   try {
     if (options.agent === false) throw new VmStartError("options", "a snapshot cache needs the guest agent (agent: true)");
     if (options.restore !== undefined) throw new VmStartError("options", "a snapshot cache chooses the snapshot itself: leave out restore", { option: "restore" });
-    const checked = checkOptions(options);
-    // Their state lives in virtiofsd's and passt's processes, which a snapshot cannot keep.
-    if (checked.shares.length > 0 || checked.rootfsHost) {
-      throw new VmStartError("options", (n) => `a snapshot cache cannot keep a VM with shares (${n("shares")}, ${n("rootfs")}) yet: leave them out or drop the snapshot cache`, { option: "shares" });
+    // The host's root is served by virtiofsd from boot: its FUSE session cannot be saved.
+    if (options.rootfs !== undefined) {
+      throw new VmStartError("options", (n) => `a snapshot cache cannot keep a VM on the host's root file system (${n("rootfs")} host: virtiofsd serves it from boot): share directories with ${n("shares")} instead`, { option: "rootfs" });
     }
-    if (checked.userNet !== undefined) {
-      throw new VmStartError("options", (n) => `a snapshot cache cannot keep a VM on user-mode networking (${n("net")} user) yet: use a TAP or drop the snapshot cache`, { option: "net" });
-    }
+    const checked = checkOptions({ ...options, mountShares: false });
     // resolveBootFiles may build the default guest (minutes): what can fail fast does first.
     checkBeforeStart(options, checked);
     checkKvmBeforeStart(options, checked);
@@ -73,7 +73,13 @@ export function snapshotCacheEntry(options: VmOptions, cacheDir: string): Snapsh
       agent: checked.agent,
       rng: checked.rng,
       disks: checked.disks.map((d) => ({ readOnly: d.readOnly, ...(d.serial !== undefined ? { serial: d.serial } : {}) })),
-      nics: checked.nics.map((n) => ({ kind: "tap", tap: n.tap, ...(n.mac !== undefined ? { mac: formatMac(n.mac) } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
+      nics: [
+        ...checked.nics.map((n) => ({ kind: "tap", tap: n.tap, ...(n.mac !== undefined ? { mac: formatMac(n.mac) } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
+        ...(checked.userNet === undefined ? [] : [{ kind: "user", forwards: checked.userNet.forwards.map(formatForward), sshForward: checked.userNet.sshForward }]),
+      ],
+      // Where each share is mounted and how, never what it holds: a restore serves the
+      // directory as it is then.
+      other: { shares: checked.shares.map((s) => ({ tag: s.tag, mountPath: s.hostPath, readOnly: s.readOnly })) },
     });
     const dir = join(cacheDir, key);
     return { dir, exists: existsSync(join(dir, STATE_FILE)) };

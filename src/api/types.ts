@@ -118,9 +118,13 @@ export interface VmOptions {
   /**
    * Rebuild the VM from this snapshot directory (Vm.snapshot) and let it go on, instead of
    * booting. The snapshot fixes the machine: kernel, initrd, command line, memory, vCPUs,
-   * CPU template, network interfaces and the agent cannot be given. `disks` may name images
-   * in place of the snapshot's (same number of disks): any image for a disk the snapshot
-   * took as per-run input (detachDisks), the same unchanged image for any other.
+   * CPU template, network interfaces (net and forwards too: a fresh passt gets the
+   * snapshot's forwards) and the agent cannot be given. `disks` may name images in place of
+   * the snapshot's (same number of disks): any image for a disk the snapshot took as
+   * per-run input (detachDisks), the same unchanged image for any other. `shares` may name
+   * the directories to serve the snapshot's shares from (same number, in order; tags and
+   * read-only flags are the snapshot's); a fresh virtiofsd serves each as it is now, and
+   * the agent mounts them before it is ready unless mountShares is false.
    */
   restore?: string;
   /**
@@ -131,8 +135,9 @@ export interface VmOptions {
   shares?: readonly (string | ShareOptions)[];
   /**
    * Have the default guest mount the shares at boot (default true). false: the devices are
-   * there but unused until you mount them (shareMountCommand(): a VM to be snapshotted must
-   * not have used them).
+   * there but unused until you mount them (Vm.mountShares() or shareMountCommand(): a VM to
+   * be snapshotted must not have used them). With restore: mount them after the restore
+   * (default true) or not.
    */
   mountShares?: boolean;
   /**

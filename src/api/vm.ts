@@ -23,8 +23,9 @@ import {
   restorePrepareCommand,
   runRequest,
   shellQuote,
+  unmountedShares,
 } from "./protocol";
-import { checkBeforeStart, checkKvmBeforeStart, checkOptions, needsDefaultGuest, readInputFile, resolveBootFiles, toStartError, withDriverModules } from "./start";
+import { checkBeforeStart, checkKvmBeforeStart, checkOptions, needsDefaultGuest, readInputFile, resolveBootFiles, toStartError, withDriverModules, type UserNetConfig } from "./start";
 import { buildDefaultGuestAsync, findDefaultGuest, type GuestManifest } from "./default-guest";
 import { SnapshotError, readSnapshotDir, type Json } from "../vmm/snapshot/format";
 import { parseDiskOption } from "./option-values";
@@ -32,7 +33,8 @@ import { TSKVM_VERSION } from "./version";
 import type { ConsoleMode, ReadyInfo, RunOptions, RunResult, SnapshotInfo, SnapshotOptions, VmExit, VmInfo, VmOptions, VmStartupTimeline } from "./types";
 import { ShareServers } from "./share-servers";
 import { checkShareDirectory, requireVirtiofsd } from "../host/virtiofsd";
-import { GUEST_SSH_PORT, Passt, checkHostPort, checkPasstHost, formatForward } from "../host/passt";
+import { GUEST_SSH_PORT, Passt, checkHostPort, checkPasstHost, formatForward, parseForward, type PortForward } from "../host/passt";
+import { type Share, parseShareOption, resolveShares, shareMountCommand } from "./shares";
 import { describeExit } from "../host/helper-process";
 import { describeIoEngine } from "../host/io-engine";
 
@@ -183,6 +185,7 @@ export async function startVm(options: VmOptions = {}): Promise<Vm> {
       mux,
       logFd,
       passt,
+      userNet: checked.userNet,
       retain: options.consoleRetain ?? DEFAULT_CONSOLE_RETAIN,
       shareServers,
       ...(options.onWarning !== undefined ? { onWarning: options.onWarning } : {}),
@@ -263,13 +266,17 @@ function openHostIo(options: VmOptions, agent: boolean): HostIo {
 }
 
 /** Options that shape the machine, which a snapshot fixes. */
-const MACHINE_OPTIONS = ["kernel", "initrd", "cmdline", "appendCmdline", "memory", "cpus", "nics", "rng", "guestIp", "cpuTemplate", "hideCpuFeatures", "entry", "agent"] as const;
+const MACHINE_OPTIONS = ["kernel", "initrd", "cmdline", "appendCmdline", "memory", "cpus", "nics", "net", "forwards", "sshForward", "rootfs", "rng", "guestIp", "cpuTemplate", "hideCpuFeatures", "entry", "agent"] as const;
 
 /** What the API keeps with a snapshot (SnapshotBody.annotations). */
 interface SnapshotAnnotations {
   /** The agent had reported ready (its nproc), or not (null). */
   agent: { nproc: number } | null;
-  info: Pick<VmInfo, "kernel" | "initrd" | "cmdline" | "agent" | "defaultGuest">;
+  info: Pick<VmInfo, "kernel" | "initrd" | "cmdline" | "agent" | "defaultGuest" | "sshKey">;
+  /** The shares (none used by the guest yet: Machine.snapshot checks), where they were and mount. */
+  shares: Share[];
+  /** net "user": the forwards asked for (the automatic SSH one is chosen afresh), or null. */
+  userNet: { forwards: PortForward[]; sshForward: boolean } | null;
 }
 
 function readAnnotations(dir: string, v: unknown): SnapshotAnnotations {
@@ -282,6 +289,25 @@ function readAnnotations(dir: string, v: unknown): SnapshotAnnotations {
   const info = o["info"] as Record<string, unknown> | undefined;
   if (agent !== null && (typeof agent !== "object" || typeof (agent as { nproc?: unknown }).nproc !== "number")) bad();
   if (typeof info !== "object" || info === null || typeof info["kernel"] !== "string" || typeof info["agent"] !== "boolean") bad();
+  // Snapshots from before shares and passt could be saved have neither field.
+  const shares = o["shares"] ?? [];
+  if (!Array.isArray(shares)) bad();
+  const savedShares = (shares as unknown[]).map((x): Share => {
+    const sh = x as Record<string, unknown>;
+    if (typeof sh !== "object" || sh === null || typeof sh["hostPath"] !== "string" || typeof sh["tag"] !== "string" || typeof sh["readOnly"] !== "boolean") bad();
+    return { hostPath: sh["hostPath"] as string, tag: sh["tag"] as string, readOnly: sh["readOnly"] as boolean };
+  });
+  const net = o["userNet"] ?? null;
+  let userNet: SnapshotAnnotations["userNet"] = null;
+  if (net !== null) {
+    const n = net as Record<string, unknown>;
+    if (typeof n !== "object" || !Array.isArray(n["forwards"]) || typeof n["sshForward"] !== "boolean") bad();
+    try {
+      userNet = { forwards: (n["forwards"] as unknown[]).map((f) => parseForward(String(f))), sshForward: n["sshForward"] as boolean };
+    } catch {
+      bad();
+    }
+  }
   return {
     agent: agent as { nproc: number } | null,
     info: {
@@ -290,7 +316,10 @@ function readAnnotations(dir: string, v: unknown): SnapshotAnnotations {
       cmdline: typeof info!["cmdline"] === "string" ? (info!["cmdline"] as string) : "",
       agent: info!["agent"] as boolean,
       defaultGuest: info!["defaultGuest"] === true,
+      sshKey: typeof info!["sshKey"] === "string" ? (info!["sshKey"] as string) : undefined,
     },
+    shares: savedShares,
+    userNet,
   };
 }
 
@@ -302,6 +331,8 @@ function readAnnotations(dir: string, v: unknown): SnapshotAnnotations {
 async function restoreVm(dir: string, options: VmOptions): Promise<Vm> {
   let host: HostIo | undefined;
   let machine: Machine | undefined;
+  let shareServers: ShareServers | undefined;
+  let passt: Passt | undefined;
   try {
     const given = MACHINE_OPTIONS.filter((o) => options[o] !== undefined);
     if (given.length > 0) {
@@ -310,12 +341,25 @@ async function restoreVm(dir: string, options: VmOptions): Promise<Vm> {
     const snapshot = readSnapshotDir(dir, { tskvmVersion: TSKVM_VERSION });
     const annotations = readAnnotations(dir, snapshot.body.annotations);
     const disks = (options.disks ?? []).map((d) => (typeof d === "string" ? parseDiskOption(d).path : d.path));
+    const shares = restoredShares(dir, annotations.shares, options.shares);
+    for (const share of shares) checkShareDirectory(share.hostPath);
+    if (shares.length > 0) requireVirtiofsd();
+    if (annotations.userNet !== null) {
+      for (const f of annotations.userNet.forwards) await checkHostPort(f);
+      checkPasstHost();
+    }
     host = openHostIo(options, annotations.info.agent);
+    // Fresh helpers, as at a boot: a virtiofsd per share on its directory as it is now (the
+    // guest had never used the share), a passt with the same forwards.
+    if (annotations.userNet !== null) passt = await Passt.start({ forwards: annotations.userNet.forwards, sshForward: annotations.userNet.sshForward });
+    shareServers = await ShareServers.start(shares, false);
     machine = Machine.restore({
       snapshot,
       ...host.serial,
       ...(options.kvmPath !== undefined ? { kvmPath: options.kvmPath } : {}),
       diskPaths: disks,
+      shares: shareServers.configs,
+      streams: passt === undefined ? [] : [{ fd: passt.fd, name: "passt", reportsOwnLoss: true }],
     });
     const info: VmInfo = {
       ...annotations.info,
@@ -325,14 +369,14 @@ async function restoreVm(dir: string, options: VmOptions): Promise<Vm> {
       cpuTemplate: machine.cpuTemplate,
       disks: machine.diskPaths(),
       ioEngine: machine.ioEngine === undefined ? undefined : describeIoEngine(machine.ioEngine),
-      // A VM with shares or passt is never snapshotted (Machine.snapshot refuses).
-      shares: [],
+      shares,
+      // The host's root file system serves the guest from boot: never snapshotted.
       rootfs: undefined,
-      net: undefined,
-      forwards: [],
-      sshPort: undefined,
-      sshKey: undefined,
-      sshCommand: undefined,
+      net: passt !== undefined ? "user" : undefined,
+      forwards: passt?.forwards.map(formatForward) ?? [],
+      sshPort: passt?.sshPort,
+      sshKey: annotations.info.sshKey,
+      sshCommand: passt === undefined ? undefined : sshCommand(passt, annotations.info.sshKey),
       taps: machine.tapNames(),
       restoredFrom: dir,
     };
@@ -340,17 +384,54 @@ async function restoreVm(dir: string, options: VmOptions): Promise<Vm> {
       capture: host.capture,
       mux: host.mux,
       logFd: host.logFd,
+      passt,
+      userNet: annotations.userNet ?? undefined,
+      shareServers,
       retain: options.consoleRetain ?? DEFAULT_CONSOLE_RETAIN,
       ...(options.onWarning !== undefined ? { onWarning: options.onWarning } : {}),
-      restored: { agent: annotations.agent ?? undefined, detachedDisks: machine.detachedDisks() },
+      restored: {
+        agent: annotations.agent ?? undefined,
+        detachedDisks: machine.detachedDisks(),
+        mountShares: options.mountShares !== false,
+        nudgeNetwork: passt !== undefined,
+      },
     });
     await vm.started;
     return vm;
   } catch (e) {
-    if (machine === undefined) host?.close();
-    else machine.destroy();
+    if (machine === undefined) {
+      host?.close();
+      await shareServers?.stop();
+      await passt?.stop();
+    } else {
+      // Built but never run (new Vm failed): the helpers still need stopping.
+      machine.destroy();
+      await shareServers?.stop();
+      await passt?.stop();
+    }
     throw toStartError(e);
   }
+}
+
+/**
+ * The shares of a restored VM: the snapshot's tags, read-only flags and mount paths, served
+ * from `given` directories (in order) or, without them, from where they were at the snapshot.
+ */
+function restoredShares(dir: string, saved: readonly Share[], given: VmOptions["shares"]): Share[] {
+  if (given === undefined || given.length === 0) return saved.map((s) => ({ ...s }));
+  const resolved = resolveShares(given.map((s) => (typeof s === "string" ? parseShareOption(s) : s)));
+  if (resolved.length !== saved.length) {
+    throw new VmStartError("options", (n) => `snapshot ${dir} has ${saved.length} share${saved.length === 1 ? "" : "s"}; ${resolved.length} ${n("shares")} were given`, { option: "shares" });
+  }
+  const asked = given.map((s) => (typeof s === "string" ? parseShareOption(s) : s));
+  return saved.map((s, i) => {
+    const a = asked[i]!;
+    if ((a.tag !== undefined && a.tag !== s.tag) || (a.readOnly !== undefined && a.readOnly !== s.readOnly)) {
+      throw new VmStartError("options", (n) => `snapshot ${dir} has share ${s.tag}${s.readOnly ? " (read-only)" : ""} in place ${i + 1}: give ${n("shares")} with its tag and read-only flag, or none`, { option: "shares" });
+    }
+    // The guest mounts it where the snapshot's was (the path is part of the snapshot key).
+    return { hostPath: resolved[i]!.hostPath, tag: s.tag, readOnly: s.readOnly };
+  });
 }
 
 /**
@@ -382,6 +463,7 @@ export class Vm extends EventEmitter {
   private agentBusyWithPoweroff = false;
   private readonly shareServers: ShareServers | undefined;
   private readonly passt: Passt | undefined;
+  private readonly userNet: UserNetConfig | undefined;
 
   /** @internal Use startVm(). */
   constructor(
@@ -394,13 +476,19 @@ export class Vm extends EventEmitter {
       retain: number;
       shareServers?: ShareServers;
       onWarning?: (message: string) => void;
-      /** A restored VM: the agent's state at the snapshot, and the per-run disks to re-read. */
-      restored?: { agent: { nproc: number } | undefined; detachedDisks: { index: number; sectors: number }[] };
+      /**
+       * A restored VM: the agent's state at the snapshot, the per-run disks to re-read,
+       * whether to mount the shares (info.shares) and to nudge the network (a fresh passt).
+       */
+      restored?: { agent: { nproc: number } | undefined; detachedDisks: { index: number; sectors: number }[]; mountShares: boolean; nudgeNetwork: boolean };
       /** The user-mode network's passt, stopped when the VM ends. */
       passt?: Passt | undefined;
+      /** net "user" as asked (the forwards without the automatic SSH one), for a snapshot. */
+      userNet?: UserNetConfig | undefined;
     },
   ) {
     super();
+    this.userNet = io.userNet;
     const onWarning = io.onWarning ?? ((message: string) => this.emit("warning", message));
     this.shareServers = io.shareServers;
     this.shareServers?.watch(onWarning);
@@ -442,7 +530,7 @@ export class Vm extends EventEmitter {
     const running = machine.run();
     this.started = machine.allStarted();
     const restoredAgent = io.restored?.agent;
-    if (restoredAgent !== undefined) this.settleRestoredGuest(restoredAgent, io.restored!.detachedDisks);
+    if (restoredAgent !== undefined) this.settleRestoredGuest(restoredAgent, io.restored!);
     this.exited = running.then(
       async (result) => this.finish(result, muxEnded),
       async (e: unknown) =>
@@ -535,6 +623,9 @@ export class Vm extends EventEmitter {
    */
   async snapshot(dir: string, options: SnapshotOptions = {}): Promise<SnapshotInfo> {
     if (this.exitInfo !== undefined) throw new VmSnapshotError("state", `the VM has ended (${this.exitInfo.reason})`);
+    if (this.info.rootfs === "host") {
+      throw new VmSnapshotError("state", "a VM on the host's root file system (rootfs host) cannot be snapshotted: virtiofsd serves it from boot, and its FUSE session cannot be saved");
+    }
     let detached: boolean[] | undefined;
     if (options.detachDisks === true && this.info.disks.length > 0) {
       this.requireAgent();
@@ -556,12 +647,16 @@ export class Vm extends EventEmitter {
       try {
         const annotations: SnapshotAnnotations = {
           agent: this.readyInfo ?? null,
-          info: { kernel: this.info.kernel, initrd: this.info.initrd, cmdline: this.info.cmdline, agent: this.info.agent, defaultGuest: this.info.defaultGuest },
+          info: { kernel: this.info.kernel, initrd: this.info.initrd, cmdline: this.info.cmdline, agent: this.info.agent, defaultGuest: this.info.defaultGuest, sshKey: this.info.sshKey },
+          shares: this.info.shares,
+          userNet: this.userNet === undefined ? null : { forwards: this.userNet.forwards, sshForward: this.userNet.sshForward },
         };
+        // Forwards as their text (readAnnotations parses them back).
+        const stored = { ...annotations, userNet: annotations.userNet === null ? null : { ...annotations.userNet, forwards: annotations.userNet.forwards.map(formatForward) } };
         const written = this.machine.snapshot(dir, {
           tskvmVersion: TSKVM_VERSION,
           ...(detached !== undefined ? { detachedDisks: detached } : {}),
-          annotations: annotations as unknown as Json,
+          annotations: stored as unknown as Json,
         });
         return {
           dir,
@@ -587,17 +682,32 @@ export class Vm extends EventEmitter {
    * A restored guest's agent was listening at the snapshot: set the guest's wall clock and
    * have it re-read its per-run disks, then report it ready. Commands wait for that.
    */
-  private settleRestoredGuest(agent: { nproc: number }, disks: { index: number; sectors: number }[]): void {
-    const settle = this.runNow((id) => runRequest(id, restorePrepareCommand(Date.now() / 1000, disks)), { capture: true });
+  private settleRestoredGuest(agent: { nproc: number }, restored: { detachedDisks: { index: number; sectors: number }[]; mountShares: boolean; nudgeNetwork: boolean }): void {
+    const mounts = restored.mountShares ? this.info.shares.map((s) => ({ tag: s.tag, command: shareMountCommand(s) })) : [];
+    const command = restorePrepareCommand(Date.now() / 1000, restored.detachedDisks, { mounts, nudgeNetwork: restored.nudgeNetwork });
+    const settle = this.runNow((id) => runRequest(id, command), { capture: true });
     settle.then(
       (r) => {
         if (r.status !== 0) this.emit("warning", `setting up the restored guest failed (status ${r.status}): ${r.stderr.trim()}`);
-        const ready: ReadyInfo = { ...agent, unmounted: [] };
+        const ready: ReadyInfo = { ...agent, unmounted: unmountedShares(r.stdout) };
         this.readyInfo = ready;
         for (const w of this.readyWaiters.splice(0)) w.resolve(ready);
       },
       () => undefined, // the VM ended: ready() waiters are rejected by finish()
     );
+  }
+
+  /**
+   * Mount the shares in the default guest through its agent, each at its path (for a VM
+   * started with mountShares: false, e.g. after a snapshot). Resolves with the tags of those
+   * that could not be mounted (empty: all mounted).
+   */
+  async mountShares(): Promise<string[]> {
+    this.requireAgent();
+    if (this.info.shares.length === 0) return [];
+    const mounts = this.info.shares.map((s) => `{ ${shareMountCommand(s)}; } >/dev/null 2>&1 || echo tskvm-unmounted ${s.tag}`);
+    const r = await this.run(mounts.join("; "), { capture: true });
+    return unmountedShares(r.stdout);
   }
 
   /** Have every vCPU report its registers, each as a "registers" event (where is the guest?). */

@@ -119,9 +119,9 @@ const BOOT_ONLY_FLAGS = {
   restore: { type: "string" },
 } as const;
 
-/** Boot flags a snapshot fixes: with --restore only --disk may be given. */
+/** Boot flags a snapshot fixes: with --restore only --disk and --share may be given. */
 const MACHINE_FLAGS: readonly [string, string][] = [
-  ["kernel", "-k"], ["initrd", "-i"], ["params", "-p"], ["memory", "-m"], ["cpus", "-c"], ["tap", "-t"],
+  ["kernel", "-k"], ["initrd", "-i"], ["params", "-p"], ["memory", "-m"], ["cpus", "-c"], ["tap", "-t"], ["net", "-n"], ["forward", "--forward"], ["rootfs", "--rootfs"],
   ["tap-ip", "--tap-ip"], ["mac", "--mac"], ["guest-ip", "--guest-ip"], ["cpu-template", "--cpu-template"],
   ["hide-cpu-feature", "--hide-cpu-feature"], ["entry", "--entry"], ["no-rng", "--no-rng"],
 ];
@@ -176,7 +176,8 @@ Boot a Linux kernel. Without -k, the default guest (npm run guest) is built on f
 
 ${BOOT_FLAG_HELP}
       --restore DIR        continue the VM saved in snapshot DIR (tskvm run --snapshot
-                           makes them) instead of booting; only -d may be given with it
+                           makes them) instead of booting; only -d and --share (the
+                           directories for the snapshot's shares) may be given with it
   -v, --verbose            say on stderr what happens: the boot, where start-up time went,
                            and at the end the exits the guest made tskvm handle
   -h, --help               this help
@@ -365,7 +366,9 @@ Without -k the default guest boots; with -k and no -i, the default guest's initr
       --snapshot DIR          keep a snapshot of the booted guest in DIR, one per set of boot
                               options (kernel, initrd, command line, memory, vCPUs, devices);
                               when DIR has one, restore it instead of booting (a fraction of
-                              a second). Disks (-d) are attached as they are on each run.
+                              a second). Disks (-d) and shares (--share) are attached
+                              as they are on each run; with --net user a fresh passt
+                              gets the same forwards. Not with --rootfs host.
   -v, --verbose               say what happens (boot, ready, exit) on stderr
 ${BOOT_FLAG_HELP}
   -h, --help               this help

@@ -89,6 +89,7 @@ async function bootCommand(argv: readonly string[]): Promise<number> {
     const vm = await startVm({
       restore: opts.restore,
       ...(opts.disks.length > 0 ? { disks: opts.disks } : {}),
+      ...(opts.shares.length > 0 ? { shares: opts.shares } : {}),
       ...(opts.kvmDevice !== undefined ? { kvmPath: opts.kvmDevice } : {}),
       console: { fd: 1 },
       onWarning: say,

@@ -103,6 +103,9 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
     const options: VmOptions = {
       ...vmOptionsFrom(opts.boot),
       ...(opts.noInitrd ? { initrd: null } : {}),
+      // A snapshot holds shares only while the guest has not used them: they are mounted
+      // after it is taken (drive), and after each restore.
+      ...(opts.snapshotDir !== undefined ? { mountShares: false } : {}),
       agent: true,
       console: "capture",
       onWarning: say,
@@ -115,6 +118,8 @@ export async function runCommand(argv: readonly string[]): Promise<number> {
       vm = await startVm({
         restore: cached.dir,
         ...(options.disks !== undefined && options.disks.length > 0 ? { disks: options.disks } : {}),
+        // The snapshot's shares, served from these directories as they are now.
+        ...(options.shares !== undefined ? { shares: options.shares } : {}),
         ...(options.kvmPath !== undefined ? { kvmPath: options.kvmPath } : {}),
         console: "capture",
         onWarning: say,
@@ -179,7 +184,14 @@ async function drive(
     }
     throw e;
   }
-  if (makeSnapshot !== undefined) await saveSnapshot(vm, makeSnapshot, note);
+  if (makeSnapshot !== undefined) {
+    await saveSnapshot(vm, makeSnapshot, note);
+    const unmounted = await vm.mountShares();
+    if (unmounted.length > 0) {
+      say(`the guest could not mount ${unmounted.map((tag) => describeShare(vm, tag)).join(", ")} (see --console-log)`);
+      return ExitCode.NOT_READY;
+    }
+  }
   const command = opts.command.length === 1 ? opts.command[0]! : opts.command;
   const cwd = commandDirectory(vm);
   const t1 = Date.now();

@@ -43,7 +43,7 @@ import { SECTOR_SIZE } from "../devices/virtio/blk/request";
 import { deviceSetBuffers, registerRestoredIoeventfds } from "../board/devices";
 import { identityChange, openFileIdentity } from "../host/file-identity";
 import type { QueueStates } from "../io/io-thread";
-import { RamFileError, mapRamFile, writeRamFile } from "../memory/ram-file";
+import { RamFileError, mapRamFile, readRamFileInto, writeRamFile } from "../memory/ram-file";
 import { kvmclockStopped, msrIndexList, restoreVcpuState, saveVcpuState, setTscKhz, getTscKhz, vcpuStateSupport, type VcpuState } from "../kvm/vcpu-state";
 import { adjustClockSupported, restoreVmState, saveVmState } from "../kvm/vm-state";
 import { Reader, SnapshotError, writeSnapshotDir, type Json, type ReadSnapshot, type WrittenSnapshot } from "./snapshot/format";
@@ -133,6 +133,14 @@ export interface MachineRestoreConfig {
    * snapshot saw, unchanged.
    */
   diskPaths?: readonly (string | undefined)[];
+  /**
+   * One per share the snapshot has, in order and with the same tags: a virtiofsd started
+   * and negotiated anew, on the host directory as it is now (a snapshot holds shares only
+   * while the guest had not used them, so nothing of the old virtiofsd is needed).
+   */
+  shares?: readonly ShareConfig[];
+  /** One per stream NIC the snapshot has, in order: a connected socket of a fresh back end (passt). */
+  streams?: readonly StreamNicConfig["stream"][];
 }
 
 /** What the machine booted, for messages. */
@@ -196,9 +204,10 @@ interface VirtioResources {
   images: DiskImage[];
   taps: Tap[];
   controlFd: number | undefined;
-  /** What a snapshot records of each disk and NIC. */
+  /** What a snapshot records of each disk, NIC and share. */
   disks: { serial: string }[];
-  nics: { tap: string; mac: Uint8Array; hostCidr?: string }[];
+  nics: ({ kind: "tap"; tap: string; mac: Uint8Array; hostCidr?: string } | { kind: "stream"; name: string; mac: Uint8Array })[];
+  shares: { tag: string }[];
 }
 
 /**
@@ -246,7 +255,7 @@ export class Machine {
     private readonly virtio: VirtioResources,
     private readonly irqchip: boolean,
     /** What a snapshot records of the configuration (disk identities are taken at the snapshot). */
-    private readonly shape: Omit<SavedMachine, "disks" | "nics">,
+    private readonly shape: Omit<SavedMachine, "disks" | "nics" | "shares">,
     restoredQueues: (QueueStates | undefined)[] | undefined,
   ) {
     // The main thread's own view of the devices: it feeds serial input, and plays
@@ -309,6 +318,18 @@ export class Machine {
     if (paths.length > machine.disks.length) {
       throw new SnapshotError("state", `snapshot ${snap.dir} has ${machine.disks.length} disks; ${paths.length} were given`);
     }
+    const shares = config.shares ?? [];
+    const savedTags = machine.shares.map((sh) => sh.tag);
+    if (shares.length !== savedTags.length || shares.some((sh, i) => sh.tag !== savedTags[i])) {
+      const has = savedTags.length === 0 ? "no shares" : `shares ${savedTags.join(", ")}`;
+      throw new SnapshotError("state", `snapshot ${snap.dir} has ${has}; ${shares.length === 0 ? "none were" : `${shares.map((sh) => sh.tag).join(", ")} were`} given`);
+    }
+    const streams = config.streams ?? [];
+    const savedStreams = machine.nics.filter((n) => n.kind === "stream").length;
+    if (streams.length !== savedStreams) {
+      throw new SnapshotError("state", `snapshot ${snap.dir} has ${savedStreams} user-mode network interfaces; ${streams.length} back ends were given`);
+    }
+    let stream = 0;
     const shape: Omit<MachineConfig, "boot"> = {
       memoryBytes: machine.memoryBytes,
       cpus: machine.cpus,
@@ -321,7 +342,12 @@ export class Machine {
       rng: machine.rng,
       ...(config.kvmPath !== undefined ? { kvmPath: config.kvmPath } : {}),
       disks: machine.disks.map((d, i) => ({ path: paths[i] ?? d.path, readOnly: d.readOnly, serial: d.serial })),
-      nics: machine.nics.map((n) => ({ tap: n.tap, mac: macBytes(n.mac), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
+      nics: machine.nics.map((n): NicConfig =>
+        n.kind === "stream"
+          ? { stream: streams[stream++]!, mac: macBytes(n.mac) }
+          : { tap: n.tap, mac: macBytes(n.mac), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) },
+      ),
+      shares,
     };
     return Machine.undoOnFailure((cleanups) => Machine.build(shape, { kind: "restore", snapshot: snap, machine, devices, reader }, cleanups));
   }
@@ -391,8 +417,12 @@ export class Machine {
     // A restored machine's RAM is the snapshot's file, mapped copy-on-write: nothing is
     // read until the guest touches it, so the cost does not grow with the RAM size.
     const shares = config.shares ?? [];
-    const memory = source.kind === "restore" ? mapSnapshotRam(source.snapshot, config.memoryBytes) : allocateMemory(config.memoryBytes, shares.length > 0);
+    // RAM a vhost-user back end maps must be shared: then a memfd, with the snapshot's data
+    // copied in (its data extents only, never its holes).
+    const memory =
+      source.kind === "restore" && shares.length === 0 ? mapSnapshotRam(source.snapshot, config.memoryBytes) : allocateMemory(config.memoryBytes, shares.length > 0);
     cleanups.push(() => memory.free());
+    if (source.kind === "restore" && shares.length > 0) copySnapshotRam(source.snapshot, memory);
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
 
     const virtio = openVirtioDevices(vm, memory, { disks: config.disks ?? [], nics: config.nics ?? [], shares, rng: config.rng ?? false }, irqchip, cleanups, config.ioEngine);
@@ -615,14 +645,7 @@ export class Machine {
   snapshot(dir: string, opts: { tskvmVersion: string; detachedDisks?: readonly boolean[]; annotations?: Json }): WrittenSnapshot {
     const paused = this.paused;
     if (paused === undefined) throw new SnapshotError("state", "the VM must be paused for a snapshot");
-    // virtiofsd's FUSE session lives in its process: nothing of it could be saved or restored.
-    if (this.virtio.functions.some((f) => f.device.kind === "virtio-fs")) {
-      throw new SnapshotError("state", "a VM with virtio-fs shares cannot be snapshotted (virtiofsd's state cannot be saved)");
-    }
-    // passt's connections and DHCP lease live in its process: a restore could not re-attach them.
-    if (this.virtio.functions.some((f) => f.device.kind === "virtio-net" && f.device.nic.backend.kind === "stream")) {
-      throw new SnapshotError("state", "a VM with user-mode networking (passt) cannot be snapshotted yet: use a TAP");
-    }
+    this.checkSharesUnused(paused.ioQueues);
     const support = vcpuStateSupport(this.vm);
     const msrIndices = msrIndexList(this.kvm);
     // VM state after the vCPUs': KVM_GET_MP_STATE may move pending LAPIC events first.
@@ -637,7 +660,12 @@ export class Machine {
         identity: openFileIdentity(image.fd, image.path),
         detached: opts.detachedDisks?.[i] ?? false,
       })),
-      nics: this.virtio.nics.map((n) => ({ tap: n.tap, mac: macText(n.mac), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
+      nics: this.virtio.nics.map((n) =>
+        n.kind === "stream"
+          ? { kind: "stream" as const, name: n.name, mac: macText(n.mac) }
+          : { kind: "tap" as const, tap: n.tap, mac: macText(n.mac), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) },
+      ),
+      shares: this.virtio.shares.map((sh) => ({ tag: sh.tag })),
     };
     const devices: SavedDevices = {
       buffers: copyBuffers(deviceSetBuffers(this.deviceSpec)),
@@ -654,6 +682,32 @@ export class Machine {
         annotations: opts.annotations ?? null,
       },
       writeRam: (fd) => writeRamFile(this.memory, fd),
+    });
+  }
+
+  /**
+   * virtiofsd keeps the FUSE session (inodes, open files) in its own process, where no
+   * snapshot can reach it: a share may be saved only while the guest has never made a
+   * request on it (not mounted: no FUSE_INIT), so that a fresh virtiofsd can serve it after
+   * a restore. Two witnesses, both 0 on every queue: the index virtiofsd itself reported
+   * when the pause stopped its queues (GET_VRING_BASE: its count of requests taken, which
+   * the guest cannot rewrite), and the available and used indices in guest RAM. A guest that
+   * fooled both (65536 requests to wrap the count, then rewrote its rings) would only break
+   * its own share after a restore: the fresh virtiofsd knows none of its inodes.
+   */
+  private checkSharesUnused(ioQueues: (QueueStates | undefined)[] | undefined): void {
+    this.virtio.functions.forEach((f, i) => {
+      if (f.device.kind !== "virtio-fs") return;
+      const tag = f.device.fs.tag;
+      const taken = (ioQueues?.[i] ?? []).some((q) => q !== undefined && q.nextAvail !== 0);
+      const side = new VirtioPciDeviceSide(f.transport);
+      const inRam = side.queueConfigs().some((q) => {
+        if (!q.ready || !this.memory.contains(q.availAddr, 4) || !this.memory.contains(q.usedAddr, 4)) return false;
+        return this.memory.readU16(q.availAddr + 2) !== 0 || this.memory.readU16(q.usedAddr + 2) !== 0;
+      });
+      if (taken || inRam) {
+        throw new SnapshotError("state", `the guest has used share ${tag} (its FUSE session lives in virtiofsd, which a snapshot cannot keep): snapshot before the guest mounts it (mountShares: false)`);
+      }
     });
   }
 
@@ -861,7 +915,7 @@ function openVirtioDevices(
   ioEngine: IoEngineChoice | undefined,
 ): VirtioResources {
   const { disks, nics, shares, rng } = devices;
-  const res: VirtioResources = { ioEngine: undefined, functions: [], fds: [], images: [], taps: [], controlFd: undefined, disks: [], nics: [] };
+  const res: VirtioResources = { ioEngine: undefined, functions: [], fds: [], images: [], taps: [], controlFd: undefined, disks: [], nics: [], shares: [] };
   if (disks.length + nics.length + shares.length === 0 && !rng) return res;
   const engine = chooseIoEngine(ioEngine);
   res.ioEngine = engine;
@@ -898,8 +952,10 @@ function openVirtioDevices(
   nics.forEach((n, i) => {
     if ("stream" in n) {
       const backend = { kind: "stream" as const, fd: n.stream.fd, name: n.stream.name, reportsOwnLoss: n.stream.reportsOwnLoss ?? false };
+      const mac = n.mac ?? defaultMac(n.stream.name);
+      res.nics.push({ kind: "stream", name: n.stream.name, mac });
       // A stream carries plain frames: no offloads (stream-backend.ts).
-      add(`virtio-net eth${i} (${n.stream.name})`, { kind: "virtio-net", nic: { backend, mac: n.mac ?? defaultMac(n.stream.name), offloads: false, engine: engine.name } });
+      add(`virtio-net eth${i} (${n.stream.name})`, { kind: "virtio-net", nic: { backend, mac, offloads: false, engine: engine.name } });
       return;
     }
     const mac = n.mac ?? defaultMac(n.tap);
@@ -907,12 +963,13 @@ function openVirtioDevices(
     res.taps.push(tap);
     if (n.hostCidr !== undefined) configureHostSide(tap.name, n.hostCidr);
     const nic = { backend: { kind: "tap" as const, fd: tap.fd, name: tap.name, created: tap.created }, mac, offloads: probeOffloads(tap), engine: engine.name };
-    res.nics.push({ tap: n.tap, mac, ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) });
+    res.nics.push({ kind: "tap", tap: n.tap, mac, ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) });
     add(`virtio-net eth${i} (${tap.name})`, { kind: "virtio-net", nic });
   });
   for (const share of shares) {
     const callFds = Array.from({ length: fsDescription({ tag: share.tag, backendFeatures: share.backend.features }).queueCount }, eventfd);
     const fs: FsSpec = { tag: share.tag, name: share.name, connFd: share.connFd, backend: share.backend, memory: memory.shared!, callFds };
+    res.shares.push({ tag: share.tag });
     add(`virtio-fs ${share.tag} (${share.name})`, { kind: "virtio-fs", fs });
   }
   if (rng) add("virtio-rng", { kind: "virtio-rng" });
@@ -930,6 +987,16 @@ function allocateMemory(bytes: number, shared: boolean): GuestMemory {
 /** Atomics.waitAsync (Node 16+; not in TypeScript's ES2022 library). */
 function waitAsync(cells: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> } {
   return (Atomics as unknown as { waitAsync: typeof waitAsync }).waitAsync(cells, index, value);
+}
+
+/** Fill fresh shared RAM with a snapshot's (restore of a VM with vhost-user devices). */
+function copySnapshotRam(snap: ReadSnapshot, memory: GuestMemory): void {
+  try {
+    readRamFileInto(snap.ramPath, memory);
+  } catch (e) {
+    if (e instanceof RamFileError) throw new SnapshotError("corrupted", `snapshot ${snap.dir} is corrupted: ${e.message}`);
+    throw e;
+  }
 }
 
 function mapSnapshotRam(snap: ReadSnapshot, bytes: number): GuestMemory {

@@ -115,7 +115,11 @@ const machine: SavedMachine = {
   bootDescription: "ELF vmlinux, PVH entry at 0x1000000",
   cmdline: "console=ttyS0",
   disks: [{ path: "/t.img", readOnly: false, serial: "tskvm-123", detached: true, identity: { path: "/t.img", size: 1 << 20, mtimeNs: "1700000000000000000", ino: "12", dev: "2049" } }],
-  nics: [{ tap: "tap0", mac: "52:54:00:12:34:56", hostCidr: "192.168.100.1/24" }],
+  nics: [
+    { kind: "tap", tap: "tap0", mac: "52:54:00:12:34:56", hostCidr: "192.168.100.1/24" },
+    { kind: "stream", name: "passt", mac: "52:54:00:ab:cd:ef" },
+  ],
+  shares: [{ tag: "src" }],
 };
 
 test("the machine's configuration and device state survive their JSON", () => {
@@ -131,6 +135,12 @@ test("the machine's configuration and device state survive their JSON", () => {
   // A snapshot from before virtio-rng had none.
   const { rng: _, ...older } = encodeMachine(machine) as { rng: boolean };
   assert.equal(decodeMachine(r, older).rng, false);
+  // Snapshots from before shares and stream NICs were saved: no shares, every NIC a TAP.
+  const { shares: __, ...noShares } = encodeMachine(machine) as { shares: unknown };
+  const old = decodeMachine(r, { ...noShares, nics: [{ tap: "tap0", mac: "52:54:00:12:34:56" }] });
+  assert.deepEqual(old.shares, []);
+  assert.deepEqual(old.nics, [{ kind: "tap", tap: "tap0", mac: "52:54:00:12:34:56" }]);
+  assert.throws(() => decodeMachine(r, { ...(encodeMachine(machine) as object), nics: [{ kind: "vde", mac: "52:54:00:12:34:56" }] }), /is not tap or stream/);
 });
 
 test("device buffers go back only into a machine with the same devices, the same sizes", () => {

@@ -20,12 +20,18 @@ class FakeBackend implements FsBackend {
   failStart: string | undefined;
   direct = [true, true];
   readonly calls: string[] = [];
-  started: { features: bigint; queues: readonly QueueConfig[] } | undefined;
+  started: { features: bigint; queues: readonly QueueConfig[]; bases: readonly (number | undefined)[] } | undefined;
+  /** What suspend() answers (the back end's next available index by queue). */
+  bases = new Map<number, number>();
 
-  start(features: bigint, queues: readonly QueueConfig[]): void {
+  start(features: bigint, queues: readonly QueueConfig[], bases: readonly (number | undefined)[] = []): void {
     this.calls.push("start");
     if (this.failStart !== undefined) throw new Error(this.failStart);
-    this.started = { features, queues };
+    this.started = { features, queues, bases };
+  }
+  suspend(): ReadonlyMap<number, number> | undefined {
+    this.calls.push("suspend");
+    return this.gone ? undefined : this.bases;
   }
   stop(): void {
     this.calls.push("stop");
@@ -136,6 +142,42 @@ describe("virtio-fs: with its back end running", () => {
     assert.equal(h.dev.requestsMade(), false, "probed, not mounted");
     h.request(FuseOpcode.INIT);
     assert.equal(h.dev.requestsMade(), true);
+  });
+
+  it("stops the back end's queues for a pause, reports its positions, and starts them from there", () => {
+    const h = harness();
+    h.dev.activate(h.ctx);
+    h.backend.bases = new Map([[0, 0], [1, 7]]);
+    h.dev.quiesce();
+    assert.equal(h.dev.mode, "suspended");
+    assert.deepEqual(h.dev.queueStates().map((q) => q?.nextAvail), [0, 7], "virtiofsd's own counts, not guest RAM's");
+    assert.deepEqual(h.dev.pollFds(), [], "nothing to watch while paused");
+    h.dev.resumed();
+    assert.equal(h.dev.mode, "running");
+    assert.deepEqual(h.backend.calls, ["start", "route", "suspend", "start"]);
+    assert.deepEqual(h.backend.started!.bases, [0, 7]);
+  });
+
+  it("starts a restored device's back end at the saved positions", () => {
+    const h = harness();
+    const saved = { nextAvail: 3, nextUsed: 3, signalled: -1, usedFlags: 0 };
+    h.dev.activate({ ...h.ctx, queueStates: [undefined, saved] });
+    assert.deepEqual(h.backend.started!.bases, [undefined, 3]);
+  });
+
+  it("takes the queues over when the back end is gone at a pause or cannot start again after it", () => {
+    const h = harness();
+    h.dev.activate(h.ctx);
+    h.backend.gone = true;
+    h.dev.quiesce();
+    assert.equal(h.dev.mode, "failed");
+    const h2 = harness();
+    h2.dev.activate(h2.ctx);
+    h2.dev.quiesce();
+    h2.backend.failStart = "virtiofsd refused SET_VRING_BASE";
+    h2.dev.resumed();
+    assert.equal(h2.dev.mode, "failed");
+    assert.match(h2.logs.join("\n"), /could not start the queues again after a pause/);
   });
 
   it("takes the queues back on reset, and starts again on the next DRIVER_OK", () => {

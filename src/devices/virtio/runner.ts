@@ -109,7 +109,11 @@ export class VirtioDeviceRunner {
    * and kicks that came meanwhile wait there.
    */
   resumed(): void {
-    if (this.active) this.serveAllQueues();
+    if (!this.active) return;
+    this.contained(() => {
+      this.device.resumed?.();
+      this.serveAllQueues();
+    });
   }
 
   private serveAllQueues(): void {

@@ -95,6 +95,11 @@ export interface VirtioDevice extends VirtioDeviceDescription {
   /** After quiesce(): each queue's positions, undefined for a queue not in use. */
   queueStates(): (VirtqueueState | undefined)[];
   /**
+   * The VM goes on after quiesce() (before the runner serves every queue): for a device whose
+   * queues another process serves (vhost-user), which quiesce() stopped.
+   */
+  resumed?(): void;
+  /**
    * While active: the driver changed the transport's interrupt setup (MSI-X table, masks,
    * vector assignments). For a device whose back end raises interrupts itself (vhost-user).
    */

@@ -59,7 +59,7 @@ export class VhostUserFsBackend implements FsBackend {
     this.frontend = VhostUserFrontend.resume(channel, spec.backend);
   }
 
-  start(features: bigint, queues: readonly QueueConfig[]): void {
+  start(features: bigint, queues: readonly QueueConfig[], bases: readonly (number | undefined)[] = []): void {
     if (this.gone) throw new Error(`${this.name} has gone`);
     try {
       if (!this.memTableSent) {
@@ -82,7 +82,7 @@ export class VhostUserFsBackend implements FsBackend {
           descAddress: this.hostAddress(q.descAddr, 16 * q.size, q.index, "descriptor table"),
           availAddress: this.hostAddress(q.availAddr, 6 + 2 * q.size, q.index, "available ring"),
           usedAddress: this.hostAddress(q.usedAddr, 6 + 8 * q.size, q.index, "used ring"),
-          base: 0,
+          base: bases[q.index] ?? 0,
           kickFd: this.kickFds[q.index]!,
           callFd: this.callFds[q.index]!,
         })),
@@ -106,6 +106,17 @@ export class VhostUserFsBackend implements FsBackend {
     } catch {
       // Gone, or unable to answer: either way it serves the queues no more.
       this.noteGone();
+    }
+  }
+
+  suspend(): ReadonlyMap<number, number> | undefined {
+    if (this.isGone()) return undefined;
+    try {
+      return this.frontend.stop();
+    } catch {
+      // Gone, or unable to answer: it serves the queues no more either way.
+      this.gone = true;
+      return undefined;
     }
   }
 

@@ -23,11 +23,31 @@ export interface SavedDisk {
   detached: boolean;
 }
 
-export interface SavedNic {
+/** A NIC on a TAP (reopened by name), or on a stream socket (passt's: a fresh one is connected at restore). */
+export type SavedNic = SavedTapNic | SavedStreamNic;
+
+export interface SavedTapNic {
+  kind: "tap";
   tap: string;
   /** "52:54:00:12:34:56" */
   mac: string;
   hostCidr?: string;
+}
+
+export interface SavedStreamNic {
+  kind: "stream";
+  /** For messages: "passt". */
+  name: string;
+  mac: string;
+}
+
+/**
+ * A virtio-fs share. Saved only while the guest had made no request on it (the FUSE session
+ * lives in virtiofsd and had not begun), so a restore serves it from a fresh virtiofsd on
+ * whatever directory is given then.
+ */
+export interface SavedShare {
+  tag: string;
 }
 
 export interface SavedMachine {
@@ -43,6 +63,8 @@ export interface SavedMachine {
   cmdline?: string;
   disks: SavedDisk[];
   nics: SavedNic[];
+  /** After the NICs, before the virtio-rng device. */
+  shares: SavedShare[];
 }
 
 export interface SavedDevices {
@@ -63,7 +85,10 @@ export function encodeMachine(m: SavedMachine): Json {
     bootDescription: m.bootDescription,
     ...(m.cmdline !== undefined ? { cmdline: m.cmdline } : {}),
     disks: m.disks.map((d) => ({ path: d.path, readOnly: d.readOnly, serial: d.serial, detached: d.detached, identity: { ...d.identity } })),
-    nics: m.nics.map((n) => ({ tap: n.tap, mac: n.mac, ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
+    nics: m.nics.map((n): Json =>
+      n.kind === "stream" ? { kind: "stream", name: n.name, mac: n.mac } : { kind: "tap", tap: n.tap, mac: n.mac, ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) },
+    ),
+    shares: m.shares.map((sh) => ({ tag: sh.tag })),
   };
 }
 
@@ -93,7 +118,11 @@ export function decodeMachine(r: Reader, v: unknown): SavedMachine {
     const n = r.object(x, `machine.nics[${i}]`);
     const mac = r.string(n["mac"], `machine.nics[${i}].mac`);
     if (!/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/.test(mac)) r.fail(`machine.nics[${i}].mac`, "is not a MAC address");
+    // A NIC without a kind is a TAP (snapshots from before stream NICs were saved).
+    if (n["kind"] === "stream") return { kind: "stream", name: r.string(n["name"], `machine.nics[${i}].name`), mac };
+    if (n["kind"] !== undefined && n["kind"] !== "tap") r.fail(`machine.nics[${i}].kind`, "is not tap or stream");
     return {
+      kind: "tap",
       tap: r.string(n["tap"], `machine.nics[${i}].tap`),
       mac,
       ...(n["hostCidr"] !== undefined ? { hostCidr: r.string(n["hostCidr"], `machine.nics[${i}].hostCidr`) } : {}),
@@ -111,6 +140,10 @@ export function decodeMachine(r: Reader, v: unknown): SavedMachine {
     ...(o["cmdline"] !== undefined ? { cmdline: r.string(o["cmdline"], "machine.cmdline") } : {}),
     disks,
     nics,
+    // Snapshots from before shares were saved had none.
+    shares: (o["shares"] === undefined ? [] : r.array(o["shares"], "machine.shares")).map((x, i): SavedShare => ({
+      tag: r.string(r.object(x, `machine.shares[${i}]`)["tag"], `machine.shares[${i}].tag`),
+    })),
   };
 }
 

@@ -23,10 +23,19 @@ export interface FsBackend {
   readonly watchFd: number;
 
   /**
-   * Hand the queues the driver set up to the back end (DRIVER_OK). Throws (one line) when
-   * the back end cannot take them: it is gone or refused.
+   * Hand the queues the driver set up to the back end (DRIVER_OK). `bases[q]`: the
+   * available-ring index queue q starts from (0 when absent: a fresh queue; a saved position
+   * after a pause or a restore). Throws (one line) when the back end cannot take them: it
+   * is gone or refused.
    */
-  start(features: bigint, queues: readonly QueueConfig[]): void;
+  start(features: bigint, queues: readonly QueueConfig[], bases?: readonly (number | undefined)[]): void;
+  /**
+   * Stop the queues for a pause (vhost-user GET_VRING_BASE), keeping the memory table and the
+   * interrupt routes, and return per queue the next available index the back end would have
+   * read: its own count of the requests it took, which guest writes to its RAM cannot
+   * change. start() with those bases goes on. Undefined when the back end is gone.
+   */
+  suspend(): ReadonlyMap<number, number> | undefined;
   /** Take the queues back (driver reset, VM stop). Never throws: a dead back end is just stopped. */
   stop(): void;
   /** True once the back end has gone for good (connection closed). */

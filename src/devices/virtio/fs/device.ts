@@ -63,6 +63,8 @@ type State =
   | { kind: "idle" }
   /** The back end runs the queues; `direct[q]`: its notifications reach the driver without us. */
   | { kind: "running"; ctx: VirtioActivation; direct: readonly boolean[] }
+  /** Paused (quiesce): the back end stopped the queues at `bases` (its next available index, by queue). */
+  | { kind: "suspended"; ctx: VirtioActivation; direct: readonly boolean[]; bases: ReadonlyMap<number, number> }
   /** The back end is gone: the model answers every request with an error. */
   | { kind: "failed"; ctx: VirtioActivation; queues: (Virtqueue | undefined)[] };
 
@@ -92,7 +94,7 @@ export class VirtioFs implements VirtioDevice {
     this.log = opts.log ?? (() => undefined);
   }
 
-  /** "running", "failed" (the back end is gone, requests get EIO) or "idle". */
+  /** "running", "suspended" (paused), "failed" (the back end is gone, requests get EIO) or "idle". */
   get mode(): State["kind"] {
     return this.state.kind;
   }
@@ -114,7 +116,9 @@ export class VirtioFs implements VirtioDevice {
       return;
     }
     try {
-      this.backend.start(ctx.features, ctx.queues.filter((q) => q.ready));
+      // A restored device goes on from the saved positions (0 for a share never used).
+      const bases = ctx.queues.map((q) => ctx.queueStates?.[q.index]?.nextAvail);
+      this.backend.start(ctx.features, ctx.queues.filter((q) => q.ready), bases);
       this.state = { kind: "running", ctx, direct: this.backend.routeInterrupts() };
     } catch (e) {
       this.log(`${this.backend.name} could not start the queues (${(e as Error).message}); the guest gets I/O errors on this share`);
@@ -123,14 +127,48 @@ export class VirtioFs implements VirtioDevice {
   }
 
   /**
-   * Snapshots: the queues belong to the back end (virtiofsd), which keeps its own state, so
-   * there is nothing here to finish or give back; the machine refuses a snapshot of a VM
-   * with shares (vmm/machine.ts).
+   * Pause: the back end (virtiofsd) stops the queues (GET_VRING_BASE), so it writes nothing
+   * into guest RAM while the VM is paused or saved, and says how many requests it took from
+   * each. resumed() starts them again from there. A back end that is gone is taken over.
    */
-  quiesce(): void {}
+  quiesce(): void {
+    const s = this.state;
+    if (s.kind !== "running") return;
+    const bases = this.backend.suspend();
+    if (bases === undefined) {
+      this.takeOver(s.ctx);
+      return;
+    }
+    this.state = { kind: "suspended", ctx: s.ctx, direct: s.direct, bases };
+  }
 
+  /**
+   * After quiesce(): while suspended, each started queue at the back end's next available
+   * index (virtiofsd answers in order and has finished what it took before it answers
+   * GET_VRING_BASE, so the used index is the same); taken over, the model's own positions.
+   * A snapshot may be taken only while every one is 0: the guest never made a request, so
+   * the FUSE session (which lives in virtiofsd) has not begun (vmm/machine.ts).
+   */
   queueStates(): (VirtqueueState | undefined)[] {
-    return [];
+    const s = this.state;
+    if (s.kind === "failed") return s.queues.map((q) => q?.state());
+    if (s.kind !== "suspended") return [];
+    return s.ctx.queues.map((q) => {
+      const base = s.bases.get(q.index);
+      return base === undefined ? undefined : { nextAvail: base, nextUsed: base, signalled: -1, usedFlags: 0 };
+    });
+  }
+
+  resumed(): void {
+    const s = this.state;
+    if (s.kind !== "suspended") return;
+    try {
+      this.backend.start(s.ctx.features, s.ctx.queues.filter((q) => q.ready), s.ctx.queues.map((q) => s.bases.get(q.index)));
+      this.state = { kind: "running", ctx: s.ctx, direct: s.direct };
+    } catch (e) {
+      this.log(`${this.backend.name} could not start the queues again after a pause (${(e as Error).message}); the guest gets I/O errors on this share`);
+      this.takeOver(s.ctx);
+    }
   }
 
   transportChanged(): void {
@@ -184,7 +222,7 @@ export class VirtioFs implements VirtioDevice {
   }
 
   reset(): void {
-    if (this.state.kind === "running") {
+    if (this.state.kind === "running" || this.state.kind === "suspended") {
       this.backend.unrouteInterrupts();
       this.backend.stop();
     }
