@@ -8,8 +8,8 @@ import { join } from "node:path";
 import { Kvm } from "../kvm/kvm";
 import { collectHostFacts, cpuFeatureWords } from "../vmm/snapshot/host-facts";
 import { STATE_FILE } from "../vmm/snapshot/format";
-import { checkBeforeStart, checkKvmBeforeStart, checkOptions, resolveBootFiles, toStartError } from "./start";
-import { snapshotKey } from "./snapshot-key";
+import { type CheckedOptions, checkBeforeStart, checkKvmBeforeStart, checkOptions, resolveBootFiles, toStartError } from "./start";
+import { type SnapshotKeyInput, snapshotKey } from "./snapshot-key";
 import { formatMac } from "./option-values";
 import { formatForward } from "../host/passt";
 import { TSKVM_VERSION } from "./version";
@@ -36,6 +36,23 @@ function hostKey(kvmPath: string | undefined): unknown {
   } finally {
     kvm.close();
   }
+}
+
+/**
+ * What the key takes of the devices: each disk's, NIC's and share's guest-visible options,
+ * never a disk image's or a shared directory's path or contents (per-run input: a restore
+ * attaches them as they are then). A share's host path is its mount path in the guest.
+ */
+export function deviceKey(checked: Pick<CheckedOptions, "disks" | "nics" | "userNet" | "shares">): Pick<SnapshotKeyInput, "disks" | "nics" | "other"> {
+  return {
+    disks: checked.disks.map((d) => ({ readOnly: d.readOnly, ...(d.serial !== undefined ? { serial: d.serial } : {}) })),
+    nics: [
+      ...checked.nics.map((n) => ({ kind: "tap", tap: n.tap, ...(n.mac !== undefined ? { mac: formatMac(n.mac) } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
+      ...(checked.userNet === undefined ? [] : [{ kind: "user", forwards: checked.userNet.forwards.map(formatForward), sshForward: checked.userNet.sshForward }]),
+    ],
+    // Only with shares: the keys of VMs without any stay what they were.
+    ...(checked.shares.length > 0 ? { other: { shares: checked.shares.map((s) => ({ tag: s.tag, mountPath: s.hostPath, readOnly: s.readOnly })) } } : {}),
+  };
 }
 
 /**
@@ -72,14 +89,7 @@ export function snapshotCacheEntry(options: VmOptions, cacheDir: string): Snapsh
       entry: options.entry,
       agent: checked.agent,
       rng: checked.rng,
-      disks: checked.disks.map((d) => ({ readOnly: d.readOnly, ...(d.serial !== undefined ? { serial: d.serial } : {}) })),
-      nics: [
-        ...checked.nics.map((n) => ({ kind: "tap", tap: n.tap, ...(n.mac !== undefined ? { mac: formatMac(n.mac) } : {}), ...(n.hostCidr !== undefined ? { hostCidr: n.hostCidr } : {}) })),
-        ...(checked.userNet === undefined ? [] : [{ kind: "user", forwards: checked.userNet.forwards.map(formatForward), sshForward: checked.userNet.sshForward }]),
-      ],
-      // Where each share is mounted and how, never what it holds: a restore serves the
-      // directory as it is then.
-      other: { shares: checked.shares.map((s) => ({ tag: s.tag, mountPath: s.hostPath, readOnly: s.readOnly })) },
+      ...deviceKey(checked),
     });
     const dir = join(cacheDir, key);
     return { dir, exists: existsSync(join(dir, STATE_FILE)) };

@@ -4,7 +4,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { runCli } from "../helpers/cli";
@@ -60,4 +60,13 @@ test("sharing the guest's own directories is refused: exit 2", () => {
   const r = runCli(["run", "--share", "/proc", "--", "true"]);
   assert.equal(r.status, 2);
   oneLine(r.stderr, /cannot share \/proc at the same path in the guest: the guest needs its own \/proc/);
+});
+
+test("--rootfs host with --snapshot: exit 2, one line saying to share directories instead", () => {
+  const cache = join(dir, "cache");
+  const r = runCli(["run", "--snapshot", cache, "--rootfs", "host", "--", "true"]);
+  assert.equal(r.status, 2, r.stderr);
+  oneLine(r.stderr, /^tskvm: a snapshot cache cannot keep a VM on the host's root file system \(--rootfs host: virtiofsd serves it from boot\): share directories with --share instead$/);
+  assert.equal(r.stdout, "");
+  assert.throws(() => readdirSync(cache), /ENOENT/, "nothing was written");
 });

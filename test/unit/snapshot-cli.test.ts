@@ -6,11 +6,13 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { UsageError, parseBootArgs, parseRunArgs } from "../../src/cli/args";
 import { EscapeParser } from "../../src/cli/console";
-import { diskName, mountedDisks, restorePrepareCommand } from "../../src/api/protocol";
+import { NETWORK_NUDGE_COMMAND, diskName, mountedDisks, restorePrepareCommand, unmountedShares } from "../../src/api/protocol";
 
-test("tskvm boot --restore DIR takes -d and nothing else that shapes the machine", () => {
+test("tskvm boot --restore DIR takes -d and --share and nothing else that shapes the machine", () => {
   assert.equal(parseBootArgs(["--restore", "/s"]).restore, "/s");
   assert.deepEqual(parseBootArgs(["--restore", "/s", "-d", "t.img"]).disks, ["t.img"]);
+  assert.deepEqual(parseBootArgs(["--restore", "/s", "--share", "/w"]).shares, ["/w"]);
+  assert.throws(() => parseBootArgs(["--restore", "/s", "--net", "user"]), /leave out -n/);
   assert.throws(() => parseBootArgs(["--restore", "/s", "-m", "1G", "-c", "2"]), (e: unknown) => e instanceof UsageError && /leave out -m, -c/.test(e.message));
   assert.throws(() => parseBootArgs(["--restore", ""]), /--restore needs a snapshot directory/);
   assert.equal(parseBootArgs([]).restore, undefined);
@@ -37,4 +39,17 @@ test("the guest-side commands around a snapshot", () => {
   assert.match(cmd, /cat \/sys\/block\/vdb\/size\)" != 2048 \]/);
   assert.match(cmd, /blockdev --rereadpt \/dev\/vdb/);
   assert.match(cmd, /; true$/);
+  assert.doesNotMatch(cmd, /mount|ping/, "no shares to mount, no network to nudge");
+});
+
+test("after a restore: the shares are mounted (a failure reported by tag), the network nudged", () => {
+  const cmd = restorePrepareCommand(1_700_000_000, [], {
+    mounts: [{ tag: "src", command: "mkdir -p -- /w && mount -t virtiofs -o rw src /w" }, { tag: "ro", command: "false" }],
+    nudgeNetwork: true,
+  });
+  assert.match(cmd, /\{ mkdir -p -- \/w && mount -t virtiofs -o rw src \/w; \} >\/dev\/null 2>&1 \|\| echo tskvm-unmounted src; /);
+  assert.ok(cmd.includes(NETWORK_NUDGE_COMMAND));
+  assert.match(cmd, /; true$/);
+  assert.deepEqual(unmountedShares("noise\ntskvm-unmounted ro\ntskvm-unmounted src-2\n"), ["ro", "src-2"]);
+  assert.deepEqual(unmountedShares(""), []);
 });

@@ -8,6 +8,8 @@ import * as fs from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { snapshotKey, type SnapshotKeyInput } from "../../src/api/snapshot-key";
+import { deviceKey } from "../../src/api/snapshot-cache";
+import { checkOptions } from "../../src/api/start";
 
 function withFiles(fn: (kernel: string, initrd: string) => void): void {
   const dir = fs.mkdtempSync(join(tmpdir(), "tskvm-snapkey-"));
@@ -90,5 +92,30 @@ test("a rebuilt kernel or initrd (same path) changes the key; touching nothing d
 test("a missing kernel fails like any unreadable input", () => {
   withFiles((k, i) => {
     assert.throws(() => snapshotKey(input(k + ".nope", i)), /ENOENT/);
+  });
+});
+
+test("shares and user-mode networking in the key: tags, mount paths, read-only flags and forwards count; a share's contents do not", () => {
+  withFiles((k, i) => {
+    const share = fs.mkdtempSync(join(tmpdir(), "tskvm-snapkey-share-"));
+    try {
+      const key = (o: Parameters<typeof checkOptions>[0]) => snapshotKey({ ...input(k, i), ...deviceKey(checkOptions({ ...o, mountShares: false })) });
+      const base = key({ shares: [share] });
+      assert.equal(key({ shares: [share] }), base);
+      fs.writeFileSync(join(share, "new-file"), "per-run contents");
+      assert.equal(key({ shares: [share] }), base, "what the share holds is not part of the key");
+      assert.notEqual(key({ shares: [`${share},tag=other`] }), base, "tag");
+      assert.notEqual(key({ shares: [`${share},readonly`] }), base, "read-only flag");
+      assert.notEqual(key({ shares: [tmpdir()] }), base, "mount path");
+      assert.notEqual(key({}), base, "no share");
+      // Without shares the key is what it was before shares could be kept.
+      assert.equal(key({}), snapshotKey({ ...input(k, i), disks: [], nics: [] }));
+      const user = key({ net: "user" });
+      assert.notEqual(user, key({}), "net user");
+      assert.notEqual(key({ net: "user", forwards: ["tcp:127.0.0.1:8080:80"] }), user, "forwards");
+      assert.notEqual(key({ net: "user", sshForward: false }), user, "the automatic SSH forward");
+    } finally {
+      fs.rmSync(share, { recursive: true, force: true });
+    }
   });
 });
