@@ -429,7 +429,7 @@ function restoredShares(dir: string, saved: readonly Share[], given: VmOptions["
     if ((a.tag !== undefined && a.tag !== s.tag) || (a.readOnly !== undefined && a.readOnly !== s.readOnly)) {
       throw new VmStartError("options", (n) => `snapshot ${dir} has share ${s.tag}${s.readOnly ? " (read-only)" : ""} in place ${i + 1}: give ${n("shares")} with its tag and read-only flag, or none`, { option: "shares" });
     }
-    // The guest mounts it where the snapshot's was (the path is part of the snapshot key).
+    // Mounted at the given directory's path, as at a boot (the CLI gives the same path: it is in the snapshot key).
     return { hostPath: resolved[i]!.hostPath, tag: s.tag, readOnly: s.readOnly };
   });
 }
