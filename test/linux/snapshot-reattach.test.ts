@@ -156,17 +156,18 @@ test("run --snapshot --net user: the restored guest fetches from the host over a
     assert.equal(cold.stdout, "before the snapshot\n");
     assert.deepEqual(passtProcesses(mark.value), [], "no passt left");
 
-    // The warm guest fetches a file written after the snapshot, then waits for an SSH login
-    // through the forward the restore reports (passt had to learn the guest anew).
+    // The warm guest first waits for an SSH login through the forward the restore reports,
+    // sending nothing itself (the restore's nudge must have taught the fresh passt where the
+    // guest is), then fetches a file written after the snapshot.
     writeFileSync(join(www, "hello.txt"), "after the snapshot\n");
     const warm = new RunningCli(
       ["run", "-v", "--ready-timeout", String(READY_MS / 1000), "--snapshot", cache, "--net", "user", "--", "sh", "-c",
-        `${fetch}; i=0; while [ ! -e /tmp/ssh-was-here ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; cat /tmp/ssh-was-here`],
+        `echo waiting; i=0; while [ ! -e /tmp/ssh-was-here ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; cat /tmp/ssh-was-here; ${fetch}`],
       mark.env,
       wrapper,
     );
     try {
-      await warm.waitForStderr(/log in with: ssh -p (\d+)/, READY_MS);
+      await warm.waitFor(/waiting\n/, READY_MS);
       assert.match(warm.stderr, /restored from /);
       const port = Number(/log in with: ssh -p (\d+)/.exec(warm.stderr)![1]);
       const ssh = ns.exec(["timeout", "120", "dbclient", "-y", "-y", "-i", key!, "-p", String(port), "root@127.0.0.1", "echo logged-in > /tmp/ssh-was-here; echo ssh-ok"], { allowFail: true });
@@ -175,7 +176,7 @@ test("run --snapshot --net user: the restored guest fetches from the host over a
       const exit = await warm.exited;
       t.diagnostic(`warm run: ${Date.now() - warm.startedAt} ms`);
       assert.equal(exit.code, 0, warm.stderr);
-      assert.equal(warm.stdout, "after the snapshot\nlogged-in\n");
+      assert.equal(warm.stdout, "waiting\nlogged-in\nafter the snapshot\n");
       assert.deepEqual(passtProcesses(mark.value), [], "no passt left");
       assert.deepEqual(runtimeDirsOf(warm.child.pid), [], "no runtime directory left");
       assert.equal(ns.exec(["ss", "-Htln", `sport = :${port}`]).stdout.trim(), "", "the SSH port is closed");
