@@ -10,12 +10,13 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startVm } from "../../src/api";
 import { VmSnapshotError } from "../../src/api/errors";
 import { guestSkip, scaled, virtiofsdSkip } from "../helpers/tiers";
+import { freshDir, virtiofsdFor } from "../helpers/shares";
 import { RunningCli, runCliAsync } from "../helpers/cli";
 import { NetNs } from "../helpers/netns";
 import { addUplink, passtProcesses, passtRuntimeDirs, passtSkipReason, testMark } from "../helpers/passt";
@@ -28,18 +29,7 @@ process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
 const guest = guestSkip();
 const shareSkip = guest.skip || virtiofsdSkip();
 
-function fresh(name: string, files: Record<string, string> = {}): string {
-  const d = join(dir, name);
-  mkdirSync(d, { recursive: true });
-  for (const [f, text] of Object.entries(files)) writeFileSync(join(d, f), text);
-  return d;
-}
-
-/** virtiofsd processes serving `path` (their command line names it). */
-function virtiofsdFor(path: string): number[] {
-  const out = spawnSync("pgrep", ["-f", `virtiofsd.*source=${path}(,| |$)`], { encoding: "utf8" }).stdout;
-  return out.split("\n").filter((l) => l.trim() !== "").map(Number);
-}
+const fresh = (name: string, files: Record<string, string> = {}): string => freshDir(dir, name, files);
 
 /** Runtime directories (virtiofsd's, passt's) that tskvm process `pid` made and left. */
 function runtimeDirsOf(pid: number | undefined): string[] {

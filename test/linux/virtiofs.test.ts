@@ -6,12 +6,12 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { spawnSync } from "node:child_process";
 import { startVm } from "../../src/api";
 import { guestSkip, scaled, virtiofsdSkip } from "../helpers/tiers";
+import { freshDir, virtiofsdFor } from "../helpers/shares";
 import { RunningCli, runCli } from "../helpers/cli";
 
 const TEST_MS = 900_000;
@@ -21,18 +21,7 @@ const skip = guestSkip().skip || virtiofsdSkip();
 /** Boot to the agent's ready report: ~25-50 s on kvm-pvm, ~15 s in the harness VM, a few seconds on hardware KVM. */
 const READY_MS = scaled(60_000);
 
-function fresh(name: string, files: Record<string, string> = {}): string {
-  const d = join(dir, name);
-  mkdirSync(d, { recursive: true });
-  for (const [f, text] of Object.entries(files)) writeFileSync(join(d, f), text);
-  return d;
-}
-
-/** virtiofsd processes serving `path` (their command line names it). */
-function virtiofsdFor(path: string): number[] {
-  const out = spawnSync("pgrep", ["-f", `virtiofsd.*source=${path}(,| |$)`], { encoding: "utf8" }).stdout;
-  return out.split("\n").filter((l) => l.trim() !== "").map(Number);
-}
+const fresh = (name: string, files: Record<string, string> = {}): string => freshDir(dir, name, files);
 
 /** The one of those tskvm (this process, through the API) started itself. */
 function ourVirtiofsd(path: string): number | undefined {
