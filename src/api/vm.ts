@@ -399,31 +399,27 @@ async function restoreVm(dir: string, options: VmOptions): Promise<Vm> {
     await vm.started;
     return vm;
   } catch (e) {
-    if (machine === undefined) {
-      host?.close();
-      await shareServers?.stop();
-      await passt?.stop();
-    } else {
-      // Built but never run (new Vm failed): the helpers still need stopping.
-      machine.destroy();
-      await shareServers?.stop();
-      await passt?.stop();
-    }
+    if (machine === undefined) host?.close();
+    else machine.destroy();
+    // After the machine (whose I/O worker used their connections); both are idempotent.
+    await shareServers?.stop();
+    await passt?.stop();
     throw toStartError(e);
   }
 }
 
 /**
- * The shares of a restored VM: the snapshot's tags, read-only flags and mount paths, served
- * from `given` directories (in order) or, without them, from where they were at the snapshot.
+ * The shares of a restored VM: the snapshot's tags and read-only flags, served from (and
+ * mounted at) the `given` directories, in order, or without them where they were at the
+ * snapshot.
  */
 function restoredShares(dir: string, saved: readonly Share[], given: VmOptions["shares"]): Share[] {
   if (given === undefined || given.length === 0) return saved.map((s) => ({ ...s }));
-  const resolved = resolveShares(given.map((s) => (typeof s === "string" ? parseShareOption(s) : s)));
+  const asked = given.map((s) => (typeof s === "string" ? parseShareOption(s) : s));
+  const resolved = resolveShares(asked);
   if (resolved.length !== saved.length) {
     throw new VmStartError("options", (n) => `snapshot ${dir} has ${saved.length} share${saved.length === 1 ? "" : "s"}; ${resolved.length} ${n("shares")} were given`, { option: "shares" });
   }
-  const asked = given.map((s) => (typeof s === "string" ? parseShareOption(s) : s));
   return saved.map((s, i) => {
     const a = asked[i]!;
     if ((a.tag !== undefined && a.tag !== s.tag) || (a.readOnly !== undefined && a.readOnly !== s.readOnly)) {

@@ -14,7 +14,7 @@ import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSy
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startVm } from "../../src/api";
-import { VmSnapshotError } from "../../src/api/errors";
+import { VmSnapshotError, VmStartError } from "../../src/api/errors";
 import { guestSkip, scaled, virtiofsdSkip } from "../helpers/tiers";
 import { freshDir, virtiofsdFor } from "../helpers/shares";
 import { RunningCli, runCliAsync } from "../helpers/cli";
@@ -101,6 +101,16 @@ test("API: a share the guest has used is refused with one line and the VM goes o
   } finally {
     await vm.stop();
   }
+
+  // Shares that are not the snapshot's: a bad option, one line, nothing started.
+  for (const [shares, pattern] of [
+    [[a, b], /^snapshot .*api-early has 1 share; 2 shares were given$/],
+    [[`${b},tag=other`], /^snapshot .*api-early has share api-a in place 1: give shares with its tag and read-only flag, or none$/],
+    [[`${b},readonly`], /^snapshot .*api-early has share api-a in place 1: give shares with its tag and read-only flag, or none$/],
+  ] as const) {
+    await assert.rejects(startVm({ restore: early, shares: [...shares] }), (e: unknown) => e instanceof VmStartError && e.failure === "options" && pattern.test(e.message));
+  }
+  assert.deepEqual(virtiofsdFor(b), []);
 
   const restored = await startVm({ restore: early, shares: [b] });
   try {
