@@ -153,3 +153,18 @@ export function guestDirectoryFor(cwd: string, shares: readonly Share[]): string
   const inside = shares.some((s) => cwd === s.hostPath || cwd.startsWith(s.hostPath.endsWith("/") ? s.hostPath : `${s.hostPath}/`));
   return inside ? cwd : undefined;
 }
+
+/**
+ * Directories the default guest gives its own file systems under `--rootfs host`
+ * (guest/initrd/init: the kernel's proc, sys and dev, a fresh tmpfs on /tmp and /run):
+ * the host's files there are not what the guest sees.
+ */
+export const ROOTFS_GUEST_OWN_DIRECTORIES = ["/tmp", "/run", "/proc", "/sys", "/dev"] as const;
+
+/**
+ * With `--rootfs host`, the directory of the guest's own that hides `cwd` (a host path),
+ * or undefined when the guest sees `cwd` as the host has it (unless a share covers it).
+ */
+export function rootfsHostHides(cwd: string): string | undefined {
+  return ROOTFS_GUEST_OWN_DIRECTORIES.find((d) => cwd === d || cwd.startsWith(`${d}/`));
+}

@@ -16,7 +16,7 @@ import { snapshotCacheEntry } from "../api/snapshot-cache";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import type { VmExit, VmOptions } from "../api/types";
-import { ROOTFS_TAG, guestDirectoryFor } from "../api/shares";
+import { ROOTFS_TAG, guestDirectoryFor, rootfsHostHides } from "../api/shares";
 
 /** How long the guest gets to power off after CMD before tskvm stops it. */
 const POWEROFF_TIMEOUT_MS = 30_000;
@@ -266,12 +266,18 @@ function describeShare(vm: Vm, tag: string): string {
 
 /**
  * Where CMD runs: this directory, when the guest has it (inside a share, mounted at the same
- * path, or anywhere in the host's root file system with --rootfs host); else / (undefined).
+ * path, or in the host's root file system with --rootfs host); else / (undefined). Under
+ * --rootfs host the guest has its own /tmp, /run, ...: a directory there is not the host's,
+ * and one line says so.
  */
 function commandDirectory(vm: Vm): string | undefined {
   const here = process.cwd();
-  if (vm.info.rootfs === "host") return here;
-  return guestDirectoryFor(here, vm.info.shares);
+  const shared = guestDirectoryFor(here, vm.info.shares);
+  if (shared !== undefined || vm.info.rootfs !== "host") return shared;
+  const hiddenBy = rootfsHostHides(here);
+  if (hiddenBy === undefined) return here;
+  say(`the current directory ${here} is under ${hiddenBy}, which the guest has as its own (--rootfs host): the command runs in /; add --share . to run it in this directory`);
+  return undefined;
 }
 
 function guestFailed(exit: VmExit): number {

@@ -10,6 +10,7 @@ import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSy
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startVm } from "../../src/api";
+import { rootfsHostHides } from "../../src/api/shares";
 import { guestSkip, scaled, virtiofsdSkip } from "../helpers/tiers";
 import { freshDir, virtiofsdFor } from "../helpers/shares";
 import { RunningCli, runCli } from "../helpers/cli";
@@ -122,6 +123,8 @@ test("tskvm run --rootfs host runs the host's python3 and returns its status; wr
   });
   assert.equal(r.status, 7, r.stderr);
   assert.equal(r.stdout, "3 Linux\n");
+  // A checkout under /tmp (the guest's own tmpfs there) runs the command in /, and says so.
+  if (rootfsHostHides(process.cwd()) !== undefined) assert.match(r.stderr, /which the guest has as its own \(--rootfs host\): the command runs in \//);
   assert.equal(existsSync(probe), false, "the overlay took the write");
   assert.equal(readFileSync(join(out, "kept.txt"), "utf8"), "kept");
   assert.deepEqual(virtiofsdFor("/"), []);

@@ -6,6 +6,7 @@ import {
   ShareOptionError,
   encodeGuestPath,
   guestDirectoryFor,
+  rootfsHostHides,
   resolveShares,
   shareKernelArgs,
   parseShareOption,
@@ -79,3 +80,14 @@ describe("shares: as text", () => {
     bad(() => parseShareOption("/a,readonly=maybe"), /readonly takes on or off/);
   });
 });
+
+describe("--rootfs host", () => it("the guest's own /tmp, /run, /proc, /sys, /dev hide the host's directories there, nothing else", () => {
+  assert.equal(rootfsHostHides("/tmp/ci/checkout"), "/tmp");
+  assert.equal(rootfsHostHides("/tmp"), "/tmp");
+  assert.equal(rootfsHostHides("/run/user/1000"), "/run");
+  assert.equal(rootfsHostHides("/proc/self"), "/proc");
+  assert.equal(rootfsHostHides("/tmpfoo/x"), undefined);
+  assert.equal(rootfsHostHides("/home/me/tree"), undefined);
+  assert.equal(rootfsHostHides("/"), undefined);
+  assert.equal(rootfsHostHides("/work/runner/tmp"), undefined);
+}));
