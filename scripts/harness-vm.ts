@@ -124,6 +124,20 @@ function harnessInitramfs(kernel: DebianKernel, busybox: string): Uint8Array {
 
 const shQuote = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
 
+/**
+ * One KVM VM held open for the whole command. KVM flips static keys when the first VM is
+ * created and the last destroyed (preempt notifiers: a branch inside __schedule), and Linux
+ * patches such code with int3 and a cross-CPU sync. QEMU's multi-threaded TCG sometimes
+ * leaves the other emulated CPU looping on the int3 (stale translated code), and the VM
+ * hangs in kvm_destroy_vm's IPI (seen several times a day here: the console shows RCU
+ * stalls with one CPU in asm_exc_int3 from __schedule). With a VM always open, the keys
+ * never flip. python3 is there on every host the brief names; without it, nothing is held.
+ */
+const KVM_PIN =
+  `if [ -c /dev/kvm ] && command -v python3 >/dev/null 2>&1; then ` +
+  `python3 -c 'import os, fcntl, time; k = os.open("/dev/kvm", os.O_RDWR); fcntl.ioctl(k, 0xAE01, 0); time.sleep(1e9)' ` +
+  `</dev/null >/dev/null 2>&1 & fi`;
+
 function commandScript(o: HarnessOptions, cwd: string): string {
   const env: Record<string, string> = {
     PATH: process.env.PATH ?? "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
@@ -136,6 +150,7 @@ function commandScript(o: HarnessOptions, cwd: string): string {
     "# written by scripts/harness-vm.ts",
     ...Object.entries(env).map(([k, v]) => `export ${k}=${shQuote(v)}`),
     `cd ${shQuote(cwd)} || exit 125`,
+    KVM_PIN,
     `exec ${o.command.map(shQuote).join(" ")}`,
     "",
   ].join("\n");
@@ -210,7 +225,7 @@ export async function runInHarnessVm(o: HarnessOptions): Promise<HarnessResult> 
       "-machine", "pc", "-accel", "tcg,thread=multi,tb-size=512", "-cpu", "max",
       "-smp", String(o.cpus ?? 2), "-m", o.memory ?? "4G",
       "-kernel", kernel.vmlinuz, "-initrd", initrd,
-      "-append", "console=ttyS0 panic=-1 oops=panic softlockup_panic=1 watchdog_thresh=60 mitigations=off tsc=reliable loglevel=5 rdinit=/init",
+      "-append", "console=ttyS0 panic=-1 oops=panic softlockup_panic=1 watchdog_thresh=60 sysctl.kernel.panic_on_rcu_stall=1 rcupdate.rcu_cpu_stall_timeout=60 mitigations=off tsc=reliable loglevel=5 rdinit=/init",
       "-serial", `file:${consoleLog}`,
       "-chardev", `socket,id=out,path=${join(ctl, "stdout.sock")}`, "-serial", "chardev:out",
       "-chardev", `socket,id=err,path=${join(ctl, "stderr.sock")}`, "-serial", "chardev:err",

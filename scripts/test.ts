@@ -223,7 +223,7 @@ async function main(argv: string[]): Promise<number> {
 
 /**
  * The tiers in the harness VM; once more in a fresh VM if the first one died without
- * results (a wedged emulated CPU panics it: softlockup_panic, harness-vm.ts): seen rarely,
+ * results (a wedged emulated CPU panics it: softlockup_panic, panic_on_rcu_stall, harness-vm.ts),
  * in QEMU's emulation rather than in tskvm, and not worth failing CI for.
  */
 async function runTiersInVm(tiers: { tier: Tier; files: string[]; place: Place }[], scratch: string, signal: AbortSignal): Promise<TierResult[]> {
