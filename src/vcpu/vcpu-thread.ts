@@ -40,7 +40,7 @@ export interface VcpuWorkerInit {
 export const VCPU_WORKER_LIMITS = { maxOldGenerationSizeMb: 32, maxYoungGenerationSizeMb: 2 } as const;
 
 export type VcpuWorkerMessage =
-  | { type: "started"; id: number; thread: bigint; at: number }
+  | { type: "started"; id: number; thread: bigint; at: number; loadedAt: number }
   | { type: "registers"; id: number; dump: string }
   | { type: "warning"; message: string }
   | { type: "stopped"; id: number; stop: VcpuStop; counters: ExitCounters; exits: ExitStatsData };
@@ -98,6 +98,8 @@ export class VcpuThread {
   readonly started: Promise<void>;
   /** When that was, in ms since this process started (performance.now() time); NaN before. */
   firstRunAt = NaN;
+  /** When the thread had loaded its code, on the same clock; NaN before it reported. */
+  loadedAt = NaN;
   private resolveStarted!: () => void;
   private finished = false;
   /** Called with the first stop this vCPU reports (the machine then stops the others). */
@@ -135,6 +137,7 @@ export class VcpuThread {
       if (msg.type === "started") {
         this.thread = msg.thread;
         this.firstRunAt = msg.at - performance.timeOrigin;
+        this.loadedAt = msg.loadedAt - performance.timeOrigin;
         this.resolveStarted();
         // A stop or pause may have been requested before the thread id was known.
         const c = this.init.control;
