@@ -63,7 +63,20 @@ export function buildBundle(dist: string, entries: readonly string[] = BUNDLE_EN
     parts.push(`__links[${JSON.stringify(key)}] = ${JSON.stringify(links.get(key))};`);
     parts.push(`__defs[${JSON.stringify(key)}] = function (exports, require, module, __filename, __dirname) {\n${src}\n};`);
   }
-  parts.push(`function __load(key) {
+  parts.push(`// Node builtins that only some commands use (helpers, disks, snapshots) but that modules
+// on every start import: each is loaded when a property of it is first read (TypeScript's
+// CommonJS output reads them at call time: (0, m.f)(...)). crypto alone is ~20 of Node's
+// internal modules; compiling them is ~10 ms on a plain host, half a second in an emulated VM.
+const __LAZY_BUILTINS = new Set(["node:crypto", "node:child_process", "node:net", "node:dgram"]);
+const __lazyCache = Object.create(null);
+function __lazyBuiltin(spec) {
+  let m;
+  return (__lazyCache[spec] ??= new Proxy(Object.create(null), {
+    get: (_, k) => (k === "__esModule" ? undefined : (m ??= require(spec))[k]),
+    has: (_, k) => k in (m ??= require(spec)),
+  }));
+}
+function __load(key) {
   const hit = __cache[key];
   if (hit !== undefined) return hit.exports;
   const def = __defs[key];
@@ -71,7 +84,7 @@ export function buildBundle(dist: string, entries: readonly string[] = BUNDLE_EN
   const module = { exports: {}, id: key };
   __cache[key] = module;
   const links = __links[key];
-  const req = (spec) => (links[spec] !== undefined ? __load(links[spec]) : require(spec));
+  const req = (spec) => (links[spec] !== undefined ? __load(links[spec]) : __LAZY_BUILTINS.has(spec) ? __lazyBuiltin(spec) : require(spec));
   const filename = __path.join(__root, key);
   def.call(module.exports, module.exports, req, module, filename, __path.dirname(filename));
   return module.exports;

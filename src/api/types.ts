@@ -195,10 +195,16 @@ export interface VmExit {
 
 /** Where start-up time went, in ms since the process started (NaN for what has not happened). */
 export interface VmStartupTimeline {
+  /** Node had started (its own bootstrap, before any of tskvm's code). */
+  nodeReady: number;
   /** startVm() asked for the machine: Node, module loading, options, the default guest. */
   createBegin: number;
+  /** Stages of the build, each when it ended: KVM and the VM, guest RAM, virtio devices, kernel and initrd loaded, vCPUs created. */
+  built: { vm: number; ram: number; devices: number; boot: number; vcpus: number };
   /** The machine was built: KVM, RAM, kernel and initrd, devices, vCPUs. */
   createEnd: number;
+  /** The boot vCPU's thread had loaded its code (it starts when the build begins). */
+  bootThreadLoaded: number;
   /** The boot vCPU entered KVM_RUN. */
   firstKvmRun: number;
 }

@@ -33,16 +33,23 @@ export class SharedState {
     Atomics.store(this.cells, cell + 1, value);
   }
 
+  /*
+   * The lock cell: 0 free, 1 held, 2 held and a thread may be sleeping on it (a futex
+   * mutex, as in Drepper's "Futexes Are Tricky"): unlock wakes a sleeper only after one
+   * said it sleeps, so the uncontended case (nearly every console exit) is two atomic
+   * operations and no Atomics.notify.
+   */
   lock(): void {
+    const c = this.cells;
+    if (Atomics.compareExchange(c, 0, 0, 1) === 0) return;
     // Critical sections are a handful of register updates: spin briefly, then sleep.
-    for (let spins = 0; Atomics.compareExchange(this.cells, 0, 0, 1) !== 0; spins++) {
-      if (spins > 100) Atomics.wait(this.cells, 0, 1, 1);
-    }
+    for (let spins = 0; spins < 100; spins++) if (Atomics.compareExchange(c, 0, 0, 1) === 0) return;
+    // Say a thread sleeps (2) as it takes the lock or waits; the timeout is only a safety net.
+    while (Atomics.exchange(c, 0, 2) !== 0) Atomics.wait(c, 0, 2, 1);
   }
 
   unlock(): void {
-    Atomics.store(this.cells, 0, 0);
-    Atomics.notify(this.cells, 0, 1);
+    if (Atomics.exchange(this.cells, 0, 0) === 2) Atomics.notify(this.cells, 0, 1);
   }
 
   locked<T>(fn: () => T): T {

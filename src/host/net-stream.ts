@@ -60,6 +60,8 @@ export interface NetStreamStats {
   rxFrames: number;
   /** read(2) calls that returned data. */
   rxReads: number;
+  /** read(2) calls that found the socket empty (EAGAIN). */
+  rxEmptyReads: number;
   /** Frames written (whole). */
   txFrames: number;
   /** sendFrame calls refused for want of room (the caller kept the frame). */
@@ -78,7 +80,7 @@ function queueCost(len: number): number {
 }
 
 export class NetStream {
-  readonly stats: NetStreamStats = { rxFrames: 0, rxReads: 0, txFrames: 0, txBlocked: 0, txShort: 0, txRoomQueries: 0 };
+  readonly stats: NetStreamStats = { rxFrames: 0, rxReads: 0, rxEmptyReads: 0, txFrames: 0, txBlocked: 0, txShort: 0, txRoomQueries: 0 };
   readonly maxFrame: number;
   /** SO_SNDBUF in effect. */
   readonly sendBuffer: number;
@@ -89,6 +91,14 @@ export class NetStream {
   private readonly rbuf: Uint8Array;
   private rStart = 0;
   private rEnd = 0;
+  /**
+   * The owner polls the socket and says when it polled readable (socketReadable()): a read
+   * that came back short, or with EAGAIN, then means the socket is empty until the next
+   * such report, so fill() does not make a read(2) it knows would find nothing. A 1-byte
+   * request/response pays that read once per frame otherwise.
+   */
+  private polled = false;
+  private empty = false;
 
   // ---- TX ----
   /** The length word, and the iovec array (entry 0 points at it). Own ArrayBuffers: fixed addresses. */
@@ -178,6 +188,12 @@ export class NetStream {
     this.stats.rxFrames++;
   }
 
+  /** The owner's poll found the socket readable: read it again (see `polled`). */
+  socketReadable(): void {
+    this.polled = true;
+    this.empty = false;
+  }
+
   /** Whether a whole frame is buffered (the caller need not poll the socket for one). */
   get hasBufferedFrame(): boolean {
     const avail = this.rEnd - this.rStart;
@@ -197,6 +213,8 @@ export class NetStream {
       this.rEnd -= this.rStart;
       this.rStart = 0;
     }
+    if (this.empty) return false;
+    const room = this.rbuf.length - this.rEnd;
     let n: number;
     try {
       n = sys.read(this.fd, this.rbuf.subarray(this.rEnd));
@@ -204,7 +222,13 @@ export class NetStream {
       this.markDown(`reading the socket failed: ${(e as Error).message}`);
       return false;
     }
-    if (n < 0) return false; // EAGAIN
+    // A UNIX stream read returns all that is queued, up to the room given: less means the
+    // queue is empty now.
+    this.empty = this.polled && n < room;
+    if (n < 0) {
+      this.stats.rxEmptyReads++; // EAGAIN
+      return false;
+    }
     if (n === 0) {
       this.markDown(this.rEnd > this.rStart ? "the peer closed the connection in the middle of a frame" : "the peer closed the connection");
       return false;

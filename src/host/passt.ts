@@ -16,8 +16,8 @@
  * to start on a host without one. Connections from the guest to the gateway's address reach
  * the host's loopback (127.0.0.1); forwarded host ports reach the guest's ports.
  */
-import * as net from "node:net";
-import * as dgram from "node:dgram";
+import { createServer, isIPv4, type AddressInfo } from "node:net";
+import { createSocket } from "node:dgram";
 import * as fs from "node:fs";
 import * as sys from "../sys/libc";
 import { HelperError, HelperProcess, createRuntimeDir, describeExit, findExecutable, type HelperExit } from "./helper-process";
@@ -86,7 +86,7 @@ export function parseForward(text: string): PortForward {
   if (parts.length === 3) ports = parts.slice(1);
   else if (parts.length === 4) {
     address = parts[1]!;
-    if (net.isIPv4(address) === false) throw bad(`has "${address}" where an IPv4 host address or nothing belongs`);
+    if (isIPv4(address) === false) throw bad(`has "${address}" where an IPv4 host address or nothing belongs`);
     ports = parts.slice(2);
   } else throw bad("is not protocol, host port and guest port separated by colons");
   const [host, guest] = ports.map((p) => (PORT.test(p) ? Number(p) : NaN));
@@ -126,13 +126,13 @@ export async function checkHostPort(f: PortForward): Promise<void> {
   try {
     if (f.protocol === "tcp") {
       await new Promise<void>((resolve, reject) => {
-        const s = net.createServer();
+        const s = createServer();
         s.once("error", reject);
         s.listen({ port: f.hostPort, host: f.hostAddress, exclusive: true }, () => s.close(() => resolve()));
       });
     } else {
       await new Promise<void>((resolve, reject) => {
-        const s = dgram.createSocket({ type: "udp4" });
+        const s = createSocket({ type: "udp4" });
         s.once("error", (e) => {
           s.close();
           reject(e);
@@ -166,10 +166,10 @@ function unprivilegedPortStart(): number {
 /** A TCP port on 127.0.0.1 that nobody listens on right now. */
 export async function freeLoopbackPort(): Promise<number> {
   return new Promise((resolve, reject) => {
-    const s = net.createServer();
+    const s = createServer();
     s.once("error", reject);
     s.listen({ port: 0, host: DEFAULT_FORWARD_ADDRESS, exclusive: true }, () => {
-      const port = (s.address() as net.AddressInfo).port;
+      const port = (s.address() as AddressInfo).port;
       s.close(() => resolve(port));
     });
   });

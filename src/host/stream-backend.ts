@@ -55,6 +55,10 @@ export class StreamNetBackend implements NetBackend {
     return n;
   }
 
+  polledReadable(): void {
+    this.stream.socketReadable();
+  }
+
   write(buf: Uint8Array, length: number): number {
     this.checkFrame(length);
     return this.stream.sendFrame(buf.subarray(this.hdrSize, length)) ? length : 0;

@@ -12,6 +12,9 @@ import { ExitLoop, RunControlCell, VcpuStop } from "./exit-loop";
 import { instantiateDevices } from "../board/devices";
 import type { VcpuWorkerInit, VcpuWorkerMessage } from "./vcpu-thread";
 
+/** When this thread had loaded its code (wall clock, ms since the epoch), for the start-up timeline. */
+const loadedAt = performance.timeOrigin + performance.now();
+
 function post(msg: VcpuWorkerMessage): void {
   parentPort!.postMessage(msg);
 }
@@ -36,7 +39,7 @@ function main(init: VcpuWorkerInit): void {
   loop.onRegisterDump = (dump) => post({ type: "registers", id: vcpu.id, dump });
   // The wall-clock time (ms since the epoch, high resolution) of the first KVM_RUN, for
   // the start-up timeline: the main thread's own clock has another time origin.
-  post({ type: "started", id: vcpu.id, thread: pthreadSelf(), at: performance.timeOrigin + performance.now() });
+  post({ type: "started", id: vcpu.id, thread: pthreadSelf(), at: performance.timeOrigin + performance.now(), loadedAt });
   let stop: VcpuStop;
   try {
     stop = loop.run();

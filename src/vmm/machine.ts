@@ -229,6 +229,32 @@ export interface MachineResult {
   exits: ExitStatsData;
 }
 
+/** When each stage of building a machine ended, in ms from process start (performance.now()). */
+export interface BuildStages {
+  /** KVM opened, the VM and its irqchip created. */
+  vm: number;
+  /** Guest RAM mapped (for a restore: the snapshot's RAM). */
+  ram: number;
+  /** Virtio devices and their back ends opened. */
+  devices: number;
+  /** Kernel and initrd loaded, boot parameters written (a restore: nothing). */
+  boot: number;
+  /** vCPUs created and set up. */
+  vcpus: number;
+}
+
+/** Start-up, in ms from process start (NaN for what has not happened). */
+export interface MachineStartupTimeline {
+  /** Node's own bootstrap was complete. */
+  nodeReady: number;
+  createBegin: number;
+  built: BuildStages;
+  createEnd: number;
+  /** The boot vCPU's worker had loaded its code (it is started when the build begins). */
+  bootThreadLoaded: number;
+  firstKvmRun: number;
+}
+
 export class Machine {
   private threads: VcpuThread[] = [];
   private readonly control = createRunControl();
@@ -413,6 +439,7 @@ export class Machine {
       vm.createIrqchip();
       vm.createPit();
     }
+    const stages: BuildStages = { vm: performance.now(), ram: NaN, devices: NaN, boot: NaN, vcpus: NaN };
 
     // A restored machine's RAM is the snapshot's file, mapped copy-on-write: nothing is
     // read until the guest touches it, so the cost does not grow with the RAM size.
@@ -424,6 +451,7 @@ export class Machine {
     cleanups.push(() => memory.free());
     if (source.kind === "restore" && shares.length > 0) copySnapshotRam(source.snapshot, memory);
     memory.regions.forEach((r, slot) => vm.setMemoryRegion(slot, r.base, r.size, r.hostAddress!));
+    stages.ram = performance.now();
 
     const virtio = openVirtioDevices(vm, memory, { disks: config.disks ?? [], nics: config.nics ?? [], shares, rng: config.rng ?? false }, irqchip, cleanups, config.ioEngine);
     if (source.kind === "restore") {
@@ -432,6 +460,7 @@ export class Machine {
         throw new SnapshotError("corrupted", `snapshot ${source.snapshot.dir} is corrupted: it has queue state for ${source.devices.queues.length} virtio devices, the machine has ${virtio.functions.length}`);
       }
     }
+    stages.devices = performance.now();
     const bootSummary =
       source.kind === "boot"
         ? prepareBoot(memory, source.boot, {
@@ -440,6 +469,7 @@ export class Machine {
             pciIrqs: virtio.functions.map((f) => ({ device: f.slot.device, pin: f.slot.intxPin, ioapicPin: f.slot.gsi })),
           })
         : undefined;
+    stages.boot = performance.now();
     // KVM may keep COM1's THR writes in its coalesced ring (the kernel console then costs
     // one exit per character, not two): where the host has it and the vCPU mapping shows it.
     const coalescing =
@@ -473,6 +503,7 @@ export class Machine {
       if (id === 0) applyBootState(vcpu, bootSummary.cpu);
     }
     if (source.kind === "restore") restoreKvmState(source.snapshot, vm, vcpus);
+    stages.vcpus = performance.now();
 
     const shape = {
       memoryBytes: config.memoryBytes,
@@ -497,18 +528,28 @@ export class Machine {
     );
     if (source.kind === "restore") machine.attachDetachedDisks(source.machine);
     machine.bootWorker = bootWorker;
+    machine.buildStages = stages;
     return machine;
   }
 
   private createdAt = { begin: NaN, end: NaN };
+  /** When each stage of the build ended (performance.now()). */
+  private buildStages: BuildStages = { vm: NaN, ram: NaN, devices: NaN, boot: NaN, vcpus: NaN };
 
   /**
    * Where start-up time went, in ms since this process started: until Machine.create was
    * called (Node, module loading, option handling), building the machine (KVM, RAM, kernel
    * and initrd, devices, vCPUs), and until the boot vCPU entered KVM_RUN (NaN before it has).
    */
-  startupTimeline(): { createBegin: number; createEnd: number; firstKvmRun: number } {
-    return { createBegin: this.createdAt.begin, createEnd: this.createdAt.end, firstKvmRun: this.threads[0]?.firstRunAt ?? NaN };
+  startupTimeline(): MachineStartupTimeline {
+    return {
+      nodeReady: performance.nodeTiming.bootstrapComplete,
+      createBegin: this.createdAt.begin,
+      built: { ...this.buildStages },
+      createEnd: this.createdAt.end,
+      bootThreadLoaded: this.threads[0]?.loadedAt ?? NaN,
+      firstKvmRun: this.threads[0]?.firstRunAt ?? NaN,
+    };
   }
 
   /** What sits at an I/O port or MMIO address, e.g. "COM1 (16550A) +5", for exit summaries. */

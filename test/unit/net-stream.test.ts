@@ -45,6 +45,39 @@ describe("net stream: receiving (peer -> guest)", () => {
     assert.equal(s.down, undefined);
   });
 
+  it("under a poller, makes no read it knows would find nothing, and reads again when told the socket is readable", () => {
+    const [ours, peer] = pair();
+    const s = new NetStream(ours);
+    // Without a poller's reports every peek that finds no frame reads (and finds nothing).
+    assert.equal(s.peekFrame(), undefined);
+    assert.equal(s.stats.rxEmptyReads, 1);
+    s.socketReadable();
+    writeAll(peer, encodeFrames(pattern(60, 1)));
+    assert.deepEqual(receiveAll(s), [pattern(60, 1)]);
+    // That read came short: the socket is empty until the poller says otherwise.
+    assert.equal(s.peekFrame(), undefined);
+    assert.equal(s.stats.rxEmptyReads, 1, "no read after a short one");
+    writeAll(peer, encodeFrames(pattern(61, 2)));
+    assert.equal(s.peekFrame(), undefined, "not read before the poller reports it");
+    s.socketReadable();
+    assert.deepEqual(receiveAll(s), [pattern(61, 2)]);
+    // A frame cut by the sender: its first part came short; the rest is read once reported.
+    const bytes = encodeFrames(pattern(1000, 3));
+    writeAll(peer, bytes.subarray(0, 500));
+    s.socketReadable();
+    assert.equal(s.peekFrame(), undefined);
+    writeAll(peer, bytes.subarray(500));
+    s.socketReadable();
+    assert.deepEqual(receiveAll(s), [pattern(1000, 3)]);
+    // The peer's close is read once reported.
+    sys.close(peer);
+    s.socketReadable();
+    assert.equal(s.peekFrame(), undefined);
+    assert.match(s.down ?? "", /closed/);
+    assert.equal(s.stats.rxEmptyReads, 1);
+    sys.close(ours);
+  });
+
   it("waits for the rest of a frame cut anywhere, length word included", () => {
     const [ours, peer] = pair();
     const s = new NetStream(ours, { readBufferBytes: 2 * (STREAM_MAX_FRAME + 4) });

@@ -94,6 +94,11 @@ export interface NetBackend {
    * there was no frame for it, -errno when the back end failed.
    */
   readFrames?(batch: FrameBatch): void;
+  /**
+   * Optional: the I/O worker's poll found fd readable. A back end that learns from a short
+   * read that nothing is left (a stream socket) skips reads until this says more came.
+   */
+  polledReadable?(): void;
   /** Hand the guest frames with these offloads (NetOffload bits); throws when refused. */
   setOffload(flags: number): void;
   /** Frames start with a header of this many bytes: 10 (virtio_net_hdr) or 12 (with num_buffers). */

@@ -281,7 +281,10 @@ export class VirtioNet implements VirtioDevice, NetLink {
       return;
     }
     if ((revents & IoReady.WRITABLE) !== 0) this.transmit();
-    if ((revents & IoReady.READABLE) !== 0) this.receive();
+    if ((revents & IoReady.READABLE) !== 0) {
+      this.backend.polledReadable?.();
+      this.receive();
+    }
     // The peer went away. While reading, receive() takes what it sent first and then finds
     // the end; otherwise nothing will read it: the back end is lost now.
     if ((revents & IoReady.PEER_CLOSED) !== 0 && !this.rx.wantsInput()) this.backendGone(`${this.backend.name} closed the connection`);
