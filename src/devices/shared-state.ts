@@ -40,6 +40,11 @@ export class SharedState {
     }
   }
 
+  /** Take the lock if it is free, never waiting (a thread that must not block); true when taken. */
+  tryLock(): boolean {
+    return Atomics.compareExchange(this.cells, 0, 0, 1) === 0;
+  }
+
   unlock(): void {
     Atomics.store(this.cells, 0, 0);
     Atomics.notify(this.cells, 0, 1);
@@ -53,4 +58,9 @@ export class SharedState {
       this.unlock();
     }
   }
+}
+
+/** Atomics.waitAsync (Node 16+; not in TypeScript's ES2022 library). */
+export function waitAsync(cells: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> } {
+  return (Atomics as unknown as { waitAsync: typeof waitAsync }).waitAsync(cells, index, value);
 }
