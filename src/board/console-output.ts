@@ -218,6 +218,27 @@ export class ConsoleFlusher {
   }
 
   /**
+   * Write out what is buffered now, waiting (asynchronously) for room: resolves true once
+   * the buffer is empty, false when the fd has taken nothing for `giveUpMs` (the rest
+   * stays buffered). For a pause, whose console must show all the guest wrote before it.
+   */
+  async drain(giveUpMs = CONSOLE_FINAL_GIVE_UP_MS): Promise<boolean> {
+    let progressAt = Date.now();
+    let left = this.buffer.pending;
+    while (!this.writeOut()) {
+      const now = Date.now();
+      if (this.buffer.pending < left) {
+        left = this.buffer.pending;
+        progressAt = now;
+      } else if (now - progressAt >= giveUpMs) {
+        return false;
+      }
+      await new Promise((resolve) => setTimeout(resolve, this.delayMs));
+    }
+    return true;
+  }
+
+  /**
    * Stop watching, and write out what is left (call once no thread appends any more).
    * Resolves when the buffer is empty, or the fd has taken nothing for `giveUpMs` (a reader
    * that stopped reading must not keep a stopped VM alive): then the rest is dropped.
@@ -229,18 +250,6 @@ export class ConsoleFlusher {
     const wake = this.buffer.wakeCell();
     Atomics.notify(wake.cells, wake.index);
     await this.running;
-    let progressAt = Date.now();
-    let left = this.buffer.pending;
-    while (!this.writeOut()) {
-      const now = Date.now();
-      if (this.buffer.pending < left) {
-        left = this.buffer.pending;
-        progressAt = now;
-      } else if (now - progressAt >= giveUpMs) {
-        this.buffer.discard();
-        return;
-      }
-      await new Promise((resolve) => setTimeout(resolve, this.delayMs));
-    }
+    if (!(await this.drain(giveUpMs))) this.buffer.discard();
   }
 }

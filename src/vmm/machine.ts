@@ -627,6 +627,9 @@ export class Machine {
         throw new SnapshotError("state", "the VM ended while it was being paused");
       }
     }
+    // What the guest printed before it stopped is on the console before pause() resolves
+    // (a snapshot's console output ends where the guest was paused).
+    await this.consoleFlusher.drain();
     const ioQueues = this.io === undefined ? undefined : await this.io.pause();
     if (Atomics.load(this.control, RunControlCell.STOP) !== 0) throw new SnapshotError("state", "the VM ended while it was being paused");
     // The guest's time goes on while it is paused: tell a kvmclock guest, so that its

@@ -282,6 +282,9 @@ describe("console output buffer", () => {
       assert.equal(exitCode, 0);
       // The final write-out on the main thread gives up on the full pipe too.
       c.write(Buffer.from("more"));
+      // (a pause's drain gives up too, but keeps the rest for later)
+      assert.equal(await new ConsoleFlusher(c, (e) => assert.fail(e)).drain(100), false);
+      assert.equal(c.pending, 4);
       await new ConsoleFlusher(c, (e) => assert.fail(e)).finish(200);
       assert.equal(c.pending, 0, "the rest is dropped");
     } finally {
