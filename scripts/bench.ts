@@ -266,15 +266,22 @@ async function memoryComparison(setup: BootSetup): Promise<Record<string, unknow
 
 /**
  * The VMM's memory at the ready marker. A sample that read no memory at all (smaps of a
- * process already gone reads empty) is not a figure: the boot is measured again once, and
- * a second such sample fails the section rather than print 0.
+ * process already gone reads empty) is not a figure, nor is a boot that failed: the boot
+ * is measured again once, and a second failure is reported in place of the figure (the
+ * other figures and sections go on).
  */
-async function memoryAtReady(who: string, argv: string[], setup: BootSetup): Promise<VmmMemory> {
+async function memoryAtReady(who: string, argv: string[], setup: BootSetup): Promise<VmmMemory | string> {
   for (let attempt = 1; ; attempt++) {
-    const m = (await timeBoot(argv, setup.guestRamBytes, setup.timeoutMs)).memory;
-    if (m.rssKiB > 0) return m;
-    if (attempt === 2) throw new Error(`memory: ${who} read 0 KiB twice at the ready marker (${argv.join(" ")})`);
-    console.error(`memory: ${who}'s sample read 0 KiB (the process was gone?); booting it again`);
+    let why: string;
+    try {
+      const m = (await timeBoot(argv, setup.guestRamBytes, setup.timeoutMs)).memory;
+      if (m.rssKiB > 0) return m;
+      why = "its sample read 0 KiB (the process was gone?)";
+    } catch (e) {
+      why = (e as Error).message.split("\n")[0]!.slice(0, 300);
+    }
+    if (attempt === 2) return `not measured: ${why}, twice`;
+    console.error(`memory: ${who}: ${why}; booting it again`);
   }
 }
 
@@ -417,11 +424,9 @@ async function main(): Promise<void> {
         const mem = await memoryComparison(setup);
         results.memory = mem;
         for (const [cpus, v] of Object.entries(mem)) {
-          const { tskvm, qemu } = v as { tskvm: VmmMemory; qemu: VmmMemory | string };
-          const line = (x: VmmMemory) => `${formatMiB(x.rssKiB)} (${formatMiB(x.anonymousKiB)} anonymous + ${formatMiB(x.fileKiB)} file)`;
-          console.log(
-            `memory  ${cpus} vCPU${cpus === "1" ? " " : "s"} at the ready marker, guest RAM excluded: tskvm ${line(tskvm)}, QEMU ${typeof qemu === "string" ? qemu : line(qemu)}`,
-          );
+          const { tskvm, qemu } = v as { tskvm: VmmMemory | string; qemu: VmmMemory | string };
+          const line = (x: VmmMemory | string) => (typeof x === "string" ? x : `${formatMiB(x.rssKiB)} (${formatMiB(x.anonymousKiB)} anonymous + ${formatMiB(x.fileKiB)} file)`);
+          console.log(`memory  ${cpus} vCPU${cpus === "1" ? " " : "s"} at the ready marker, guest RAM excluded: tskvm ${line(tskvm)}, QEMU ${line(qemu)}`);
         }
       }
     }
