@@ -11,7 +11,6 @@ import { Bus } from "../devices/bus";
 import type { ByteSink, IrqLine, VmControl } from "../devices/device";
 import { Serial, COM1_BASE, COM1_IRQ, SERIAL_PORT_COUNT } from "../devices/legacy/serial";
 import { SharedState } from "../devices/shared-state";
-import { ConsoleBuffer, fdWriter } from "./console-output";
 import { Cmos, CMOS_BASE, CMOS_PORT_COUNT } from "../devices/legacy/cmos";
 import { I8042, I8042_BASE, I8042_KBD_IRQ, I8042_PORT_COUNT } from "../devices/legacy/i8042";
 import { ABSENT_PORTS, AbsentPorts } from "../devices/legacy/legacy-ports";
@@ -65,11 +64,8 @@ const ISA_IRQ_LINES = 16;
 
 /** Plain data: one SharedArrayBuffer per device plus where it sits. Safe for postMessage. */
 export interface DeviceSetSpec {
-  /**
-   * COM1, the console. Its output goes to the thread's consoleFd, tagged when `consoleTag`
-   * is set, through the buffer `output` that all threads share (board/console-output.ts).
-   */
-  serial: { base: number; irq: number; state: SharedArrayBuffer; output: SharedArrayBuffer; consoleTag?: number; coalesceTx?: boolean };
+  /** COM1, the console. Its output goes to the thread's consoleFd, tagged when `consoleTag` is set. */
+  serial: { base: number; irq: number; state: SharedArrayBuffer; consoleTag?: number; coalesceTx?: boolean };
   /** COM2..COM4 (see AUX_SERIAL_PORTS). */
   auxSerials: AuxSerialSpec[];
   /** Levels of the ISA IRQ lines the UARTs share (SharedState, one cell per line). */
@@ -102,7 +98,6 @@ export function createDeviceSetSpec(opts: {
       base: COM1_BASE,
       irq: COM1_IRQ,
       state: Serial.createState().buffer,
-      output: ConsoleBuffer.create(),
       ...(opts.consoleTag !== undefined ? { consoleTag: opts.consoleTag } : {}),
       ...(opts.coalesceConsoleTx === true ? { coalesceTx: true } : {}),
     },
@@ -148,8 +143,6 @@ export interface DeviceSet {
   pio: Bus;
   mmio: Bus;
   serial: Serial;
-  /** COM1's output buffer, as this thread sees it (the main thread writes out partial lines). */
-  console: ConsoleBuffer;
   /** COM2, COM3, COM4. */
   auxSerials: Serial[];
   pci: PciRootComplex | undefined;
@@ -256,8 +249,10 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
   const lines = new SharedState(spec.isaIrqs, ISA_IRQ_LINES);
   // Every UART gets its own source bit on its (possibly shared) line.
   const uartIrq = (irq: number, source: number) => sharedIrqLine(env.vmFd, lines, irq, source);
-  const console = new ConsoleBuffer(spec.serial.output, fdWriter(env.consoleFd, env.stopping), spec.serial.consoleTag);
-  const consoleSink = panicWatch(console, () => env.control.guestPanicked("guest kernel panicked", false));
+  const consoleSink = panicWatch(
+    spec.serial.consoleTag !== undefined ? taggedFdSink(env.consoleFd, spec.serial.consoleTag, env.stopping) : fdSink(env.consoleFd, env.stopping),
+    () => env.control.guestPanicked("guest kernel panicked", false),
+  );
   const base = spec.serial.base;
   const coalescing = spec.serial.coalesceTx === true ? { set: (on: boolean) => new Vm(env.vmFd).coalescePio(base, 1, on) } : undefined;
   const serial = new Serial(spec.serial.state, consoleSink, uartIrq(spec.serial.irq, 0), coalescing);
@@ -280,7 +275,7 @@ export function instantiateDevices(spec: DeviceSetSpec, env: DeviceEnv): DeviceS
     }
     pci.registerOn(pio, mmio);
   }
-  return { pio, mmio, serial, console, auxSerials, pci };
+  return { pio, mmio, serial, auxSerials, pci };
 }
 
 /** What a virtio transport asks of the machine, in whichever thread took the exit. */

@@ -48,11 +48,6 @@ export class SharedState {
     while (Atomics.exchange(c, 0, 2) !== 0) Atomics.wait(c, 0, 2, 1);
   }
 
-  /** Take the lock if it is free, never waiting (a thread that must not block); true when taken. */
-  tryLock(): boolean {
-    return Atomics.compareExchange(this.cells, 0, 0, 1) === 0;
-  }
-
   unlock(): void {
     if (Atomics.exchange(this.cells, 0, 0) === 2) Atomics.notify(this.cells, 0, 1);
   }
@@ -65,9 +60,4 @@ export class SharedState {
       this.unlock();
     }
   }
-}
-
-/** Atomics.waitAsync (Node 16+; not in TypeScript's ES2022 library). */
-export function waitAsync(cells: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> } {
-  return (Atomics as unknown as { waitAsync: typeof waitAsync }).waitAsync(cells, index, value);
 }

@@ -286,22 +286,6 @@ export function writeAll(fd: number, buf: Bytes, giveUp?: () => boolean): boolea
   return true;
 }
 
-/** Largest write a pipe takes whole or not at all (PIPE_BUF on Linux). */
-export const PIPE_BUF = 4096;
-
-/**
- * Write what `fd` takes now, never waiting, whether or not the fd is O_NONBLOCK: at most
- * PIPE_BUF bytes, and only when poll(2) says there is room (a pipe then has a free buffer
- * for a whole PIPE_BUF write). Returns the count written, 0 when there was no room. For a
- * thread that must not block on a reader: the main thread, which may be that reader.
- */
-export function writeIfRoom(fd: number, buf: Bytes): number {
-  // POLLERR (a pipe nobody can read any more): the write says why (EPIPE).
-  if ((pollOne(fd, POLLOUT, 0) & (POLLOUT | POLLERR)) === 0) return 0;
-  const n = write(fd, buf, Math.min(buf.byteLength, PIPE_BUF));
-  return n < 0 ? 0 : n;
-}
-
 /** How often writeAll, waiting for a full non-blocking fd, asks whether to give up. */
 const WRITE_GIVE_UP_CHECK_MS = 100;
 

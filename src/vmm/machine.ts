@@ -41,8 +41,6 @@ import { VirtioPciDeviceSide } from "../devices/virtio/pci-device-side";
 import { BlkConfig } from "../devices/virtio/blk/device";
 import { SECTOR_SIZE } from "../devices/virtio/blk/request";
 import { deviceSetBuffers, registerRestoredIoeventfds } from "../board/devices";
-import { ConsoleFlusher } from "../board/console-output";
-import { waitAsync } from "../devices/shared-state";
 import { identityChange, openFileIdentity } from "../host/file-identity";
 import type { QueueStates } from "../io/io-thread";
 import { RamFileError, mapRamFile, readRamFileInto, writeRamFile } from "../memory/ram-file";
@@ -306,9 +304,6 @@ export class Machine {
       stopping: () => Atomics.load(this.control, RunControlCell.STOP) !== 0,
       ...(virtio.controlFd !== undefined ? { ioControlFd: virtio.controlFd } : {}),
     });
-    this.consoleFlusher = new ConsoleFlusher(this.devices.console, (e) =>
-      this.onDiagnostic({ kind: "warning", message: `the console's output cannot be written (${e.message}); it is dropped` }),
-    );
     if (restoredQueues === undefined) this.devices.pci?.assignResources();
     else registerRestoredIoeventfds(vm, deviceSpec, this.devices);
     const stopped = () => Atomics.load(this.control, RunControlCell.STOP) !== 0;
@@ -327,8 +322,6 @@ export class Machine {
   }
 
   private io: IoThread | undefined;
-  /** Writes out the console's partial lines while the vCPUs run, and what is left at the end. */
-  private readonly consoleFlusher: ConsoleFlusher;
 
   /** Build the whole machine; nothing runs until run(). Cleans up after itself on failure. */
   static create(config: MachineConfig): Machine {
@@ -605,11 +598,7 @@ export class Machine {
       t.start(i === 0 ? bootWorker : undefined);
     });
     this.io?.start();
-    this.consoleFlusher.start();
     this.running = Promise.all(this.threads.map((t) => t.done)).then(async (results) => {
-      // No vCPU appends to the console any more: its last words (a poweroff message, a
-      // panic) go out before anyone hears that the machine stopped.
-      await this.consoleFlusher.finish();
       // The back ends finish and flush only after no vCPU can submit more work.
       this.stopHaltProbes();
       await this.io?.stop();
@@ -668,9 +657,6 @@ export class Machine {
         throw new SnapshotError("state", "the VM ended while it was being paused");
       }
     }
-    // What the guest printed before it stopped is on the console before pause() resolves
-    // (a snapshot's console output ends where the guest was paused).
-    await this.consoleFlusher.drain();
     const ioQueues = this.io === undefined ? undefined : await this.io.pause();
     if (Atomics.load(this.control, RunControlCell.STOP) !== 0) throw new SnapshotError("state", "the VM ended while it was being paused");
     // The guest's time goes on while it is paused: tell a kvmclock guest, so that its
@@ -1037,6 +1023,11 @@ function allocateMemory(bytes: number, shared: boolean): GuestMemory {
   } catch (e) {
     throw new ConfigError(`cannot reserve ${formatBytes(bytes)} of guest memory on this host (${(e as Error).message}): give less`, "memoryBytes");
   }
+}
+
+/** Atomics.waitAsync (Node 16+; not in TypeScript's ES2022 library). */
+function waitAsync(cells: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> } {
+  return (Atomics as unknown as { waitAsync: typeof waitAsync }).waitAsync(cells, index, value);
 }
 
 /** Fill fresh shared RAM with a snapshot's (restore of a VM with vhost-user devices). */
