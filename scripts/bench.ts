@@ -198,20 +198,21 @@ function bootSetup(): BootSetup | string {
 }
 
 /** The stages of tskvm -v's start-up line (src/cli/report.ts startupLine), ms from process start. */
+/** [key, how the bench names it, where it is in the line] */
 const STARTUP_STAGES = [
-  ["nodeReady", /Node ready at (\d+) ms/],
-  ["createBegin", /machine asked for at (\d+) ms/],
-  ["kernelLoaded", /kernel\+initrd (\d+)/],
-  ["createEnd", /built at (\d+) ms/],
-  ["bootThreadLoaded", /boot vCPU thread loaded at (\d+) ms/],
-  ["firstKvmRun", /boot vCPU in KVM_RUN at (\d+) ms/],
+  ["nodeReady", "Node ready", /Node ready at (\d+) ms/],
+  ["createBegin", "machine asked for", /machine asked for at (\d+) ms/],
+  ["kernelLoaded", "kernel and initrd loaded", /kernel\+initrd (\d+)/],
+  ["createEnd", "built", /built at (\d+) ms/],
+  ["bootThreadLoaded", "boot vCPU thread loaded", /boot vCPU thread loaded at (\d+) ms/],
+  ["firstKvmRun", "boot vCPU in KVM_RUN", /boot vCPU in KVM_RUN at (\d+) ms/],
 ] as const;
 
 function parseStartup(verbose: string): Record<string, number> | undefined {
   const line = /start-up \(from process start\).*/.exec(verbose)?.[0];
   if (line === undefined) return undefined;
   const out: Record<string, number> = {};
-  for (const [name, re] of STARTUP_STAGES) {
+  for (const [name, , re] of STARTUP_STAGES) {
     const m = re.exec(line);
     if (m !== null) out[name] = Number(m[1]);
   }
@@ -407,15 +408,7 @@ async function main(): Promise<void> {
         if (typeof q === "string") console.log(`boot    QEMU ${q}`);
         const s = boot.startup as Record<string, Spread>;
         if (s.firstKvmRun !== undefined) {
-          const names: Record<string, string> = {
-            nodeReady: "Node ready",
-            createBegin: "machine asked for",
-            kernelLoaded: "kernel and initrd loaded",
-            createEnd: "built",
-            bootThreadLoaded: "boot vCPU thread loaded",
-            firstKvmRun: "boot vCPU in KVM_RUN",
-          };
-          const parts = STARTUP_STAGES.filter(([k]) => s[k] !== undefined).map(([k]) => `${names[k]} at ${formatSpread(s[k]!, "ms", 0)}`);
+          const parts = STARTUP_STAGES.filter(([k]) => s[k] !== undefined).map(([k, label]) => `${label} at ${formatSpread(s[k]!, "ms", 0)}`);
           console.log(`boot    tskvm start-up (from process start): ${parts.join(", ")}`);
         }
         for (const line of boot.exits as string[]) console.log(`boot    ${line}`);

@@ -7,7 +7,9 @@ import type { VmExit } from "../api/types";
 import { exitReasonName } from "../kvm/abi";
 import { formatExitSummary } from "../vcpu/exit-stats";
 
-const ms = (x: number) => (Number.isFinite(x) ? `${x.toFixed(0)} ms` : "-");
+/** A time in whole ms, or "-" for one that has not happened (NaN). */
+const num = (x: number) => (Number.isFinite(x) ? x.toFixed(0) : "-");
+const ms = (x: number) => (Number.isFinite(x) ? `${num(x)} ms` : "-");
 
 /**
  * "start-up (from process start): Node ready at 40 ms, machine asked for at 95 ms (VM 97,
@@ -16,11 +18,10 @@ const ms = (x: number) => (Number.isFinite(x) ? `${x.toFixed(0)} ms` : "-");
  */
 export function startupLine(vm: Vm): string {
   const t = vm.startupTimeline();
-  const n = (x: number) => (Number.isFinite(x) ? x.toFixed(0) : "-");
   const b = t.built;
   return (
     `start-up (from process start): Node ready at ${ms(t.nodeReady)}, machine asked for at ${ms(t.createBegin)} ` +
-    `(VM ${n(b.vm)}, RAM ${n(b.ram)}, devices ${n(b.devices)}, kernel+initrd ${n(b.boot)}, vCPUs ${n(b.vcpus)}), built at ${ms(t.createEnd)}, ` +
+    `(VM ${num(b.vm)}, RAM ${num(b.ram)}, devices ${num(b.devices)}, kernel+initrd ${num(b.boot)}, vCPUs ${num(b.vcpus)}), built at ${ms(t.createEnd)}, ` +
     `boot vCPU thread loaded at ${ms(t.bootThreadLoaded)}, boot vCPU in KVM_RUN at ${ms(t.firstKvmRun)}`
   );
 }

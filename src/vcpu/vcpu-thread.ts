@@ -89,11 +89,15 @@ export function prestartVcpuWorker(): PrestartedWorker {
     early.worker.ref();
     return early;
   }
+  return startIdleWorker();
+}
+
+/** A vCPU worker waiting for its init message. */
+function startIdleWorker(): PrestartedWorker {
   const worker = startWorker(join(__dirname, "worker.js"), { resourceLimits: VCPU_WORKER_LIMITS });
-  const p: PrestartedWorker = { worker, claimed: false };
   // Until claimed, a failure to start is reported when it is (the thread's 'exit').
   worker.on("error", () => undefined);
-  return p;
+  return { worker, claimed: false };
 }
 
 let earlyWorker: PrestartedWorker | undefined;
@@ -108,10 +112,8 @@ let earlyWorker: PrestartedWorker | undefined;
  */
 export function prestartEarlyVcpuWorker(): void {
   if (earlyWorker !== undefined) return;
-  const worker = startWorker(join(__dirname, "worker.js"), { resourceLimits: VCPU_WORKER_LIMITS });
-  worker.on("error", () => undefined);
-  worker.unref();
-  earlyWorker = { worker, claimed: false };
+  earlyWorker = startIdleWorker();
+  earlyWorker.worker.unref();
 }
 
 export class VcpuThread {
